@@ -1,0 +1,225 @@
+"""One configuration dataclass for every supported decoder, built from a Hugging Face ``config.json``.
+
+Fields read from the checkpoint are stored as they are; derived values (``q_size``, ``attention_scale``...)
+are properties, so nothing read from the checkpoint is ever silently overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GraniteForCausalLM",
+)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint asks for something this server does not implement."""
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    rope_type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    # llama3, yarn, dynamic
+    original_max_position_embeddings: int | None = None
+    # yarn
+    attention_factor: float | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    partial_rotary_factor: float = 1.0
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> RopeConfig:
+        """Accept transformers-4 (`rope_theta` + `rope_scaling`) and transformers-5 (`rope_parameters`) keys."""
+        params = hf.get("rope_parameters")
+        if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+            # Per-layer-type parameters (transformers 5): the decoders here use one set for every layer.
+            params = params.get("full_attention") or next(iter(params.values()))
+        merged: dict[str, Any] = {}
+        if hf.get("rope_scaling"):
+            merged.update(hf["rope_scaling"])
+        if isinstance(params, dict):
+            merged.update(params)
+        theta = merged.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = merged.get("rope_type", merged.get("type", "default")) or "default"
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+
+        def opt(key: str, default: Any = None) -> Any:
+            value = merged.get(key)
+            return default if value is None else value
+
+        return cls(
+            rope_type=rope_type,
+            theta=float(theta),
+            factor=float(opt("factor", 1.0)),
+            low_freq_factor=float(opt("low_freq_factor", 1.0)),
+            high_freq_factor=float(opt("high_freq_factor", 4.0)),
+            original_max_position_embeddings=opt("original_max_position_embeddings"),
+            attention_factor=opt("attention_factor"),
+            beta_fast=float(opt("beta_fast", 32.0)),
+            beta_slow=float(opt("beta_slow", 1.0)),
+            mscale=opt("mscale"),
+            mscale_all_dim=opt("mscale_all_dim"),
+            truncate=bool(opt("truncate", True)),
+            partial_rotary_factor=float(opt("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    # One entry per layer: the sliding window in tokens, or None for full causal attention.
+    sliding_windows: tuple[int | None, ...] = ()
+    # Granite multipliers; 1.0 elsewhere.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
+    final_logit_softcapping: float | None = None
+    torch_dtype: str = "float32"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedModelError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"
+            )
+        if len(self.sliding_windows) != self.num_layers:
+            raise ValueError("sliding_windows needs one entry per layer")
+
+    # Derived values: computed, never stored.
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def attention_scale(self) -> float:
+        return self.attention_multiplier if self.attention_multiplier is not None else 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def num_hidden_state_layers(self) -> int:
+        """Hidden-state layers a request can name: 0 is the embedding output, i the output of block i."""
+        return self.num_layers + 1
+
+    def resolve_layers(self, layers: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+        n = self.num_hidden_state_layers
+        resolved = []
+        for layer in layers:
+            if not -n <= layer < n:
+                raise IndexError(f"layer {layer} out of range for a model with {n} hidden-state layers (0..{n - 1})")
+            resolved.append(layer % n)
+        return tuple(resolved)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
+        archs = hf.get("architectures") or []
+        arch = archs[0] if archs else None
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(f"unsupported hidden_act {act!r}; supported: silu")
+        num_heads = hf["num_attention_heads"]
+        num_layers = hf["num_hidden_layers"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+        rope = RopeConfig.from_hf(hf)
+        if rope.partial_rotary_factor != 1.0:
+            raise UnsupportedModelError("partial rotary embeddings are not supported")
+
+        windows = _sliding_windows(arch, hf, num_layers)
+        dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+        is_granite = arch == "GraniteForCausalLM"
+        attention_bias = bool(hf.get("attention_bias", False))
+        return cls(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            rope=rope,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v bias (and no o bias); Llama-family `attention_bias` covers all four.
+            qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
+            o_bias=attention_bias and arch != "Qwen2ForCausalLM",
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_windows=windows,
+            embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)) if is_granite else 1.0,
+            residual_multiplier=float(hf.get("residual_multiplier", 1.0)) if is_granite else 1.0,
+            attention_multiplier=float(hf["attention_multiplier"]) if is_granite and "attention_multiplier" in hf else None,
+            logits_scaling=float(hf.get("logits_scaling", 1.0) or 1.0) if is_granite else 1.0,
+            final_logit_softcapping=hf.get("final_logit_softcapping"),
+            torch_dtype=str(dtype),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ModelConfig:
+        config_path = Path(path) / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint folder: no config.json")
+        return cls.from_hf_config(json.loads(config_path.read_text()))
+
+
+def _sliding_windows(arch: str, hf: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:
+    window = hf.get("sliding_window")
+    layer_types = hf.get("layer_types")
+    if arch == "MistralForCausalLM":
+        return (window,) * num_layers if window else (None,) * num_layers
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        if layer_types:
+            return tuple(window if t == "sliding_attention" else None for t in layer_types)
+        if hf.get("use_sliding_window") and window:
+            first = hf.get("max_window_layers", num_layers)
+            return tuple(window if i >= first else None for i in range(num_layers))
+    return (None,) * num_layers

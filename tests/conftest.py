@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from checkpoints import make_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    """make(arch, **overrides) -> folder; equal arguments reuse one folder per test session."""
+    cache: dict = {}
+
+    def make(arch: str = "llama", **kwargs) -> Path:
+        key = (arch, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"ckpt-{arch}")
+            cache[key] = make_checkpoint(folder, arch, **kwargs)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(checkpoint_factory) -> Path:
+    """A tiny Llama checkpoint with a tokenizer: the default model of service tests."""
+    return checkpoint_factory("llama")
