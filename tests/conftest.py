@@ -1,13 +1,10 @@
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from checkpoints import make_checkpoint  # noqa: E402
+from tests.checkpoints import make_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,297 @@
+"""A PyTorch re-creation of MAX's ``max.nn.transformer.distributed_transformer``, SPMD style.
+
+MAX drives every device from one process: its layers take *lists* of per-device tensors and ``devices`` lists
+every device. PyTorch's way, used here, is one process per device in a ``torch.distributed`` group; each process
+holds its shard and runs the same program. The mapping:
+
+==============================  ===================================================================
+MAX                             here (per process)
+==============================  ===================================================================
+``devices: list[DeviceRef]``    ``parallel: ParallelContext`` (rank, world size, group, this rank's
+                                device); ``DistributedTransformer.devices`` lists the group's devices
+per-device lists ``xs``         a sequence holding this rank's tensor (length 1); the other ranks
+                                hold theirs in their own processes
+``signal_buffers``, Allreduce   ``torch.distributed`` collectives on ``parallel.group`` (NCCL/gloo),
+                                issued inside ``RowParallelLinear`` and the vocab-parallel layers
+``ShardingStrategy`` / shard()  the plan in ``model/tp.py`` (module name -> colwise / rowwise / vocab)
+``*_shards`` of replicated      the replicated module itself (norms are replicated)
+norms
+``VocabParallelEmbedding``,     ``layers.VocabParallelEmbedding``; ``VocabParallelLMHead`` whose
+``ColumnParallelLinear`` head   ``gather`` assembles full logits only when asked for
+``kv_collections``, KV cache    none: this server scores whole prompts (prefill only)
+``use_subgraphs`` /             regional compilation: one ``torch.compile``d block function per layer
+``subgraph_layer_groups``       group, reused for every layer of the group
+``return_n_logits``             an int or 1-element tensor, as MAX
+==============================  ===================================================================
+
+``distributed_logits_postprocess`` keeps MAX's return order ``(last_logits, [logits, offsets],
+[hidden_states])`` with one deliberate fix: in ``VARIABLE`` mode a sequence shorter than ``n`` returns only its
+own rows and the offsets follow the real counts (MAX would read a neighbour's rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from itertools import islice
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from .distributed import ParallelContext
+from .modules import RaggedBatch
+from .outputs import ReturnHiddenStates, ReturnLogits
+from .rope import RotaryEmbedding
+
+__all__ = [
+    "DistributedLogitsPostprocessMixin",
+    "DistributedTransformer",
+    "DistributedTransformerBlock",
+    "ReturnHiddenStates",
+    "ReturnLogits",
+    "ShardableCallable",
+    "distributed_logits_postprocess",
+    "forward_sharded_layers",
+    "take",
+]
+
+
+def take(it: Iterable[Any], n: int) -> list[Any]:
+    """Return the next *n* items from *it* as a list."""
+    return list(islice(it, n))
+
+
+@runtime_checkable
+class ShardableCallable(Protocol):
+    """A layer that maps one tensor to one tensor and that the tp plan can shard (or replicate)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def forward_sharded_layers(
+    layers: Sequence[Callable[[torch.Tensor], torch.Tensor]], xs: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Apply layers[i] to xs[i]. Raises AssertionError when the counts differ (as MAX does)."""
+    assert len(xs) == len(layers), f"Number of layers ({len(layers)}) must match number of inputs ({len(xs)})"
+    return [layer(x) for layer, x in zip(layers, xs, strict=True)]
+
+
+def _n(return_n_logits: int | torch.Tensor) -> int:
+    return int(return_n_logits.reshape(-1)[0]) if isinstance(return_n_logits, torch.Tensor) else int(return_n_logits)
+
+
+def distributed_logits_postprocess(
+    h: Sequence[torch.Tensor],
+    input_row_offsets: Sequence[torch.Tensor],
+    return_n_logits: int | torch.Tensor,
+    norm_shards: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    lm_head: Callable[[list[torch.Tensor]], Sequence[torch.Tensor]],
+    return_logits: ReturnLogits,
+    return_hidden_states: ReturnHiddenStates = ReturnHiddenStates.NONE,
+    logits_scaling: float = 1.0,
+    logits_softcap: float | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """MAX's postprocessing of the final hidden states.
+
+    h: per-device [T, hidden] (un-normalized); input_row_offsets: per-device int64 [B+1]; lm_head maps normalized
+    per-device rows to full-vocabulary logits. Returns ``(last_logits [B, V] f32, [logits [R, V] f32, offsets
+    [B+1] i64], [hidden_states])``.
+    """
+    last_token_indices = [offsets[1:] - 1 for offsets in input_row_offsets]
+    last_token_h = [hd.index_select(0, idx) for hd, idx in zip(h, last_token_indices, strict=True)]
+    norm_last_token = forward_sharded_layers(norm_shards, last_token_h)
+
+    def to_logits(rows: list[torch.Tensor]) -> torch.Tensor:
+        logits = lm_head(rows)[0].float()
+        if logits_scaling != 1.0:
+            logits = logits / logits_scaling
+        if logits_softcap:
+            logits = torch.tanh(logits / logits_softcap) * logits_softcap
+        return logits
+
+    last_logits = to_logits(norm_last_token)
+    ret: tuple[torch.Tensor, ...] = (last_logits,)
+
+    if return_logits == ReturnLogits.VARIABLE and h:
+        n = _n(return_n_logits)
+        offsets0 = input_row_offsets[0]
+        lengths = offsets0[1:] - offsets0[:-1]
+        counts = lengths.clamp(max=n)  # the fix: never reach into the previous sequence
+        logit_offsets = torch.zeros_like(offsets0)
+        logit_offsets[1:] = torch.cumsum(counts, 0)
+        # Row r of sequence b is token offsets[b+1] - counts[b] + (r - logit_offsets[b])
+        seq_of_row = torch.repeat_interleave(torch.arange(len(counts), device=offsets0.device), counts)
+        within = torch.arange(int(logit_offsets[-1]), device=offsets0.device) - logit_offsets[seq_of_row]
+        indices = offsets0[1:][seq_of_row] - counts[seq_of_row] + within
+        rows = forward_sharded_layers(norm_shards, [hd.index_select(0, indices.to(hd.device)) for hd in h])
+        ret += (to_logits(rows), logit_offsets)
+    elif return_logits == ReturnLogits.ALL and h:
+        ret += (to_logits(forward_sharded_layers(norm_shards, list(h))), input_row_offsets[0])
+
+    if return_hidden_states == ReturnHiddenStates.ALL:
+        ret += tuple(h)
+    elif return_hidden_states == ReturnHiddenStates.LAST:
+        ret += tuple(last_token_h)
+    elif return_hidden_states == ReturnHiddenStates.ALL_NORMALIZED:
+        ret += tuple(forward_sharded_layers(norm_shards, list(h)))
+    elif return_hidden_states == ReturnHiddenStates.LAST_NORMALIZED:
+        ret += tuple(norm_last_token)
+    return ret
+
+
+class DistributedLogitsPostprocessMixin:
+    """Logits postprocessing for sharded models. Requires ``norm_shards``, ``lm_head``, ``return_logits``;
+    optional ``return_hidden_states``, ``logits_scaling``, ``logits_softcap``."""
+
+    norm_shards: Sequence[Callable[[torch.Tensor], torch.Tensor]]
+    return_logits: ReturnLogits
+    return_hidden_states: ReturnHiddenStates = ReturnHiddenStates.NONE
+    logits_scaling: float = 1.0
+    logits_softcap: float | None = None
+
+    def _full_lm_head(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        head = self.lm_head
+        return [head.gather(head(x)) if hasattr(head, "gather") else head(x) for x in xs]
+
+    def _postprocess_logits(
+        self, h: Sequence[torch.Tensor], input_row_offsets: Sequence[torch.Tensor], return_n_logits: int | torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        return distributed_logits_postprocess(
+            h,
+            input_row_offsets,
+            return_n_logits,
+            norm_shards=self.norm_shards,
+            lm_head=self._full_lm_head,
+            return_logits=self.return_logits,
+            return_hidden_states=self.return_hidden_states,
+            logits_scaling=self.logits_scaling,
+            logits_softcap=self.logits_softcap,
+        )
+
+
+class DistributedTransformerBlock(nn.Module):
+    """Pre-norm block: h + r * attn(norm(h)), then h + r * mlp(norm(h)). r is Granite's residual multiplier.
+
+    The all-reduce after attention and after the MLP lives in the row-parallel o/down projections the plan
+    installs, so this block is the same code at every tp degree."""
+
+    def __init__(
+        self,
+        attention: nn.Module,
+        mlp: ShardableCallable,
+        attention_norm: ShardableCallable,
+        mlp_norm: ShardableCallable,
+        residual_multiplier: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.self_attn = attention
+        self.mlp = mlp
+        self.input_layernorm = attention_norm
+        self.post_attention_layernorm = mlp_norm
+        self.residual_multiplier = residual_multiplier
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: RaggedBatch) -> torch.Tensor:
+        r = self.residual_multiplier
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, batch)
+        h = x + attn * r if r != 1.0 else x + attn
+        mlp = self.mlp(self.post_attention_layernorm(h))
+        return h + mlp * r if r != 1.0 else h + mlp
+
+
+class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
+    """Embedding, blocks, final norm and (vocab-parallel) lm_head over ragged inputs."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        layers: list[DistributedTransformerBlock],
+        norm: ShardableCallable,
+        output: nn.Module,
+        embedding: nn.Module,
+        parallel: ParallelContext,
+        rope: RotaryEmbedding,
+        return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
+        return_hidden_states: ReturnHiddenStates = ReturnHiddenStates.NONE,
+        use_subgraphs: bool = False,
+        subgraph_layer_groups: list[list[int]] | None = None,
+        logits_scaling: float = 1.0,
+        logits_softcap: float | None = None,
+        embedding_multiplier: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.n_heads = n_heads
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.lm_head = output
+        self.embed_tokens = embedding
+        self.parallel = parallel
+        self.rope = rope
+        self.return_logits = ReturnLogits(return_logits)
+        self.return_hidden_states = ReturnHiddenStates(return_hidden_states)
+        self.logits_scaling = logits_scaling
+        self.logits_softcap = logits_softcap
+        self.embedding_multiplier = embedding_multiplier
+        self.use_subgraphs = use_subgraphs
+        if subgraph_layer_groups is None:
+            subgraph_layer_groups = [list(range(len(layers)))]
+        self.subgraph_layer_groups = subgraph_layer_groups
+        self._compiled_groups: dict[int, Callable] = {}
+
+    @property
+    def norm_shards(self) -> list[ShardableCallable]:
+        return [self.norm]  # replicated: this rank's copy
+
+    @property
+    def devices(self) -> list[torch.device]:
+        return [self.parallel.device] if not self.parallel.is_distributed else [
+            torch.device(self.parallel.device.type, i) if self.parallel.device.type == "cuda" else self.parallel.device
+            for i in range(self.parallel.world_size)
+        ]
+
+    def _block_fn(self, idx: int) -> Callable:
+        """The callable that runs layer idx: eager, or its group's compiled block (regional compilation)."""
+        if not self.use_subgraphs:
+            return self.layers[idx]
+        for g, group in enumerate(self.subgraph_layer_groups):
+            if idx in group:
+                if g not in self._compiled_groups:
+                    # One compiled function per group; each layer of the group passes itself in, so the same
+                    # graph is reused with that layer's parameters as inputs.
+                    self._compiled_groups[g] = torch.compile(DistributedTransformerBlock.forward, dynamic=True)
+                fn = self._compiled_groups[g]
+                layer = self.layers[idx]
+                return lambda *args, _fn=fn, _layer=layer: _fn(_layer, *args)
+        return self.layers[idx]
+
+    def trunk(
+        self,
+        tokens: torch.Tensor,
+        batch: RaggedBatch,
+        capture: dict[int, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """tokens [T] -> final un-normalized hidden states [T, dim]; `capture` maps a hidden-state layer
+        (0 = embeddings, i = output of block i) to the token rows to keep from it."""
+        capture = capture or {}
+        captured: dict[int, torch.Tensor] = {}
+        h = self.embed_tokens(tokens)
+        if self.embedding_multiplier != 1.0:
+            h = h * self.embedding_multiplier
+        cos, sin = self.rope(batch.positions(), batch.seq_lens, h.dtype)
+        if 0 in capture:
+            captured[0] = h.index_select(0, capture[0])
+        for i in range(len(self.layers)):
+            h = self._block_fn(i)(h, cos, sin, batch)
+            if i + 1 in capture:
+                captured[i + 1] = h.index_select(0, capture[i + 1])
+        return h, captured
+
+    def forward(
+        self, tokens: torch.Tensor, input_row_offsets: torch.Tensor, return_n_logits: int | torch.Tensor = 1
+    ) -> tuple[torch.Tensor, ...]:
+        """MAX's call: returns ``(last_logits, [logits, offsets], [hidden_states])``."""
+        device = self.parallel.device
+        batch = RaggedBatch.from_offsets(input_row_offsets, device)
+        h, _ = self.trunk(tokens.to(device), batch)
+        return self._postprocess_logits([h], [batch.offsets], return_n_logits)

@@ -1,0 +1,145 @@
+"""Building blocks: RMSNorm and the sharded linear / embedding layers that the tensor-parallel plan swaps in.
+
+Each sharded layer is allocated at shard size (vLLM's way) and knows which slices of which checkpoint tensors
+fill it, so loading reads only a rank's bytes. A fused layer (q/k/v, gate/up) is a list of ``Part``s; it loads
+from the separate tensors (``q_proj``...) or, for fused checkpoints, from the slices of the fused tensor
+given by the layout of its parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distributed import ParallelContext
+from .weights import CheckpointReader
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 statistics, as transformers computes them
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        self.weight.data.copy_(reader.read(f"{name}.weight"))
+
+
+@dataclass(frozen=True)
+class Part:
+    """One logical piece of a (possibly fused) weight: `size` rows from `start` of a `full`-row tensor `name`."""
+
+    name: str  # checkpoint tensor stem, e.g. "q_proj"
+    full: int  # rows of the whole part in the checkpoint
+    start: int  # this rank's first row
+    size: int  # this rank's rows
+
+
+def _read_parts(reader: CheckpointReader, prefix: str, parts: list[Part], fused_name: str | None, suffix: str, dim: int):
+    """Read each part's slice along `dim` from separate tensors, or from the fused tensor's layout."""
+    if all(f"{prefix}.{p.name}.{suffix}" in reader for p in parts):
+        return torch.cat([reader.read(f"{prefix}.{p.name}.{suffix}", dim, p.start, p.size) for p in parts], dim=dim)
+    fused = f"{prefix}.{fused_name}.{suffix}"
+    if fused_name and fused in reader:
+        chunks, offset = [], 0
+        for p in parts:
+            chunks.append(reader.read(fused, dim, offset + p.start, p.size))
+            offset += p.full
+        return torch.cat(chunks, dim=dim)
+    names = ", ".join(f"{prefix}.{p.name}.{suffix}" for p in parts)
+    raise KeyError(f"checkpoint has neither {names} nor {fused}")
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x @ W_local^T (+ b_local): output features split across ranks; no communication."""
+
+    def __init__(self, in_features: int, parts: list[Part], bias: bool, fused_name: str | None = None) -> None:
+        super().__init__()
+        self.parts = parts
+        self.fused_name = fused_name
+        out = sum(p.size for p in parts)
+        self.weight = nn.Parameter(torch.empty(out, in_features))
+        self.bias = nn.Parameter(torch.empty(out)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def load(self, reader: CheckpointReader, prefix: str) -> None:
+        self.weight.data.copy_(_read_parts(reader, prefix, self.parts, self.fused_name, "weight", 0))
+        if self.bias is not None:
+            self.bias.data.copy_(_read_parts(reader, prefix, self.parts, self.fused_name, "bias", 0))
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_local @ W_local^T) + b: input features split; one all-reduce; bias added once."""
+
+    def __init__(self, part: Part, out_features: int, bias: bool, parallel: ParallelContext) -> None:
+        super().__init__()
+        self.part = part
+        self.parallel = parallel
+        self.weight = nn.Parameter(torch.empty(out_features, part.size))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.parallel.all_reduce(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+    def load(self, reader: CheckpointReader, prefix: str) -> None:
+        name = f"{prefix}.{self.part.name}"
+        self.weight.data.copy_(reader.read(f"{name}.weight", 1, self.part.start, self.part.size))
+        if self.bias is not None:
+            self.bias.data.copy_(reader.read(f"{name}.bias"))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank embeds the ids of its vocabulary range [start, start+size); an all-reduce joins them."""
+
+    def __init__(self, vocab: Part, dim: int, parallel: ParallelContext) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.parallel = parallel
+        self.weight = nn.Parameter(torch.empty(vocab.size, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.parallel.is_distributed:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab.start
+        mine = (local >= 0) & (local < self.vocab.size)
+        out = F.embedding(local.clamp(0, self.vocab.size - 1), self.weight) * mine[:, None].to(self.weight.dtype)
+        return self.parallel.all_reduce(out)
+
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        self.weight.data.copy_(reader.read(f"{name}.weight", 0, self.vocab.start, self.vocab.size))
+
+
+class VocabParallelLMHead(nn.Module):
+    """Local logits [R, vocab_local] for this rank's vocabulary range; `gather` assembles full rows when asked."""
+
+    def __init__(self, vocab: Part, dim: int, parallel: ParallelContext) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.parallel = parallel
+        self.weight = nn.Parameter(torch.empty(vocab.size, dim))
+        # Every rank's vocabulary share, for gathering uneven shards.
+        from .distributed import split_evenly
+
+        self.sizes = [split_evenly(vocab.full, parallel.world_size, r)[1] for r in range(parallel.world_size)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def gather(self, local_logits: torch.Tensor) -> torch.Tensor:
+        """[R, vocab_local] on each rank -> [R, vocab] on every rank."""
+        return self.parallel.all_gather_uneven(local_logits, self.sizes, dim=-1)
+
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        self.weight.data.copy_(reader.read(f"{name}.weight", 0, self.vocab.start, self.vocab.size))

@@ -1,0 +1,127 @@
+"""Plain decoder pieces (attention, MLP) over ragged batches. They know nothing of tensor parallelism: the
+plan in ``tp.py`` swaps their linears for sharded ones and sets the local head counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import RMSNorm
+from .rope import apply_rotary
+
+try:  # flash varlen attention (CUDA only); absent on old torch
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover
+    varlen_attn = None
+
+
+@dataclass(frozen=True)
+class RaggedBatch:
+    """Where each sequence lies in the packed token dimension."""
+
+    offsets: torch.Tensor  # int64 [B+1] on the model's device
+    bounds: tuple[int, ...]  # the same offsets as Python ints (host-side loop bounds)
+
+    @classmethod
+    def from_offsets(cls, input_row_offsets: torch.Tensor, device: torch.device) -> RaggedBatch:
+        bounds = tuple(int(b) for b in input_row_offsets.tolist())
+        return cls(offsets=input_row_offsets.to(device=device, dtype=torch.int64), bounds=bounds)
+
+    @property
+    def seq_lens(self) -> list[int]:
+        return [e - s for s, e in zip(self.bounds[:-1], self.bounds[1:])]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.bounds[-1]
+
+    def positions(self) -> torch.Tensor:
+        """int64 [T]: 0.. within each sequence."""
+        lens = torch.tensor(self.seq_lens, device=self.offsets.device)
+        starts = torch.repeat_interleave(self.offsets[:-1], lens)
+        return torch.arange(self.num_tokens, device=self.offsets.device) - starts
+
+
+# Host-driven loop over sequences: kept out of compiled regions (regional compilation graphs stop here).
+@torch.compiler.disable
+def ragged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: RaggedBatch,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Causal attention that never crosses a sequence boundary. q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D].
+
+    Hkv must divide Hq (query head h uses kv head h // (Hq / Hkv)). The cost follows the real tokens: flash varlen
+    on CUDA, one SDPA call per sequence on CPU (no padding to the longest sequence).
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if q.is_cuda and varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
+        cu = batch.offsets.to(torch.int32)
+        longest = max(batch.seq_lens)
+        # HF's sliding window lets a token see itself and window-1 earlier tokens.
+        window_size = (window - 1, 0) if window else (-1, 0)
+        return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, window_size=window_size, enable_gqa=gqa)
+    outs = []
+    for s, e in zip(batch.bounds[:-1], batch.bounds[1:]):
+        n = e - s
+        # [1, H, n, D] views of this sequence
+        qs, ks, vs = (t[s:e].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        if window is not None and n > window:
+            i = torch.arange(n, device=q.device)
+            rel = i[:, None] - i[None, :]
+            mask = (rel >= 0) & (rel < window)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+        outs.append(o.squeeze(0).transpose(0, 1))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_heads  # local counts: the tp plan lowers them
+        self.num_kv_heads = config.num_kv_heads
+        self.scale = config.attention_scale
+        self.window = config.sliding_windows[layer_idx]
+        self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        # Set by the plan when a rank's query heads do not map onto its kv heads in uniform groups
+        # (kv heads replicated across more ranks than there are kv heads): local kv head of each local q head.
+        self.kv_head_index: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: RaggedBatch) -> torch.Tensor:
+        t = x.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.kv_head_index is not None:
+            k, v = k.index_select(1, self.kv_head_index), v.index_select(1, self.kv_head_index)
+        out = ragged_attention(q, k, v, batch, self.scale, self.window)  # [T, Hq_local, D]
+        return self.o_proj(out.reshape(t, q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

@@ -1,0 +1,110 @@
+"""Rotary position embeddings for ragged batches: default, linear, dynamic (NTK), llama3 and yarn.
+
+Positions restart at 0 for every sequence. Dynamic NTK depends on the sequence length, so it is computed per
+sequence: a ragged batch gives each sequence exactly what it gets alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import ModelConfig, RopeConfig
+
+
+def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def _llama3(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    old_context = rope.original_max_position_embeddings
+    low_wavelen = old_context / rope.low_freq_factor
+    high_wavelen = old_context / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_context / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _yarn(rope: RopeConfig, dim: int, max_positions: int) -> tuple[torch.Tensor, float]:
+    factor = rope.factor
+    original = rope.original_max_position_embeddings or max_positions
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = mscale(factor, rope.mscale) / mscale(factor, rope.mscale_all_dim)
+        else:
+            attention_factor = mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    keep = 1 - ramp
+    return interpolation * (1 - keep) + extrapolation * keep, float(attention_factor)
+
+
+class RotaryEmbedding:
+    """Computes cos/sin tables [T, head_dim] for packed positions; one instance per model, shared by every layer."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu") -> None:
+        self.config = config
+        self.rope = config.rope
+        self.dim = config.head_dim
+        self.device = torch.device(device)
+        inv_freq = _base_inv_freq(self.rope.theta, self.dim)
+        self.attention_factor = 1.0
+        if self.rope.rope_type == "linear":
+            inv_freq = inv_freq / self.rope.factor
+        elif self.rope.rope_type == "llama3":
+            inv_freq = _llama3(inv_freq, self.rope)
+        elif self.rope.rope_type == "yarn":
+            inv_freq, self.attention_factor = _yarn(self.rope, self.dim, config.max_position_embeddings)
+        self.inv_freq = inv_freq.to(self.device)
+
+    def _dynamic_inv_freq(self, seq_len: int) -> torch.Tensor:
+        max_pos = self.config.max_position_embeddings
+        if seq_len <= max_pos:
+            return self.inv_freq
+        base = self.rope.theta * ((self.rope.factor * seq_len / max_pos) - (self.rope.factor - 1)) ** (
+            self.dim / (self.dim - 2)
+        )
+        return _base_inv_freq(base, self.dim).to(self.device)
+
+    def __call__(self, positions: torch.Tensor, seq_lens: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: int64 [T] (restarting per sequence) -> cos, sin: [T, head_dim] in `dtype`."""
+        if self.rope.rope_type == "dynamic" and max(seq_lens) > self.config.max_position_embeddings:
+            # Per-sequence frequencies: [T, head_dim/2]
+            inv = torch.cat(
+                [self._dynamic_inv_freq(n).expand(n, -1) for n in seq_lens]
+            )
+            freqs = positions.float()[:, None] * inv
+        else:
+            freqs = torch.outer(positions.float(), self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]. HF's rotate-half layout."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -1,0 +1,191 @@
+"""The serving path: one forward of the trunk for a ragged batch whose sequences each ask for different outputs.
+
+The final norm and lm_head run only on rows some sequence needs. Target log-probabilities and top-k are computed
+on the device from the vocab-parallel logits (distributed max / log-sum-exp, local top-k merged across ranks);
+full rows are gathered across ranks only for sequences that asked for full logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import ModelConfig
+from .distributed import ParallelContext
+from .distributed_transformer import DistributedTransformer
+from .modules import RaggedBatch
+from .outputs import OutputSpec, SequenceOutput
+from .tp import load_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.device) -> torch.dtype:
+    """`auto` is the checkpoint's dtype on CUDA and float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return DTYPES.get(config.torch_dtype, torch.float32) if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; supported: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class _RowPlan:
+    """Host-side index bookkeeping for one batch."""
+
+    vocab_rows: list[int]  # packed token index of every row that needs the lm_head
+    vocab_slices: list[tuple[int, int]]  # per sequence: (start, count) into vocab_rows
+    targets: list[int]  # next token id for each vocab row, -1 for a sequence's last position
+    hidden_rows: dict[int, list[int]]  # hidden-state layer -> packed token indices to capture
+    hidden_slices: list[list[tuple[int, int, int]]]  # per sequence: (layer, start, count) into hidden_rows[layer]
+
+
+class ModelRunner:
+    def __init__(self, model: DistributedTransformer, config: ModelConfig, parallel: ParallelContext, dtype: torch.dtype):
+        self.model = model
+        self.config = config
+        self.parallel = parallel
+        self.dtype = dtype
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "auto",
+        parallel: ParallelContext | None = None,
+        **model_kwargs,
+    ) -> ModelRunner:
+        config = ModelConfig.from_pretrained(checkpoint)
+        parallel = parallel or ParallelContext.single(device)
+        torch_dtype = resolve_dtype(dtype, config, parallel.device)
+        model = load_model(str(checkpoint), config, parallel, torch_dtype, **model_kwargs)
+        return cls(model, config, parallel, torch_dtype)
+
+    def _plan(self, input_ids: list[int], bounds: Sequence[int], specs: Sequence[OutputSpec]) -> _RowPlan:
+        plan = _RowPlan([], [], [], {}, [])
+        for b, spec in enumerate(specs):
+            start, end = bounds[b], bounds[b + 1]
+            n = end - start
+            if spec.needs_vocab:
+                rows = spec.logit_rows(n)
+                plan.vocab_slices.append((len(plan.vocab_rows), len(rows)))
+                plan.vocab_rows.extend(start + p for p in rows)
+                plan.targets.extend(input_ids[start + p + 1] if p + 1 < n else -1 for p in rows)
+            else:
+                plan.vocab_slices.append((len(plan.vocab_rows), 0))
+            slices: list[tuple[int, int, int]] = []
+            hrows = spec.hidden_rows(n)
+            if len(hrows):
+                for layer in self.config.resolve_layers(spec.layers):
+                    kept = plan.hidden_rows.setdefault(layer, [])
+                    slices.append((layer, len(kept), len(hrows)))
+                    kept.extend(start + p for p in hrows)
+            plan.hidden_slices.append(slices)
+        return plan
+
+    def _vocab_outputs(self, h: torch.Tensor, plan: _RowPlan, specs: Sequence[OutputSpec]) -> dict[str, torch.Tensor]:
+        """Logits-derived tensors for the vocab rows, on the CPU."""
+        model, ctx, dev = self.model, self.parallel, h.device
+        head = model.lm_head
+        rows = torch.tensor(plan.vocab_rows, device=dev)
+        local = head(model.norm(h.index_select(0, rows))).float()  # [R, V_local]
+        if model.logits_scaling != 1.0:
+            local = local / model.logits_scaling
+        if model.logits_softcap:
+            local = torch.tanh(local / model.logits_softcap) * model.logits_softcap
+        out: dict[str, torch.Tensor] = {}
+
+        # Per-row flags from the per-sequence specs.
+        def row_mask(pred) -> torch.Tensor:
+            flags = [pred(s) for s, (_, c) in zip(specs, plan.vocab_slices) for _ in range(c)]
+            return torch.tensor(flags, dtype=torch.bool, device=dev)
+
+        want_full = row_mask(lambda s: s.logits)
+        k_max = max((s.top_k for s in specs if s.needs_vocab), default=0)
+        if any(s.target_logprobs for s in specs) or k_max:
+            # log-sum-exp over the whole vocabulary, from the shards
+            m = local.max(dim=-1).values
+            ctx.all_reduce(m, dist.ReduceOp.MAX)
+            sum_exp = torch.exp(local - m[:, None]).sum(dim=-1)
+            ctx.all_reduce(sum_exp)
+            lse = m + torch.log(sum_exp)
+            vstart, vsize = head.vocab.start, head.vocab.size
+            if any(s.target_logprobs for s in specs):
+                targets = torch.tensor(plan.targets, device=dev)
+                local_t = targets - vstart
+                mine = (local_t >= 0) & (local_t < vsize)
+                picked = local.gather(1, local_t.clamp(0, vsize - 1)[:, None]).squeeze(1)
+                target_logit = torch.where(mine, picked, torch.zeros_like(picked))
+                ctx.all_reduce(target_logit)
+                logprobs = target_logit - lse
+                out["target_logprobs"] = torch.where(targets >= 0, logprobs, torch.full_like(logprobs, float("nan"))).cpu()
+            if k_max:
+                k_local = min(k_max, vsize)
+                values, ids = local.topk(k_local, dim=-1)
+                ids = ids + vstart
+                if ctx.is_distributed:
+                    if k_local < k_max:  # pad so that every rank sends [R, k_max]
+                        pad = k_max - k_local
+                        values = torch.cat([values, values.new_full((values.shape[0], pad), float("-inf"))], 1)
+                        ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], 1)
+                    values = ctx.all_gather_uneven(values, [k_max] * ctx.world_size, dim=1)
+                    ids = ctx.all_gather_uneven(ids, [k_max] * ctx.world_size, dim=1)
+                    values, order = values.topk(min(k_max, self.config.vocab_size), dim=-1)
+                    ids = ids.gather(1, order)
+                out["top_k_ids"] = ids.cpu()
+                out["top_k_logprobs"] = (values - lse[:, None]).cpu()
+        if bool(want_full.any()):
+            full_rows = want_full.nonzero().squeeze(1)
+            out["logits"] = head.gather(local.index_select(0, full_rows)).cpu()
+            out["logits_row_index"] = torch.cumsum(want_full.long(), 0).cpu() - 1  # vocab row -> row of out["logits"]
+        return out
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, input_row_offsets: torch.Tensor, specs: Sequence[OutputSpec]) -> list[SequenceOutput]:
+        """input_ids int64 [T] packed; input_row_offsets int64 [B+1]; one OutputSpec per sequence.
+
+        With tp > 1 every rank calls this with the same arguments and gets the same outputs."""
+        if len(specs) != len(input_row_offsets) - 1:
+            raise ValueError("one OutputSpec per sequence is needed")
+        dev = self.parallel.device
+        batch = RaggedBatch.from_offsets(input_row_offsets, dev)
+        if min(batch.seq_lens) < 1:
+            raise ValueError("empty sequence")
+        plan = self._plan(input_ids.tolist(), batch.bounds, specs)
+        capture = {layer: torch.tensor(rows, device=dev) for layer, rows in plan.hidden_rows.items()}
+        h, captured = self.model.trunk(input_ids.to(dev), batch, capture)
+        vocab = self._vocab_outputs(h, plan, specs) if plan.vocab_rows else {}
+        captured_cpu = {layer: t.cpu() for layer, t in captured.items()}
+
+        outputs = []
+        for b, spec in enumerate(specs):
+            n = batch.seq_lens[b]
+            positions = torch.tensor(list(spec.logit_rows(n)), dtype=torch.int64)
+            seq = SequenceOutput(positions=positions)
+            start, count = plan.vocab_slices[b]
+            if count:
+                if spec.logits:
+                    first = int(vocab["logits_row_index"][start])
+                    seq.logits = vocab["logits"][first : first + count]
+                if spec.target_logprobs:
+                    seq.target_logprobs = vocab["target_logprobs"][start : start + count]
+                if spec.top_k:
+                    seq.top_k_ids = vocab["top_k_ids"][start : start + count, : spec.top_k]
+                    seq.top_k_logprobs = vocab["top_k_logprobs"][start : start + count, : spec.top_k]
+            if plan.hidden_slices[b]:
+                stacked = torch.stack([captured_cpu[layer][s : s + c] for layer, s, c in plan.hidden_slices[b]])
+                if spec.return_hidden_states.normalized:
+                    stacked = self.model.norm(stacked.to(dev)).cpu()
+                seq.hidden_states = stacked
+                seq.hidden_positions = torch.tensor(list(spec.hidden_rows(n)), dtype=torch.int64)
+                seq.layers = tuple(layer for layer, _, _ in plan.hidden_slices[b])
+            outputs.append(seq)
+        return outputs
