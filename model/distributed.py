@@ -7,7 +7,9 @@ Nothing here reads global state: every sharded layer receives a ``ParallelContex
 from __future__ import annotations
 
 import os
+import pickle
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable
@@ -113,8 +115,9 @@ def destroy() -> None:
 def _spawn_entry(rank: int, fn: Callable, world_size: int, port: int, device: str, args: tuple, results) -> None:
     ctx = init_process_group(rank, world_size, master_port=port, device=device)
     try:
-        out = fn(ctx, *args)
-        results.put((rank, out))
+        # Plain pickle copies tensor data (torch's fd sharing would die with this process); these bytes only
+        # travel between our own processes.
+        results.put((rank, pickle.dumps(fn(ctx, *args))))
     finally:
         destroy()
 
@@ -132,10 +135,20 @@ def launch_local(fn: Callable, world_size: int, *args, device: str = "cpu") -> l
     ]
     for p in procs:
         p.start()
+    outs: dict[int, Any] = {}
+    # Read before joining: a rank blocks on a full pipe until its result is taken. A rank that dies posts
+    # nothing, so poll and give up once every process has exited.
+    while len(outs) < world_size:
+        if results.empty() and all(not p.is_alive() for p in procs):
+            break
+        if not results.empty():
+            rank, blob = results.get()
+            outs[rank] = pickle.loads(blob)
+        else:
+            time.sleep(0.01)
     for p in procs:
         p.join()
-    failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
+    failed = [r for r, p in enumerate(procs) if p.exitcode != 0 or r not in outs]
     if failed:
         raise RuntimeError(f"ranks {failed} failed")
-    outs = dict(results.get() for _ in range(world_size))
     return [outs[r] for r in range(world_size)]
