@@ -1,0 +1,194 @@
+"""The batcher (TEI style): one asyncio task owns the queue and packs requests into batches by a token budget.
+
+Requests carry futures. Admission (`submit`) only appends to the queue and wakes the owner; the owner task alone
+takes work out of it: it skips requests whose future is already done (timed out, client gone), packs whole
+requests up to `max_batch_tokens` (a request larger than the budget runs alone) and sends a batch to the
+least-loaded group as soon as one has a free slot: every group holds one running and one prefetched batch, so a
+worker never idles while work is queued, and nothing waits for a batch to fill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InternalError, NotReady, QueueFull, ServiceError
+from .workers import Batch, BatchResult, Requeue, WorkerPool
+
+logger = logging.getLogger("logitserve.batcher")
+
+
+@dataclass(eq=False)
+class Work:
+    """One request: its sequences packed, one OutputSpec shared by all of them."""
+
+    input_ids: np.ndarray  # int64, all sequences of the request packed
+    lengths: list[int]
+    spec: object  # OutputSpec
+    future: asyncio.Future
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    dispatched_at: float = 0.0
+    queued: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class WorkResult:
+    batch: BatchResult
+    group: int  # index of this request in the batch's groups
+    queue_s: float
+    inference_s: float
+
+
+class Batcher:
+    def __init__(self, pool: WorkerPool, max_batch_tokens: int, max_queue_tokens: int, metrics):
+        self.pool = pool
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queue_tokens = max_queue_tokens
+        self.metrics = metrics
+        self.queued_tokens = 0
+        self._queue: deque[Work] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._dispatches: set[asyncio.Task] = set()
+        self._closed = False
+
+    # ---------------------------------------------------------------- admission (called by request handlers)
+    def submit(self, work: Work) -> None:
+        if self._closed:
+            raise NotReady("the server is draining", retry_after=5)
+        n = work.num_tokens
+        if self.queued_tokens and self.queued_tokens + n > self.max_queue_tokens:
+            raise QueueFull(
+                f"the queue holds {self.queued_tokens} tokens; this request's {n} would pass the limit of "
+                f"{self.max_queue_tokens}", retry_after=1)
+        work.queued = True
+        self._add_tokens(n)
+        self._queue.append(work)
+        work.future.add_done_callback(lambda _f, w=work: self._on_done(w))
+        self._wake.set()
+
+    def _on_done(self, work: Work) -> None:
+        # Cancelled (timeout, disconnect) while queued: its tokens stop counting now; the owner drops it later.
+        if work.queued:
+            work.queued = False
+            self._add_tokens(-work.num_tokens)
+
+    def _add_tokens(self, n: int) -> None:
+        self.queued_tokens += n
+        self.metrics.queue_tokens.set(self.queued_tokens)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------------------------------- the owner task
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                group = self.pool.pick()
+                if group is None:
+                    break
+                works = self._take()
+                if not works:
+                    break
+                task = asyncio.get_running_loop().create_task(self._dispatch(group, works))
+                self._dispatches.add(task)
+                task.add_done_callback(self._dispatches.discard)
+
+    def _take(self) -> list[Work]:
+        works: list[Work] = []
+        tokens = 0
+        while self._queue:
+            w = self._queue[0]
+            if w.future.done():
+                self._queue.popleft()
+                continue
+            if works and tokens + w.num_tokens > self.max_batch_tokens:
+                break
+            self._queue.popleft()
+            works.append(w)
+            tokens += w.num_tokens
+            w.queued = False
+            self._add_tokens(-w.num_tokens)
+        return works
+
+    async def _dispatch(self, group, works: list[Work]) -> None:
+        now = time.perf_counter()
+        ids = np.concatenate([w.input_ids for w in works]) if len(works) > 1 else works[0].input_ids
+        lengths = [n for w in works for n in w.lengths]
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        specs, groups = [], []
+        for w in works:
+            groups.append((len(specs), len(specs) + len(w.lengths)))
+            specs.extend([w.spec] * len(w.lengths))
+            w.dispatched_at = now
+            self.metrics.queue_duration.observe(now - w.enqueued_at)
+        batch = Batch(ids, offsets, specs, groups)
+        self.metrics.batch_tokens.observe(batch.num_tokens)
+        self.metrics.batch_sequences.observe(len(lengths))
+        replica = str(group.index)
+        try:
+            result = await group.submit(batch)
+        except Requeue:
+            for w in reversed(works):
+                if not w.future.done():
+                    w.queued = True
+                    self._add_tokens(w.num_tokens)
+                    self._queue.appendleft(w)
+        except ServiceError as exc:
+            for w in works:
+                if not w.future.done():
+                    w.future.set_exception(exc)
+        except Exception as exc:  # pragma: no cover - a bug
+            logger.exception("dispatch failed")
+            for w in works:
+                if not w.future.done():
+                    w.future.set_exception(InternalError(f"{type(exc).__name__}: {exc}"))
+        else:
+            self.metrics.inference_duration.observe(result.forward_s)
+            self.metrics.replica_batches.labels(replica).inc()
+            self.metrics.replica_batch_tokens.labels(replica).inc(batch.num_tokens)
+            self.metrics.replica_busy_seconds.labels(replica).inc(result.forward_s)
+            for i, w in enumerate(works):
+                if not w.future.done():
+                    w.future.set_result(WorkResult(result, i, now - w.enqueued_at, result.forward_s))
+        finally:
+            self._wake.set()
+
+    # ------------------------------------------------------------------------------------------ lifetime
+    @property
+    def busy(self) -> bool:
+        return bool(self._dispatches) or any(not w.future.done() for w in self._queue)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Refuse new work and wait until everything admitted has been answered."""
+        self._closed = True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.busy and (deadline is None or time.monotonic() < deadline):
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for w in self._queue:
+            if not w.future.done():
+                w.future.set_exception(NotReady("the server stopped"))

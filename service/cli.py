@@ -1,0 +1,109 @@
+"""`logitserve serve` and `logitserve convert-gguf`. Flags override `LOGITSERVE_*` environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("logitserve")
+
+SERVE_FLAGS = [
+    ("--model", str, "checkpoint folder or .gguf file (default: the embedded default model)"),
+    ("--tp", int, "tensor-parallel degree (processes per replica)"),
+    ("--replicas", int, "independent model groups"),
+    ("--device", str, "cpu or cuda"),
+    ("--dtype", str, "auto, float32, bfloat16 or float16"),
+    ("--host", str, "bind address"),
+    ("--port", int, "port"),
+    ("--max-batch-tokens", int, "token budget of one batch"),
+    ("--max-seq-len", int, "longest sequence accepted (default: the model's max_position_embeddings)"),
+    ("--max-queue-tokens", int, "tokens the queue may hold before 429 (default: 16 x max-batch-tokens)"),
+    ("--request-timeout", float, "seconds a request may wait for its result before 504"),
+    ("--api-key", str, "require Authorization: Bearer KEY"),
+    ("--pooling", str, "embedding pooling: last or mean"),
+    ("--max-request-bytes", int, "largest request body (413 above)"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="logitserve", description="Serve logits, log-probabilities and hidden states.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP server")
+    for flag, typ, help_ in SERVE_FLAGS:
+        serve.add_argument(flag, type=typ, default=None, help=help_ + " [env LOGITSERVE_" + flag[2:].upper().replace("-", "_") + "]")
+    convert = sub.add_parser("convert-gguf", help="convert a .gguf file into a checkpoint folder")
+    convert.add_argument("file")
+    convert.add_argument("outdir")
+    return parser
+
+
+def resolve_model(model: str | None) -> str:
+    """A checkpoint folder for --model: the default model when absent, a converted folder for a .gguf file."""
+    if not model:
+        from service.default_model import ensure_default_model
+
+        return str(ensure_default_model())
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        from service.default_model import convert_gguf
+
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        out = Path.home() / ".cache" / "logitserve" / "gguf" / f"{path.stem}-{key}"
+        if not (out / "config.json").is_file():
+            convert_gguf(path, out)
+        return str(out)
+    return str(path)
+
+
+def serve(settings) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = settings.model_copy(update={"model": resolve_model(settings.model)})
+    app = create_app(settings)
+    service = app.state.service
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: refuse new work, finish what is in flight
+            service.draining = True
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:
+                # A drained SIGTERM is a clean exit (0), not a re-raised signal.
+                captured = getattr(self, "_captured_signals", None)
+                if captured and sig in captured:
+                    captured.remove(sig)
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=None, access_log=False)
+    Server(config).run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "convert-gguf":
+        from service.default_model import convert_gguf
+
+        out = convert_gguf(args.file, args.outdir)
+        print(out)
+        return 0
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    try:
+        settings = Settings(**overrides)
+    except Exception as exc:
+        print(f"logitserve: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""Domain errors and the one table that maps each to an HTTP status and error type.
+
+Body of every error: ``{"error": {"type": ..., "message": ..., "param": ...}}``.
+"""
+
+from __future__ import annotations
+
+import orjson
+from starlette.responses import Response
+
+
+class ServiceError(Exception):
+    def __init__(self, message: str, param: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+
+class InvalidInput(ServiceError):
+    """The request is malformed or names something that does not exist."""
+
+
+class UnsupportedOption(ServiceError):
+    """A well-formed option that this server or this model does not support."""
+
+
+class Unauthorized(ServiceError):
+    pass
+
+
+class NotFound(ServiceError):
+    pass
+
+
+class MethodNotAllowed(ServiceError):
+    pass
+
+
+class PayloadTooLarge(ServiceError):
+    pass
+
+
+class QueueFull(ServiceError):
+    pass
+
+
+class NotReady(ServiceError):
+    """Workers are loading, restarting, or the server is draining."""
+
+
+class WorkerFailed(ServiceError):
+    """A rank of the group that held this request's batch died or hung."""
+
+
+class RequestTimeout(ServiceError):
+    pass
+
+
+class InternalError(ServiceError):
+    pass
+
+
+class ClientDisconnected(Exception):
+    """Not sent to anyone: the client is gone."""
+
+
+ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
+    UnsupportedOption: (400, "unsupported_option"),
+    Unauthorized: (401, "authentication_error"),
+    NotFound: (404, "not_found"),
+    MethodNotAllowed: (405, "method_not_allowed"),
+    PayloadTooLarge: (413, "payload_too_large"),
+    InvalidInput: (422, "invalid_request_error"),
+    QueueFull: (429, "queue_full"),
+    InternalError: (500, "internal_error"),
+    NotReady: (503, "not_ready"),
+    WorkerFailed: (503, "worker_failed"),
+    RequestTimeout: (504, "timeout"),
+}
+
+DEFAULT_RETRY_AFTER = {429: 1, 503: 2}
+
+
+def status_of(exc: ServiceError) -> tuple[int, str]:
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    return 500, "internal_error"
+
+
+def error_response(exc: ServiceError) -> Response:
+    status, kind = status_of(exc)
+    body = orjson.dumps({"error": {"type": kind, "message": exc.message, "param": exc.param}})
+    headers = {}
+    retry = exc.retry_after if exc.retry_after is not None else DEFAULT_RETRY_AFTER.get(status)
+    if retry is not None:
+        headers["Retry-After"] = str(max(1, int(round(retry))))
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def format_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
+    """Message and param for pydantic errors; locations such as input_ids[2][5] name the sequence index."""
+    parts = []
+    param = None
+    for err in errors[:5]:
+        loc = [x for x in err.get("loc", ()) if x not in ("body",)]
+        # pydantic's union branches add type names such as 'list[str]' or 'str' to the location
+        loc = [x for x in loc if not (isinstance(x, str) and ("[" in x or x in ("str", "int", "list", "function-after")))]
+        where = ""
+        for x in loc:
+            where += f"[{x}]" if isinstance(x, int) else (f".{x}" if where else str(x))
+        if param is None and loc:
+            param = str(loc[0])
+        if len(loc) >= 2 and isinstance(loc[1], int) and loc[0] in ("input_ids", "inputs"):
+            where += f" (sequence {loc[1]})"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg", "invalid"))
+    if len(errors) > 5:
+        parts.append(f"... and {len(errors) - 5} more errors")
+    return "; ".join(parts), param
