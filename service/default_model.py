@@ -10,6 +10,7 @@ Q4_1 GGUF file) in the user cache on first use, and reuses it afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -242,6 +243,30 @@ def ensure_default_model(cache_dir=None) -> Path:
     if _complete(folder):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
+    # One preparation at a time per cache (several servers or workers may start together); the others wait
+    # and then find the finished folder.
+    with _locked(folder.parent / f".{folder.name}.lock"):
+        if _complete(folder):
+            return folder
+        return _prepare(folder)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _prepare(folder: Path) -> Path:
     print(f"logitserve: preparing the default model {DEFAULT_MODEL_NAME} in {folder}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=folder.parent) as scratch:
         scratch = Path(scratch)

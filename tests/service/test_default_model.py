@@ -230,7 +230,8 @@ def test_ensure_default_model_real(tmp_path):
     for name in CHECKPOINT_FILES:
         assert (folder / name).stat().st_size > 0, name
     assert not list(folder.glob("*.bin"))
-    assert [p.name for p in cache.iterdir()] == [folder.name], "no scratch folders left in the cache"
+    leftovers = [p.name for p in cache.iterdir() if p.name not in (folder.name, f".{folder.name}.lock")]
+    assert not leftovers, "no scratch folders left in the cache"
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert config["vocab_size"] == 49152 and config["num_hidden_layers"] == 30 and config["hidden_size"] == 576
