@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .distributed import ParallelContext
-from .modules import RaggedBatch
+from .modules import RaggedBatch, ragged_attention
 from .outputs import ReturnHiddenStates, ReturnLogits
 from .rope import RotaryEmbedding
 
@@ -257,6 +257,9 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         for g, group in enumerate(self.subgraph_layer_groups):
             if idx in group:
                 if g not in self._compiled_groups:
+                    eager_attention = torch.compiler.disable(ragged_attention)
+                    for i in group:
+                        self.layers[i].self_attn.attention_fn = eager_attention
                     # One compiled function per group; each layer of the group passes itself in, so the same
                     # graph is reused with that layer's parameters as inputs.
                     self._compiled_groups[g] = torch.compile(DistributedTransformerBlock.forward, dynamic=True)

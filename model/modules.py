@@ -13,10 +13,20 @@ from .config import ModelConfig
 from .layers import RMSNorm
 from .rope import apply_rotary
 
-try:  # flash varlen attention (CUDA only); absent on old torch
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # pragma: no cover
-    varlen_attn = None
+_varlen_attn = None
+
+
+def _flash_varlen():
+    """torch's flash varlen attention (CUDA only), imported on first use: its import pulls in torch._dynamo,
+    seconds of start-up that a CPU worker never needs. None on a torch without it."""
+    global _varlen_attn
+    if _varlen_attn is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:  # pragma: no cover
+            varlen_attn = False
+        _varlen_attn = varlen_attn
+    return _varlen_attn or None
 
 
 @dataclass(frozen=True)
@@ -46,8 +56,6 @@ class RaggedBatch:
         return torch.arange(self.num_tokens, device=self.offsets.device) - starts
 
 
-# Host-driven loop over sequences: kept out of compiled regions (regional compilation graphs stop here).
-@torch.compiler.disable
 def ragged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -62,7 +70,8 @@ def ragged_attention(
     on CUDA, one SDPA call per sequence on CPU (no padding to the longest sequence).
     """
     gqa = q.shape[1] != k.shape[1]
-    if q.is_cuda and varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
+    varlen_attn = _flash_varlen() if q.is_cuda else None
+    if varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
         cu = batch.offsets.to(torch.int32)
         longest = max(batch.seq_lens)
         # HF's sliding window lets a token see itself and window-1 earlier tokens.
@@ -99,6 +108,8 @@ class Attention(nn.Module):
         # Set by the plan when a rank's query heads do not map onto its kv heads in uniform groups
         # (kv heads replicated across more ranks than there are kv heads): local kv head of each local q head.
         self.kv_head_index: torch.Tensor | None = None
+        # Regional compilation swaps in a compiler-disabled copy: the host-driven loop over sequences stays eager.
+        self.attention_fn = ragged_attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: RaggedBatch) -> torch.Tensor:
         t = x.shape[0]
@@ -112,7 +123,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.kv_head_index is not None:
             k, v = k.index_select(1, self.kv_head_index), v.index_select(1, self.kv_head_index)
-        out = ragged_attention(q, k, v, batch, self.scale, self.window)  # [T, Hq_local, D]
+        out = self.attention_fn(q, k, v, batch, self.scale, self.window)  # [T, Hq_local, D]
         return self.o_proj(out.reshape(t, q_size))
 
 

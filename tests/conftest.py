@@ -13,7 +13,7 @@ def checkpoint_factory(tmp_path_factory):
     cache: dict = {}
 
     def make(arch: str = "llama", **kwargs) -> Path:
-        key = (arch, tuple(sorted(kwargs.items())))
+        key = (arch, repr(sorted(kwargs.items())))
         if key not in cache:
             folder = tmp_path_factory.mktemp(f"ckpt-{arch}")
             cache[key] = make_checkpoint(folder, arch, **kwargs)

@@ -1,0 +1,97 @@
+"""Parity with transformers (float32, 1e-4 absolute) for every supported architecture and rope type."""
+
+import pytest
+import torch
+
+from model import ModelRunner, OutputSpec, ReturnHiddenStates, ReturnLogits
+from tests.checkpoints import ARCH_CONFIGS, load_reference, make_checkpoint
+from tests.model.helpers import ragged, reference
+
+ATOL = 1e-4
+LENGTHS = [1, 7, 37, 64]
+
+
+def check_parity(path, lengths=LENGTHS):
+    runner = ModelRunner.load(path, dtype="float32")
+    hf = load_reference(path)
+    n_layers = runner.config.num_layers
+    seqs, ids, offsets = ragged(lengths, runner.config.vocab_size)
+    specs = [
+        OutputSpec(return_logits=ReturnLogits.ALL, target_logprobs=True, top_k=5,
+                   return_hidden_states=ReturnHiddenStates.ALL, layers=tuple(range(n_layers))),
+    ] * len(seqs)
+    outs = runner.run(ids, offsets, specs)
+    normalized = runner.run(ids, offsets, [OutputSpec(logits=False, return_hidden_states=ReturnHiddenStates.ALL_NORMALIZED)] * len(seqs))
+    for seq, out, norm_out in zip(seqs, outs, normalized):
+        logits, hidden = reference(hf, seq)
+        torch.testing.assert_close(out.logits, logits, atol=ATOL, rtol=0)
+        # Layers 0..n-1 un-normalized match transformers' hidden_states[0..n-1]; the normalized last layer matches
+        # its final entry (transformers applies the final norm there).
+        for i in range(n_layers):
+            torch.testing.assert_close(out.hidden_states[i], hidden[i], atol=ATOL, rtol=0)
+        torch.testing.assert_close(norm_out.hidden_states[0], hidden[n_layers], atol=ATOL, rtol=0)
+        logprobs = torch.log_softmax(logits, -1)
+        if len(seq) > 1:
+            expected = logprobs[:-1].gather(1, seq[1:, None]).squeeze(1)
+            torch.testing.assert_close(out.target_logprobs[:-1], expected, atol=ATOL, rtol=0)
+        assert torch.isnan(out.target_logprobs[-1])
+        top = logprobs.topk(5, dim=-1)
+        torch.testing.assert_close(out.top_k_logprobs, top.values, atol=ATOL, rtol=0)
+        assert torch.equal(out.positions, torch.arange(len(seq)))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
+def test_architecture_parity(arch, checkpoint_factory):
+    check_parity(checkpoint_factory(arch))
+
+
+ROPE_SCALINGS = {
+    "linear": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "dynamic": dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=32),
+    "yarn": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+    "llama3": dict(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+}
+
+
+@pytest.mark.parametrize("rope", sorted(ROPE_SCALINGS))
+def test_rope_type_parity(rope, checkpoint_factory):
+    # dynamic: sequences longer than max_position_embeddings (32) change the frequencies per sequence
+    path = checkpoint_factory("llama", with_tokenizer=False, **{k: v for k, v in ROPE_SCALINGS[rope].items()})
+    check_parity(path, lengths=[5, 31, 50, 70])
+
+
+def test_transformers5_rope_parameters_checkpoint(tmp_path):
+    """A checkpoint whose config.json uses transformers-5 `rope_parameters` (as the GGUF conversion writes)."""
+    import json
+
+    path = make_checkpoint(tmp_path, "llama", with_tokenizer=False, rope_theta=20000.0)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop("rope_theta", None)
+    cfg.pop("rope_scaling", None)
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 20000.0}
+    (path / "config.json").write_text(json.dumps(cfg))
+    runner = ModelRunner.load(path)
+    assert runner.config.rope.theta == 20000.0
+    check_parity(path, lengths=[9, 20])
+
+
+def test_sharded_safetensors_index(tmp_path):
+    path = make_checkpoint(tmp_path / "one", "qwen2", with_tokenizer=False)
+    hf = load_reference(path)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    check_parity(tmp_path / "sharded", lengths=[3, 12])
+
+
+def test_bfloat16_load_is_close(checkpoint_factory):
+    path = checkpoint_factory("llama")
+    fp32 = ModelRunner.load(path, dtype="float32")
+    bf16 = ModelRunner.load(path, dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16 and next(bf16.model.parameters()).dtype == torch.bfloat16
+    _, ids, offsets = ragged([20, 5], fp32.config.vocab_size)
+    spec = [OutputSpec(return_logits=ReturnLogits.ALL)] * 2
+    for a, b in zip(fp32.run(ids, offsets, spec), bf16.run(ids, offsets, spec)):
+        assert b.logits.dtype == torch.float32  # logits are always float32
+        rel = (a.logits - b.logits).norm() / a.logits.norm()
+        assert rel < 3e-2
