@@ -13,20 +13,49 @@ from .config import ModelConfig
 from .layers import RMSNorm
 from .rope import apply_rotary
 
-_varlen_attn = None
+_flash_adapter = None
 
 
 def _flash_varlen():
-    """torch's flash varlen attention (CUDA only), imported on first use: its import pulls in torch._dynamo,
-    seconds of start-up that a CPU worker never needs. None on a torch without it."""
-    global _varlen_attn
-    if _varlen_attn is None:
-        try:
-            from torch.nn.attention.varlen import varlen_attn
-        except ImportError:  # pragma: no cover
-            varlen_attn = False
-        _varlen_attn = varlen_attn
-    return _varlen_attn or None
+    """A callable (q, k, v, batch, scale, window) -> out over torch's flash varlen attention (CUDA only), or None.
+
+    Imported on first use: the import pulls in torch._dynamo, seconds of start-up that a CPU worker never needs.
+    The signature of `varlen_attn` changed across torch releases; this adapts to the one installed and returns
+    None where it cannot express the attention (the caller then uses the per-sequence SDPA path)."""
+    global _flash_adapter
+    if _flash_adapter is None:
+        _flash_adapter = _make_flash_adapter() or False
+    return _flash_adapter or None
+
+
+def _make_flash_adapter():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    import inspect
+
+    params = inspect.signature(varlen_attn).parameters
+
+    def attend(q, k, v, batch: RaggedBatch, scale: float, window: int | None) -> torch.Tensor:
+        if q.shape[1] != k.shape[1] and "enable_gqa" not in params:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        kwargs = {"scale": scale}
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
+        if "window_size" in params:
+            # HF's sliding window lets a token see itself and window-1 earlier tokens.
+            kwargs["window_size"] = (window - 1, 0) if window else (-1, 0)
+        elif "is_causal" in params and not window:
+            kwargs["is_causal"] = True
+        else:
+            return None
+        cu = batch.offsets.to(torch.int32)
+        longest = max(batch.seq_lens)
+        return varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
+
+    return attend
 
 
 @dataclass(frozen=True)
@@ -70,13 +99,10 @@ def ragged_attention(
     on CUDA, one SDPA call per sequence on CPU (no padding to the longest sequence).
     """
     gqa = q.shape[1] != k.shape[1]
-    varlen_attn = _flash_varlen() if q.is_cuda else None
-    if varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
-        cu = batch.offsets.to(torch.int32)
-        longest = max(batch.seq_lens)
-        # HF's sliding window lets a token see itself and window-1 earlier tokens.
-        window_size = (window - 1, 0) if window else (-1, 0)
-        return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, window_size=window_size, enable_gqa=gqa)
+    flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    out = flash(q, k, v, batch, scale, window) if flash is not None else None
+    if out is not None:
+        return out
     outs = []
     for s, e in zip(batch.bounds[:-1], batch.bounds[1:]):
         n = e - s
