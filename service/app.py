@@ -465,4 +465,9 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     app.add_api_route("/metrics", _simple("/metrics", metrics_text, auth=False), methods=["GET"])
     app.add_api_route("/info", _simple("/info", info), methods=["GET"])
     app.add_api_route("/v1/models", _simple("/v1/models", models), methods=["GET"])
+
+    from . import openai_compat, tokenizer_routes
+
+    openai_compat.register(app, service)  # /v1/completions, /v1/embeddings
+    tokenizer_routes.register(app, service)  # /tokenize, /detokenize, /tokenizer_info
     return app
