@@ -103,7 +103,7 @@ def ragged_attention(
     out = flash(q, k, v, batch, scale, window) if flash is not None else None
     if out is not None:
         return out
-    outs = []
+    out = q.new_empty(q.shape)  # each sequence's result lands in its rows (no list + cat)
     for s, e in zip(batch.bounds[:-1], batch.bounds[1:]):
         n = e - s
         # [1, H, n, D] views of this sequence
@@ -115,8 +115,25 @@ def ragged_attention(
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
         else:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
-        outs.append(o.squeeze(0).transpose(0, 1))
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+        out[s:e].copy_(o.squeeze(0).transpose(0, 1))
+    return out
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary`` (HF's rotate-half: x * cos + rotate_half(x) * sin) without the cat / neg temporaries.
+
+    x: [T, heads, head_dim], may be a strided view (e.g. the q and k heads of the fused qkv output)."""
+    if torch.compiler.is_compiling():  # the compiler fuses the plain formula (and mishandles out= on views)
+        return apply_rotary(x, cos, sin)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c1, c2 = cos[:, None, :half], cos[:, None, half:]
+    s1, s2 = sin[:, None, :half], sin[:, None, half:]
+    out = x.new_empty(x.shape)
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, c1, out=o1).addcmul_(x2, s1, value=-1)  # x1 * cos - x2 * sin
+    torch.mul(x2, c2, out=o2).addcmul_(x1, s2)  # x2 * cos + x1 * sin
+    return out
 
 
 class Attention(nn.Module):
@@ -139,14 +156,17 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: RaggedBatch) -> torch.Tensor:
         t = x.shape[0]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q_size = self.num_heads * self.head_dim
+        hq, hkv = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(t, hq + 2 * hkv, self.head_dim)
+        v = qkv[:, hq + hkv :]
+        if self.q_norm is None:
+            # q and k heads are adjacent in the fused output: one rotary pass over both
+            qk = rotate(qkv[:, : hq + hkv], cos, sin)
+            q, k = qk[:, :hq], qk[:, hq:]
+        else:
+            q, k = self.q_norm(qkv[:, :hq]), self.k_norm(qkv[:, hq : hq + hkv])
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if self.kv_head_index is not None:
             k, v = k.index_select(1, self.kv_head_index), v.index_select(1, self.kv_head_index)
         out = self.attention_fn(q, k, v, batch, self.scale, self.window)  # [T, Hq_local, D]
@@ -161,4 +181,4 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))  # in place: one [T, intermediate] buffer fewer

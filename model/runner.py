@@ -95,8 +95,13 @@ class ModelRunner:
         """Logits-derived tensors for the vocab rows, on the CPU."""
         model, ctx, dev = self.model, self.parallel, h.device
         head = model.lm_head
-        rows = torch.tensor(plan.vocab_rows, device=dev)
-        local = head(model.norm(h.index_select(0, rows))).float()  # [R, V_local]
+        if plan.vocab_rows == list(range(h.shape[0])):  # every row, in order: no gather copy of h
+            rows_h = h
+        else:
+            rows_h = h.index_select(0, torch.tensor(plan.vocab_rows, device=dev))
+        local = head(model.norm(rows_h))  # [R, V_local]
+        if local.dtype != torch.float32:
+            local = local.float()
         if model.logits_scaling != 1.0:
             local = local / model.logits_scaling
         if model.logits_softcap:
@@ -143,8 +148,9 @@ class ModelRunner:
                 out["top_k_ids"] = ids.cpu()
                 out["top_k_logprobs"] = (values - lse[:, None]).cpu()
         if bool(want_full.any()):
-            full_rows = want_full.nonzero().squeeze(1)
-            out["logits"] = head.gather(local.index_select(0, full_rows)).cpu()
+            # All rows wanted (the common case): the logits tensor itself, not a [R, V] copy of it.
+            full = local if bool(want_full.all()) else local.index_select(0, want_full.nonzero().squeeze(1))
+            out["logits"] = head.gather(full).cpu()
             out["logits_row_index"] = torch.cumsum(want_full.long(), 0).cpu() - 1  # vocab row -> row of out["logits"]
         return out
 
