@@ -168,6 +168,8 @@ def _worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, d
                     raise  # collectives of the group may be out of step: let the front end restart the group
     finally:
         destroy()
+    conn.close()
+    os._exit(0)  # skip interpreter teardown of torch: the front end waits for this exit on shutdown
 
 
 # ------------------------------------------------------------------------------------------- front-end side
