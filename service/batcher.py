@@ -104,7 +104,9 @@ class Batcher:
                 works = self._take()
                 if not works:
                     break
-                task = asyncio.get_running_loop().create_task(self._dispatch(group, works))
+                # Submitted here, synchronously, so that the group's slots are taken before the next pick.
+                batch, fut = self._send(group, works)
+                task = asyncio.get_running_loop().create_task(self._complete(group, works, batch, fut))
                 self._dispatches.add(task)
                 task.add_done_callback(self._dispatches.discard)
 
@@ -125,7 +127,7 @@ class Batcher:
             self._add_tokens(-w.num_tokens)
         return works
 
-    async def _dispatch(self, group, works: list[Work]) -> None:
+    def _send(self, group, works: list[Work]):
         now = time.perf_counter()
         ids = np.concatenate([w.input_ids for w in works]) if len(works) > 1 else works[0].input_ids
         lengths = [n for w in works for n in w.lengths]
@@ -140,9 +142,12 @@ class Batcher:
         batch = Batch(ids, offsets, specs, groups)
         self.metrics.batch_tokens.observe(batch.num_tokens)
         self.metrics.batch_sequences.observe(len(lengths))
+        return batch, group.submit(batch)
+
+    async def _complete(self, group, works: list[Work], batch: Batch, fut) -> None:
         replica = str(group.index)
         try:
-            result = await group.submit(batch)
+            result = await fut
         except Requeue:
             for w in reversed(works):
                 if not w.future.done():
@@ -165,7 +170,7 @@ class Batcher:
             self.metrics.replica_busy_seconds.labels(replica).inc(result.forward_s)
             for i, w in enumerate(works):
                 if not w.future.done():
-                    w.future.set_result(WorkResult(result, i, now - w.enqueued_at, result.forward_s))
+                    w.future.set_result(WorkResult(result, i, w.dispatched_at - w.enqueued_at, result.forward_s))
         finally:
             self._wake.set()
 

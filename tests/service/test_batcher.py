@@ -1,0 +1,129 @@
+"""The batcher alone, against a fake pool: token-budget packing, oversize requests, cancelled work, requeue."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from service.batcher import Batcher, Work
+from service.metrics import Metrics
+from service.workers import Requeue
+
+
+class FakeGroup:
+    def __init__(self, index=0):
+        self.index = index
+        self.inflight = []
+        self.inflight_tokens = 0
+        self.batches = []
+        self.fail_next = None
+
+    @property
+    def free_slots(self):
+        return 2 - sum(not f.done() for f in self.inflight)
+
+    def submit(self, batch):
+        fut = asyncio.get_running_loop().create_future()
+        self.batches.append(batch)
+        self.inflight.append(fut)
+        if self.fail_next is not None:
+            fut.set_exception(self.fail_next)
+            self.fail_next = None
+        return fut
+
+    def finish_all(self):
+        for fut in self.inflight:
+            if not fut.done():
+                fut.set_result(type("R", (), {"forward_s": 0.001})())
+        self.inflight = []
+
+
+class FakePool:
+    def __init__(self, groups):
+        self.groups = groups
+
+    def pick(self):
+        free = [g for g in self.groups if g.free_slots > 0]
+        return min(free, key=lambda g: -g.free_slots) if free else None
+
+
+def work(n, loop):
+    return Work(np.arange(n, dtype=np.int64), [n], None, loop.create_future())
+
+
+async def _settle():
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_packing_budget_oversize_and_cancelled():
+    async def main():
+        loop = asyncio.get_running_loop()
+        g = FakeGroup()
+        b = Batcher(FakePool([g]), max_batch_tokens=10, max_queue_tokens=100, metrics=Metrics())
+        b.start()
+        first = work(3, loop)
+        b.submit(first)
+        await _settle()
+        assert [bt.num_tokens for bt in g.batches] == [3]  # work-conserving: sent at once, not waiting to fill
+        ws = [work(4, loop), work(4, loop), work(4, loop), work(25, loop), work(2, loop)]
+        for w in ws:
+            b.submit(w)
+        await _settle()
+        assert [bt.num_tokens for bt in g.batches] == [3, 8]  # prefetched second batch, packed to the budget
+        ws[4].future.cancel()  # a client gone while queued
+        await _settle()
+        assert b.queued_tokens == 4 + 25
+        g.finish_all()
+        await _settle()
+        # the 25-token request is larger than the budget: it runs alone; the cancelled one never runs
+        assert [bt.num_tokens for bt in g.batches] == [3, 8, 4, 25]
+        g.finish_all()
+        await _settle()
+        assert len(g.batches) == 4 and b.queued_tokens == 0
+        assert all(w.future.done() for w in ws)
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_queue_limit_and_requeue():
+    async def main():
+        loop = asyncio.get_running_loop()
+        g = FakeGroup()
+        b = Batcher(FakePool([g]), max_batch_tokens=100, max_queue_tokens=10, metrics=Metrics())
+        b.start()
+        g.fail_next = Requeue()
+        w = work(6, loop)
+        b.submit(w)
+        await _settle()
+        # requeued and sent again
+        assert len(g.batches) == 2 and not w.future.done()
+        b.submit(work(6, loop))  # goes to the second slot
+        await _settle()
+        b.submit(work(6, loop))  # queued: 6 tokens
+        try:
+            b.submit(work(6, loop))
+        except Exception as exc:
+            assert type(exc).__name__ == "QueueFull"
+        else:
+            raise AssertionError("expected QueueFull")
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_least_loaded_group():
+    async def main():
+        loop = asyncio.get_running_loop()
+        groups = [FakeGroup(0), FakeGroup(1)]
+        b = Batcher(FakePool(groups), max_batch_tokens=4, max_queue_tokens=100, metrics=Metrics())
+        b.start()
+        for _ in range(4):
+            b.submit(work(4, loop))
+            await _settle()
+        assert [len(g.batches) for g in groups] == [2, 2]
+        await b.stop()
+
+    asyncio.run(main())
