@@ -29,7 +29,9 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.log_path = log_dir / f"server-{self.port}.log"
-        cmd = [sys.executable, "-m", "service", "serve", "--model", str(model), "--port", str(self.port), *args]
+        # model None: no --model flag, the embedded default model is served
+        model_flag = ["--model", str(model)] if model is not None else []
+        cmd = [sys.executable, "-m", "service", "serve", *model_flag, "--port", str(self.port), *args]
         if api_key:
             cmd += ["--api-key", api_key]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("LOGITSERVE_")}

