@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from . import __version__
 from .batcher import Batcher, Work, WorkResult
@@ -42,7 +42,17 @@ from .errors import (
     format_validation_errors,
 )
 from .metrics import Metrics
-from .schemas import HiddenStatesRequest, LogitsRequest
+from .schemas import (
+    SCORING_ERRORS,
+    HiddenStatesRequest,
+    HiddenStatesResponse,
+    InfoResponse,
+    LogitsRequest,
+    LogitsResponse,
+    ModelsResponse,
+    StatusResponse,
+    responses,
+)
 from .serialize import cast, to_json, to_safetensors
 from .settings import Settings
 
@@ -417,11 +427,13 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     def _body_doc(model) -> dict:
         return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
-    @app.post("/v1/logits", openapi_extra=_body_doc(LogitsRequest))
+    @app.post("/v1/logits", openapi_extra=_body_doc(LogitsRequest),
+              responses=responses(LogitsResponse, *SCORING_ERRORS, binary=True))
     async def logits(request: Request):
         return await service.score(request, "/v1/logits")
 
-    @app.post("/v1/hidden_states", openapi_extra=_body_doc(HiddenStatesRequest))
+    @app.post("/v1/hidden_states", openapi_extra=_body_doc(HiddenStatesRequest),
+              responses=responses(HiddenStatesResponse, *SCORING_ERRORS, binary=True))
     async def hidden_states(request: Request):
         return await service.score(request, "/v1/hidden_states")
 
@@ -460,11 +472,15 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     def metrics_text():
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_api_route("/health", _simple("/health", health, auth=False), methods=["GET"])
-    app.add_api_route("/ready", _simple("/ready", ready, auth=False), methods=["GET"])
-    app.add_api_route("/metrics", _simple("/metrics", metrics_text, auth=False), methods=["GET"])
-    app.add_api_route("/info", _simple("/info", info), methods=["GET"])
-    app.add_api_route("/v1/models", _simple("/v1/models", models), methods=["GET"])
+    app.add_api_route("/health", _simple("/health", health, auth=False), methods=["GET"],
+                      responses=responses(StatusResponse))
+    app.add_api_route("/ready", _simple("/ready", ready, auth=False), methods=["GET"],
+                      responses=responses(StatusResponse, 503))
+    app.add_api_route("/metrics", _simple("/metrics", metrics_text, auth=False), methods=["GET"],
+                      response_class=PlainTextResponse, responses=responses(None, text=True))
+    app.add_api_route("/info", _simple("/info", info), methods=["GET"], responses=responses(InfoResponse, 401))
+    app.add_api_route("/v1/models", _simple("/v1/models", models), methods=["GET"],
+                      responses=responses(ModelsResponse, 401))
 
     from . import openai_compat, tokenizer_routes
 

@@ -30,6 +30,7 @@ from starlette.responses import Response
 
 from .batcher import Work
 from .errors import ClientDisconnected, InternalError, InvalidInput, ServiceError, UnsupportedOption, error_response
+from .schemas import SCORING_ERRORS, CompletionResponse, EmbeddingResponse, responses
 from .serialize import to_json
 
 logger = logging.getLogger("logitserve.openai")
@@ -357,11 +358,13 @@ def register(app: FastAPI, service) -> None:
     def _doc(model) -> dict:
         return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
-    @app.post("/v1/completions", openapi_extra=_doc(CompletionRequest))
+    @app.post("/v1/completions", openapi_extra=_doc(CompletionRequest),
+              responses=responses(CompletionResponse, *SCORING_ERRORS))
     async def _completions(request: Request):
         return await handle(service, request, "/v1/completions", lambda body: completions(service, request, body))
 
-    @app.post("/v1/embeddings", openapi_extra=_doc(EmbeddingRequest))
+    @app.post("/v1/embeddings", openapi_extra=_doc(EmbeddingRequest),
+              responses=responses(EmbeddingResponse, *SCORING_ERRORS))
     async def _embeddings(request: Request):
         return await handle(service, request, "/v1/embeddings", lambda body: embeddings(service, request, body))
 

@@ -31,3 +31,184 @@ class LogitsRequest(ScoringInputs):
 class HiddenStatesRequest(ScoringInputs):
     return_hidden_states: Literal["last", "all", "last_normalized", "all_normalized"] = "last"
     layers: list[StrictInt] = Field(default_factory=lambda: [-1], min_length=1)
+
+
+# ------------------------------------------------------------------------------------------------ responses
+# Documentation only (the routes build their bodies directly): these models put every response body, error
+# status and content type into /openapi.json, so that schema conformance can be checked against it.
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    param: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class TopK(BaseModel):
+    ids: list[list[int]]
+    logprobs: list[list[float]]
+
+
+class LogitsItem(BaseModel):
+    index: int
+    num_tokens: int
+    positions: list[int]
+    logits: list[list[float]] = None  # type: ignore[assignment]  (left out when not asked for)
+    target_logprobs: list[float | None] = None  # type: ignore[assignment]
+    top_k: TopK = None  # type: ignore[assignment]
+    hidden_states: list[list[list[float]]] = None  # type: ignore[assignment]
+
+
+class LogitsResponse(BaseModel):
+    object: Literal["logits"]
+    model: str
+    data: list[LogitsItem]
+    usage: Usage
+
+
+class HiddenStatesItem(BaseModel):
+    index: int
+    num_tokens: int
+    positions: list[int]
+    layers: list[int]
+    hidden_states: list[list[list[float]]]
+
+
+class HiddenStatesResponse(BaseModel):
+    object: Literal["hidden_states"]
+    model: str
+    data: list[HiddenStatesItem]
+    usage: Usage
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str
+
+
+class CompletionUsage(Usage):
+    completion_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # floats, or base64 of little-endian float32
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfoResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    tokenizer_class: str
+    model_max_length: int
+    vocab_size: int
+    bos_token: str | None
+    bos_token_id: int | None
+    eos_token: str | None
+    eos_token_id: int | None
+    pad_token: str | None
+    pad_token_id: int | None
+
+
+class StatusResponse(BaseModel):
+    status: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelsResponse(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class InfoResponse(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    model: str
+    model_path: str
+    version: str
+    config: dict
+    tokenizer: bool
+    tp: int
+    replicas: int
+    device: str
+    dtype: str
+    limits: dict
+    pooling: str
+    workers: list[dict]
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "unsupported option", 401: "missing or wrong API key", 413: "body larger than --max-request-bytes",
+    422: "invalid input", 429: "queue full (Retry-After)", 503: "not ready, draining or a worker failed (Retry-After)",
+    504: "no result within --request-timeout",
+}
+SCORING_ERRORS = (400, 401, 413, 422, 429, 503, 504)
+TOKENIZER_ERRORS = (400, 401, 413, 422)
+
+
+def responses(ok: type[BaseModel] | None, *errors: int, binary: bool = False, text: bool = False) -> dict:
+    """`responses=` for a route: its 200 body (JSON, optionally safetensors or plain text) and its error statuses."""
+    out: dict = {}
+    if text:
+        out[200] = {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    elif ok is not None:
+        out[200] = {"model": ok, "description": "OK"}
+        if binary:
+            out[200]["content"] = {SAFETENSORS_MEDIA: {"schema": {"type": "string", "format": "binary"}}}
+    for code in errors:
+        out[code] = {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[code]}
+    return out
+
+
+SAFETENSORS_MEDIA = "application/x-safetensors"
