@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InternalError, NotReady, QueueFull, ServiceError
+from .errors import InternalError, NotReady, OutOfMemory, QueueFull, ServiceError
 from .workers import Batch, BatchResult, Requeue, WorkerPool
 
 logger = logging.getLogger("logitserve.batcher")
@@ -165,12 +165,18 @@ class Batcher:
                     w.future.set_exception(InternalError(f"{type(exc).__name__}: {exc}"))
         else:
             self.metrics.inference_duration.observe(result.forward_s)
+            if getattr(result, "oom_retries", 0):
+                self.metrics.oom_retries.inc(result.oom_retries)
+            groups = getattr(result, "groups", None) or []
             self.metrics.replica_batches.labels(replica).inc()
             self.metrics.replica_batch_tokens.labels(replica).inc(batch.num_tokens)
             self.metrics.replica_busy_seconds.labels(replica).inc(result.forward_s)
             for i, w in enumerate(works):
                 if not w.future.done():
-                    w.future.set_result(WorkResult(result, i, w.dispatched_at - w.enqueued_at, result.forward_s))
+                    if i < len(groups) and "error" in groups[i]:  # out of memory even alone: this request fails alone
+                        w.future.set_exception(OutOfMemory(result.groups[i]["error"]))
+                    else:
+                        w.future.set_result(WorkResult(result, i, w.dispatched_at - w.enqueued_at, result.forward_s))
         finally:
             self._wake.set()
 

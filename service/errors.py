@@ -53,6 +53,11 @@ class WorkerFailed(ServiceError):
     """A rank of the group that held this request's batch died or hung."""
 
 
+class OutOfMemory(WorkerFailed):
+    """The device ran out of memory on this request even in a batch of its own (the rest of its batch was split
+    off and answered). 503 rather than 413: it depends on the device's state, not on a documented limit."""
+
+
 class RequestTimeout(ServiceError):
     pass
 
@@ -76,6 +81,7 @@ ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
     InternalError: (500, "internal_error"),
     NotReady: (503, "not_ready"),
     WorkerFailed: (503, "worker_failed"),
+    OutOfMemory: (503, "out_of_memory"),
     RequestTimeout: (504, "timeout"),
 }
 

@@ -32,6 +32,9 @@ class Metrics:
         self.requests_in_flight = Gauge(p + "requests_in_flight", "Requests being handled.", registry=r)
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
         self.requests = Counter(p + "requests", "Requests per endpoint and status.", ["endpoint", "status"], registry=r)
+        self.oom_retries = Counter(
+            p + "oom_retries", "Sub-batches retried after a batch ran out of device memory (split in halves).",
+            registry=r)
         self.worker_restarts = Counter(p + "worker_restarts", "Worker group restarts after a rank failed.", registry=r)
         # Per-replica batch statistics.
         self.replica_batches = Counter(p + "replica_batches", "Batches run per replica.", ["replica"], registry=r)

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import WorkerFailed
+from .errors import OutOfMemory, WorkerFailed
 
 logger = logging.getLogger("logitserve.workers")
 
@@ -82,6 +82,10 @@ def _write_results(outs: list, groups: list[tuple[int, int]], rank_pid: int, cou
     offset = 0
     header_groups = []
     for a, b in groups:
+        failed = next((o for o in outs[a:b] if isinstance(o, _OOM)), None)
+        if failed is not None:  # this request alone fails; the others of the batch are answered
+            header_groups.append({"error": failed.message, "tensors": {}, "rows": [], "hidden_rows": [], "layers": []})
+            continue
         tensors = {}
         for name, parts, dim in _pack_group(outs, a, b):
             dtype = torch.float32 if parts[0].is_floating_point() else torch.int64
@@ -127,6 +131,64 @@ def _write_results(outs: list, groups: list[tuple[int, int]], rank_pid: int, cou
     return {"shm": name, "nbytes": size, "groups": header_groups}
 
 
+# Fault injection for tests (off by default): a forward over >= N tokens raises torch.OutOfMemoryError.
+FAULT_OOM_TOKENS_ENV = "LOGITSERVE_FAULT_OOM_TOKENS"
+
+
+@dataclass
+class _OOM:
+    """Stands for the outputs of a sequence that ran out of memory even alone."""
+
+    message: str
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+def _run_splitting(runner, batch: Batch, fault_oom_tokens: int = 0) -> tuple[list, int]:
+    """Outputs of every sequence of the batch, and how many sub-batches were retried after out-of-memory.
+
+    On out-of-memory the sequences are split in halves and each half is retried, down to single sequences; a
+    sequence that runs out of memory alone gets an `_OOM` in place of its outputs (its request fails alone).
+    Every rank of a group takes the same splits when the error is symmetric (the injected fault, a batch too large
+    for every shard); an error on one rank only leaves the group's collectives out of step, which the front end
+    sees as a hung group (worker_timeout) and restarts.
+    """
+    import torch
+
+    retries = 0
+
+    def forward(a: int, b: int) -> list:
+        nonlocal retries
+        lo, hi = int(batch.offsets[a]), int(batch.offsets[b])
+        ids = torch.from_numpy(batch.input_ids[lo:hi])
+        offsets = torch.from_numpy(batch.offsets[a : b + 1] - lo)
+        try:
+            if fault_oom_tokens and hi - lo >= fault_oom_tokens:
+                oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+                raise oom(f"injected out-of-memory: {hi - lo} tokens >= {FAULT_OOM_TOKENS_ENV}={fault_oom_tokens}")
+            return list(runner.run(ids, offsets, batch.specs[a:b]))
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        # Out of memory: release what the failed attempt cached, then retry in halves.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if b - a == 1:
+            return [_OOM(f"out of memory on a sequence of {hi - lo} tokens even alone ({message})")]
+        retries += 2
+        mid = (a + b) // 2
+        return forward(a, mid) + forward(mid, b)
+
+    outs = forward(0, len(batch.offsets) - 1)
+    return outs, retries
+
+
 def _worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, device: str, dtype: str,
                  threads: int, conn) -> None:
     import torch
@@ -143,6 +205,7 @@ def _worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, d
         runner = ModelRunner.load(checkpoint, device=ctx.device, dtype=dtype, parallel=ctx)
         conn.send(("ready", rank, os.getpid()))
         counter = itertools.count()
+        fault_oom_tokens = int(os.environ.get(FAULT_OOM_TOKENS_ENV) or 0)
         while True:
             try:
                 msg = conn.recv()
@@ -153,11 +216,12 @@ def _worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, d
             batch_id, batch = msg
             t0 = time.perf_counter()
             try:
-                outs = runner.run(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.offsets), batch.specs)
+                outs, retries = _run_splitting(runner, batch, fault_oom_tokens)
                 forward_s = time.perf_counter() - t0
                 if rank == 0:
                     header = _write_results(outs, batch.groups, os.getpid(), next(counter))
                     header["forward_s"] = forward_s
+                    header["oom_retries"] = retries
                     conn.send(("ok", batch_id, header))
                 del outs
             except Exception as exc:  # a bug or a device error: report it for this batch
@@ -180,11 +244,14 @@ class BatchResult:
 
     def __init__(self, header: dict):
         self.forward_s: float = header.get("forward_s", 0.0)
+        self.oom_retries: int = header.get("oom_retries", 0)
         self.groups: list[dict] = header["groups"]
         self._buf = _attach(header["shm"], header["nbytes"])
 
     def tensors(self, group: int) -> dict[str, np.ndarray]:
         out = {}
+        if "error" in self.groups[group]:
+            raise OutOfMemory(self.groups[group]["error"])
         for name, (offset, dtype, shape) in self.groups[group]["tensors"].items():
             count = int(np.prod(shape))
             out[name] = np.frombuffer(self._buf, dtype=dtype, count=count, offset=offset).reshape(shape)
