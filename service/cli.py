@@ -57,7 +57,25 @@ def resolve_model(model: str | None) -> str:
         if not (out / "config.json").is_file():
             convert_gguf(path, out)
         return str(out)
+    check_checkpoint(path)
     return str(path)
+
+
+class NotACheckpoint(ValueError):
+    pass
+
+
+def check_checkpoint(path: Path) -> None:
+    """Refuse a --model that is not a checkpoint folder (config.json and safetensors weights) or a .gguf file."""
+    if not path.exists():
+        raise NotACheckpoint(f"--model {path}: no such file or folder")
+    if path.is_file():
+        raise NotACheckpoint(f"--model {path}: a file that is not a .gguf; give a checkpoint folder or a .gguf file")
+    if not (path / "config.json").is_file():
+        raise NotACheckpoint(f"--model {path}: not a checkpoint folder (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        raise NotACheckpoint(f"--model {path}: not a checkpoint folder (no *.safetensors weights; pickled .bin "
+                             "weights are never loaded)")
 
 
 def serve(settings) -> int:
@@ -101,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**overrides)
     except Exception as exc:
         print(f"logitserve: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    try:
+        settings = settings.model_copy(update={"model": resolve_model(settings.model)})
+    except NotACheckpoint as exc:
+        print(f"logitserve: {exc}", file=sys.stderr)
         return 2
     return serve(settings)
 
