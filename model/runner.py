@@ -91,67 +91,120 @@ class ModelRunner:
             plan.hidden_slices.append(slices)
         return plan
 
-    def _vocab_outputs(self, h: torch.Tensor, plan: _RowPlan, specs: Sequence[OutputSpec]) -> dict[str, torch.Tensor]:
-        """Logits-derived tensors for the vocab rows, on the CPU."""
-        model, ctx, dev = self.model, self.parallel, h.device
-        head = model.lm_head
-        if plan.vocab_rows == list(range(h.shape[0])):  # every row, in order: no gather copy of h
-            rows_h = h
-        else:
-            rows_h = h.index_select(0, torch.tensor(plan.vocab_rows, device=dev))
-        local = head(model.norm(rows_h))  # [R, V_local]
+    # Rows per chunk when no full logits are wanted: one [chunk, vocab] float32 block (100 MB for a 49k vocabulary)
+    # is reused for every chunk instead of a fresh [R, vocab] tensor and its exp() temporary (GBs of page faults for
+    # long batches); 512 rows keep the lm_head matmul efficient (the weight is re-read once per chunk).
+    SCORE_CHUNK_ROWS = 512
+
+    def _logits(self, rows_h: torch.Tensor) -> torch.Tensor:
+        """Local logits [R, V_local] in float32 of the (un-normalized) hidden rows, after scaling and soft-capping."""
+        model = self.model
+        local = model.lm_head(model.norm(rows_h))
         if local.dtype != torch.float32:
             local = local.float()
         if model.logits_scaling != 1.0:
             local = local / model.logits_scaling
         if model.logits_softcap:
             local = torch.tanh(local / model.logits_softcap) * model.logits_softcap
+        return local
+
+    def _reduce(self, local: torch.Tensor, targets: torch.Tensor | None, k_max: int) -> dict[str, torch.Tensor]:
+        """Target log-probs and top-k of local logit rows (log-sum-exp and top-k merged across vocab shards)."""
+        ctx, head = self.parallel, self.model.lm_head
         out: dict[str, torch.Tensor] = {}
-
-        # Per-row flags from the per-sequence specs.
-        def row_mask(pred) -> torch.Tensor:
-            flags = [pred(s) for s, (_, c) in zip(specs, plan.vocab_slices) for _ in range(c)]
-            return torch.tensor(flags, dtype=torch.bool, device=dev)
-
-        want_full = row_mask(lambda s: s.logits)
-        k_max = max((s.top_k for s in specs if s.needs_vocab), default=0)
-        if any(s.target_logprobs for s in specs) or k_max:
-            # log-sum-exp over the whole vocabulary, from the shards
+        if ctx.is_distributed:
             m = local.max(dim=-1).values
             ctx.all_reduce(m, dist.ReduceOp.MAX)
             sum_exp = torch.exp(local - m[:, None]).sum(dim=-1)
             ctx.all_reduce(sum_exp)
             lse = m + torch.log(sum_exp)
-            vstart, vsize = head.vocab.start, head.vocab.size
-            if any(s.target_logprobs for s in specs):
-                targets = torch.tensor(plan.targets, device=dev)
-                local_t = targets - vstart
-                mine = (local_t >= 0) & (local_t < vsize)
-                picked = local.gather(1, local_t.clamp(0, vsize - 1)[:, None]).squeeze(1)
-                target_logit = torch.where(mine, picked, torch.zeros_like(picked))
-                ctx.all_reduce(target_logit)
-                logprobs = target_logit - lse
-                out["target_logprobs"] = torch.where(targets >= 0, logprobs, torch.full_like(logprobs, float("nan"))).cpu()
-            if k_max:
-                k_local = min(k_max, vsize)
-                values, ids = local.topk(k_local, dim=-1)
-                ids = ids + vstart
-                if ctx.is_distributed:
-                    if k_local < k_max:  # pad so that every rank sends [R, k_max]
-                        pad = k_max - k_local
-                        values = torch.cat([values, values.new_full((values.shape[0], pad), float("-inf"))], 1)
-                        ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], 1)
-                    values = ctx.all_gather_uneven(values, [k_max] * ctx.world_size, dim=1)
-                    ids = ctx.all_gather_uneven(ids, [k_max] * ctx.world_size, dim=1)
-                    values, order = values.topk(min(k_max, self.config.vocab_size), dim=-1)
-                    ids = ids.gather(1, order)
-                out["top_k_ids"] = ids.cpu()
-                out["top_k_logprobs"] = (values - lse[:, None]).cpu()
-        if bool(want_full.any()):
-            # All rows wanted (the common case): the logits tensor itself, not a [R, V] copy of it.
-            full = local if bool(want_full.all()) else local.index_select(0, want_full.nonzero().squeeze(1))
-            out["logits"] = head.gather(full).cpu()
-            out["logits_row_index"] = torch.cumsum(want_full.long(), 0).cpu() - 1  # vocab row -> row of out["logits"]
+        else:
+            lse = torch.logsumexp(local, dim=-1)
+        vstart, vsize = head.vocab.start, head.vocab.size
+        if targets is not None:
+            local_t = targets - vstart
+            mine = (local_t >= 0) & (local_t < vsize)
+            picked = local.gather(1, local_t.clamp(0, vsize - 1)[:, None]).squeeze(1)
+            target_logit = torch.where(mine, picked, torch.zeros_like(picked))
+            ctx.all_reduce(target_logit)
+            logprobs = target_logit - lse
+            out["target_logprobs"] = torch.where(targets >= 0, logprobs, torch.full_like(logprobs, float("nan")))
+        if k_max:
+            k_local = min(k_max, vsize)
+            values, ids = local.topk(k_local, dim=-1)
+            ids = ids + vstart
+            if ctx.is_distributed:
+                if k_local < k_max:  # pad so that every rank sends [R, k_max]
+                    pad = k_max - k_local
+                    values = torch.cat([values, values.new_full((values.shape[0], pad), float("-inf"))], 1)
+                    ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], 1)
+                values = ctx.all_gather_uneven(values, [k_max] * ctx.world_size, dim=1)
+                ids = ctx.all_gather_uneven(ids, [k_max] * ctx.world_size, dim=1)
+                values, order = values.topk(min(k_max, self.config.vocab_size), dim=-1)
+                ids = ids.gather(1, order)
+            out["top_k_ids"] = ids
+            out["top_k_logprobs"] = values - lse[:, None]
+        return out
+
+    def _reduce_inplace(self, rows_h, buf, targets, k_max: int) -> dict[str, torch.Tensor]:
+        """`_reduce` on one process: the logits are written into `buf` and exponentiated in place there."""
+        model = self.model
+        torch.mm(model.norm(rows_h), model.lm_head.weight.t(), out=buf)
+        if model.logits_scaling != 1.0:
+            buf.div_(model.logits_scaling)
+        if model.logits_softcap:
+            buf.div_(model.logits_softcap).tanh_().mul_(model.logits_softcap)
+        out: dict[str, torch.Tensor] = {}
+        picked = buf.gather(1, targets.clamp(min=0)[:, None]).squeeze(1) if targets is not None else None
+        if k_max:
+            values, ids = buf.topk(min(k_max, buf.shape[1]), dim=-1)
+        m = buf.amax(dim=-1)
+        lse = buf.sub_(m[:, None]).exp_().sum(dim=-1).log_().add_(m)
+        if picked is not None:
+            logprobs = picked - lse
+            out["target_logprobs"] = torch.where(targets >= 0, logprobs, torch.full_like(logprobs, float("nan")))
+        if k_max:
+            out["top_k_ids"] = ids
+            out["top_k_logprobs"] = values - lse[:, None]
+        return out
+
+    def _vocab_outputs(self, h: torch.Tensor, plan: _RowPlan, specs: Sequence[OutputSpec]) -> dict[str, torch.Tensor]:
+        """Logits-derived tensors for the vocab rows, on the CPU."""
+        dev = h.device
+        every_row = plan.vocab_rows == list(range(h.shape[0]))  # every row, in order: no gather copy of h
+        row_index = None if every_row else torch.tensor(plan.vocab_rows, device=dev)
+        flags = [s.logits for s, (_, c) in zip(specs, plan.vocab_slices) for _ in range(c)]
+        k_max = max((s.top_k for s in specs if s.needs_vocab), default=0)
+        targets = torch.tensor(plan.targets, device=dev) if any(s.target_logprobs for s in specs) else None
+        out: dict[str, torch.Tensor] = {}
+
+        if not any(flags):
+            # Scores only (perplexity, top-k): the lm_head runs in row chunks, no [R, vocab] tensor exists.
+            n, step = len(plan.vocab_rows), self.SCORE_CHUNK_ROWS
+            head = self.model.lm_head
+            inplace = not self.parallel.is_distributed and head.weight.dtype == torch.float32
+            buf = h.new_empty((min(n, step), head.weight.shape[0]), dtype=torch.float32) if inplace else None
+            parts: dict[str, list[torch.Tensor]] = {}
+            for s in range(0, n, step):
+                e = min(n, s + step)
+                rows_h = h[s:e] if every_row else h.index_select(0, row_index[s:e])
+                tgt = None if targets is None else targets[s:e]
+                if inplace:
+                    got = self._reduce_inplace(rows_h, buf[: e - s], tgt, k_max)
+                else:
+                    got = self._reduce(self._logits(rows_h), tgt, k_max)
+                for key, t in got.items():
+                    parts.setdefault(key, []).append(t)
+            return {key: torch.cat(ts).cpu() for key, ts in parts.items()}
+
+        local = self._logits(h if every_row else h.index_select(0, row_index))  # [R, V_local]
+        if targets is not None or k_max:
+            out.update({key: t.cpu() for key, t in self._reduce(local, targets, k_max).items()})
+        want_full = torch.tensor(flags, dtype=torch.bool, device=dev)
+        # All rows wanted (the common case): the logits tensor itself, not a [R, V] copy of it.
+        full = local if all(flags) else local.index_select(0, want_full.nonzero().squeeze(1))
+        out["logits"] = self.model.lm_head.gather(full).cpu()
+        out["logits_row_index"] = torch.cumsum(want_full.long(), 0).cpu() - 1  # vocab row -> row of out["logits"]
         return out
 
     @torch.inference_mode()
