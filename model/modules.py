@@ -3,6 +3,7 @@ plan in ``tp.py`` swaps their linears for sharded ones and sets the local head c
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +71,7 @@ class RaggedBatch:
         bounds = tuple(int(b) for b in input_row_offsets.tolist())
         return cls(offsets=input_row_offsets.to(device=device, dtype=torch.int64), bounds=bounds)
 
-    @property
+    @functools.cached_property
     def seq_lens(self) -> list[int]:
         return [e - s for s, e in zip(self.bounds[:-1], self.bounds[1:])]
 
@@ -96,7 +97,7 @@ def ragged_attention(
     """Causal attention that never crosses a sequence boundary. q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D].
 
     Hkv must divide Hq (query head h uses kv head h // (Hq / Hkv)). The cost follows the real tokens: flash varlen
-    on CUDA, one SDPA call per sequence on CPU (no padding to the longest sequence).
+    on CUDA; on CPU one SDPA call per distinct sequence length (no padding to the longest sequence).
     """
     gqa = q.shape[1] != k.shape[1]
     flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
@@ -104,10 +105,18 @@ def ragged_attention(
     if out is not None:
         return out
     out = q.new_empty(q.shape)  # each sequence's result lands in its rows (no list + cat)
+    # Sequences of equal length share one SDPA call ([count, H, n, D], still no padding): many short sequences
+    # would otherwise cost one call each.
+    starts_by_length: dict[int, list[int]] = {}
     for s, e in zip(batch.bounds[:-1], batch.bounds[1:]):
-        n = e - s
-        # [1, H, n, D] views of this sequence
-        qs, ks, vs = (t[s:e].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        starts_by_length.setdefault(e - s, []).append(s)
+    for n, starts in starts_by_length.items():
+        if len(starts) == 1:  # views, no gather
+            rows = slice(starts[0], starts[0] + n)
+            qs, ks, vs = (t[rows].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        else:
+            rows = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(n, device=q.device)).reshape(-1)
+            qs, ks, vs = (t.index_select(0, rows).view(len(starts), n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         if window is not None and n > window:
             i = torch.arange(n, device=q.device)
             rel = i[:, None] - i[None, :]
@@ -115,7 +124,11 @@ def ragged_attention(
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
         else:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
-        out[s:e].copy_(o.squeeze(0).transpose(0, 1))
+        o = o.transpose(1, 2).reshape(-1, *q.shape[1:])  # [count * n, H, D]
+        if isinstance(rows, slice):
+            out[rows].copy_(o)
+        else:
+            out.index_copy_(0, rows, o)
     return out
 
 
