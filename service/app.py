@@ -238,7 +238,9 @@ class Service:
             raise ClientDisconnected()
         raise RequestTimeout(f"no result within the request timeout of {self.settings.request_timeout:g}s")
 
-    async def score(self, request: Request, endpoint: str) -> Response:
+    async def handle(self, request: Request, endpoint: str, fn, *, needs_workers: bool = True) -> Response:
+        """Auth, readiness, body limits, errors and metrics around `await fn(body) -> Response`: every endpoint
+        that takes a body goes through here."""
         t0 = time.perf_counter()
         m = self.metrics
         m.requests_in_flight.inc()
@@ -246,20 +248,10 @@ class Service:
         try:
             try:
                 self.check_auth(request)
-                self.check_accepting()
+                if needs_workers:
+                    self.check_accepting()
                 body = await self.read_body(request)
-                if endpoint == "/v1/logits":
-                    req = self.parse(LogitsRequest, body)
-                    spec = self.logits_spec(req)
-                else:
-                    req = self.parse(HiddenStatesRequest, body)
-                    spec = self.hidden_spec(req)
-                ids, lengths = self.sequences(req)
-                work = Work(ids, lengths, spec, asyncio.get_running_loop().create_future())
-                self.batcher.submit(work)
-                m.prompt_tokens.inc(work.num_tokens)
-                result = await self.await_result(request, work)
-                response = self.respond(request, endpoint, req, spec, work, result)
+                response = await fn(body)
             except ServiceError as exc:
                 response = error_response(exc)
             except ClientDisconnected:
@@ -273,6 +265,23 @@ class Service:
             m.requests_in_flight.dec()
             m.requests.labels(endpoint, str(status)).inc()
             m.request_duration.labels(endpoint, str(status)).observe(time.perf_counter() - t0)
+
+    async def score(self, request: Request, endpoint: str) -> Response:
+        async def run(body: bytes) -> Response:
+            if endpoint == "/v1/logits":
+                req = self.parse(LogitsRequest, body)
+                spec = self.logits_spec(req)
+            else:
+                req = self.parse(HiddenStatesRequest, body)
+                spec = self.hidden_spec(req)
+            ids, lengths = self.sequences(req)
+            work = Work(ids, lengths, spec, asyncio.get_running_loop().create_future())
+            self.batcher.submit(work)
+            self.metrics.prompt_tokens.inc(work.num_tokens)
+            result = await self.await_result(request, work)
+            return self.respond(request, endpoint, req, spec, work, result)
+
+        return await self.handle(request, endpoint, run)
 
     def respond(self, request: Request, endpoint: str, req, spec, work: Work, result: WorkResult) -> Response:
         t0 = time.perf_counter()

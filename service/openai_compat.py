@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.responses import Response
 
 from .batcher import Work
-from .errors import ClientDisconnected, InternalError, InvalidInput, ServiceError, UnsupportedOption, error_response
+from .errors import InvalidInput, ServiceError, UnsupportedOption
 from .schemas import SCORING_ERRORS, CompletionResponse, EmbeddingResponse, responses
 from .serialize import to_json
 
@@ -71,34 +71,6 @@ class EmbeddingRequest(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------------- plumbing
-
-
-async def handle(service, request: Request, endpoint: str, fn, *, needs_workers: bool = True) -> Response:
-    """Auth, readiness, body limits, errors and metrics around `await fn(body) -> Response`, like Service.score."""
-    t0 = time.perf_counter()
-    m = service.metrics
-    m.requests_in_flight.inc()
-    status = 500
-    try:
-        try:
-            service.check_auth(request)
-            if needs_workers:
-                service.check_accepting()
-            body = await service.read_body(request)
-            response = await fn(body)
-        except ServiceError as exc:
-            response = error_response(exc)
-        except ClientDisconnected:
-            response = Response(status_code=499)
-        except Exception as exc:  # a bug: say so, keep serving
-            logger.exception("request failed")
-            response = error_response(InternalError(f"{type(exc).__name__}: {exc}"))
-        status = response.status_code
-        return response
-    finally:
-        m.requests_in_flight.dec()
-        m.requests.labels(endpoint, str(status)).inc()
-        m.request_duration.labels(endpoint, str(status)).observe(time.perf_counter() - t0)
 
 
 def prompt_ids(service, prompt, param: str, add_special_tokens: bool):
@@ -361,12 +333,12 @@ def register(app: FastAPI, service) -> None:
     @app.post("/v1/completions", openapi_extra=_doc(CompletionRequest),
               responses=responses(CompletionResponse, *SCORING_ERRORS))
     async def _completions(request: Request):
-        return await handle(service, request, "/v1/completions", lambda body: completions(service, request, body))
+        return await service.handle(request, "/v1/completions", lambda body: completions(service, request, body))
 
     @app.post("/v1/embeddings", openapi_extra=_doc(EmbeddingRequest),
               responses=responses(EmbeddingResponse, *SCORING_ERRORS))
     async def _embeddings(request: Request):
-        return await handle(service, request, "/v1/embeddings", lambda body: embeddings(service, request, body))
+        return await service.handle(request, "/v1/embeddings", lambda body: embeddings(service, request, body))
 
 
-__all__ = ["register", "CompletionRequest", "EmbeddingRequest", "handle", "InvalidInput"]
+__all__ = ["register", "CompletionRequest", "EmbeddingRequest", "InvalidInput"]

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
 from starlette.responses import Response
 
 from .errors import InvalidInput, UnsupportedOption
-from .openai_compat import _json, handle
+from .openai_compat import _json
 from .schemas import TOKENIZER_ERRORS, DetokenizeResponse, TokenizeResponse, TokenizerInfoResponse, responses
 
 
@@ -100,14 +100,14 @@ def register(app: FastAPI, service) -> None:
         "application/json": {"schema": TokenizeRequest.model_json_schema()}}}},
               responses=responses(TokenizeResponse, *TOKENIZER_ERRORS))
     async def _tokenize(request: Request):
-        return await handle(service, request, "/tokenize", tokenize, needs_workers=False)
+        return await service.handle(request, "/tokenize", tokenize, needs_workers=False)
 
     @app.post("/detokenize", openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": DetokenizeRequest.model_json_schema()}}}},
               responses=responses(DetokenizeResponse, *TOKENIZER_ERRORS))
     async def _detokenize(request: Request):
-        return await handle(service, request, "/detokenize", detokenize, needs_workers=False)
+        return await service.handle(request, "/detokenize", detokenize, needs_workers=False)
 
     @app.get("/tokenizer_info", responses=responses(TokenizerInfoResponse, 400, 401))
     async def _tokenizer_info(request: Request):
-        return await handle(service, request, "/tokenizer_info", info, needs_workers=False)
+        return await service.handle(request, "/tokenizer_info", info, needs_workers=False)
