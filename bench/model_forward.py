@@ -26,57 +26,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import platform
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import Roofline, machine, model_path, real_flops  # noqa: E402
 from model import ModelRunner, OutputSpec, ReturnLogits  # noqa: E402
 
-SMOLLM2_135M = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_layers=30,
-    num_heads=9,
-    num_kv_heads=3,
-    tie_word_embeddings=True,
-)
 BATCH = 8
-
-
-def model_path(arg: str | None) -> tuple[Path, str]:
-    if arg:
-        return Path(arg), Path(arg).name
-    try:
-        from service.default_model import ensure_default_model
-
-        return ensure_default_model(), "SmolLM2-135M (default model)"
-    except Exception as error:  # noqa: BLE001 - any failure falls back to the random checkpoint
-        print(f"default model unavailable ({type(error).__name__}); using a random SmolLM2-135M-shaped checkpoint",
-              file=sys.stderr)
-    from tests.checkpoints import make_checkpoint
-
-    path = Path(tempfile.gettempdir()) / "logitserve-bench-smollm2-135m-random"
-    if not (path / "model.safetensors").is_file():
-        make_checkpoint(path, "llama", with_tokenizer=False, max_position_embeddings=2048, **SMOLLM2_135M)
-    return path, "random weights, SmolLM2-135M config"
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:  # noqa: BLE001
-        name = platform.processor() or "unknown CPU"
-    return f"{name}, {torch.get_num_threads()} threads"
 
 
 class Workload:
@@ -88,17 +49,6 @@ class Workload:
         self.arrival = [list(range(i, min(i + BATCH, n))) for i in range(0, n, BATCH)]
         self.sorted = [order[i : i + BATCH] for i in range(0, n, BATCH)]
         self.tokens = sum(self.lens)
-
-
-def real_flops(cfg, lens: list[int], last_only: bool) -> float:
-    """Matmuls of every real token, causal attention per sequence, lm_head on the rows computed."""
-    h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    per_layer_params = h * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * h + 3 * h * inter
-    tokens = sum(lens)
-    matmul = 2 * per_layer_params * layers * tokens
-    attention = layers * sum(2 * 2 * n * n / 2 * cfg.q_size for n in lens)
-    rows = len(lens) if last_only else tokens
-    return matmul + attention + 2 * h * cfg.vocab_size * rows
 
 
 # ------------------------------------------------------------------------------------------------ systems
@@ -133,38 +83,6 @@ def run_hf(model, work: Workload, batch: list[int], last_only: bool) -> float:
     elapsed = time.perf_counter() - t0
     del out
     return elapsed
-
-
-class Roofline:
-    """The model's matmuls (its own weights) on the real tokens of a batch; returns (seconds, FLOPs)."""
-
-    def __init__(self, runner: ModelRunner) -> None:
-        m = runner.model
-        self.mats = []
-        for layer in m.layers:
-            a, p = layer.self_attn, layer.mlp
-            self.mats.append((a.qkv_proj.weight, a.o_proj.weight, p.gate_up_proj.weight, p.down_proj.weight))
-        self.head = m.lm_head.weight
-
-    def __call__(self, tokens: int, rows: int) -> tuple[float, float]:
-        h = self.head.shape[1]
-        x = torch.randn(tokens, h)
-        inner = torch.randn(tokens, self.mats[0][3].shape[1])
-        heads = torch.randn(tokens, self.mats[0][1].shape[1])
-        flops = 0.0
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            for wqkv, wo, wgu, wd in self.mats:
-                F.linear(x, wqkv)
-                F.linear(heads, wo)
-                F.linear(x, wgu)
-                F.linear(inner, wd)
-            F.linear(x[:rows], self.head)
-            elapsed = time.perf_counter() - t0
-        for w in (*self.mats[0],):
-            flops += 2 * tokens * w.numel() * len(self.mats)
-        flops += 2 * rows * self.head.numel()
-        return elapsed, flops
 
 
 # --------------------------------------------------------------------------------------------------- main
