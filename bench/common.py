@@ -4,6 +4,7 @@ and an F32 GGUF of a checkpoint for llama.cpp."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -182,3 +183,27 @@ def f32_gguf(hf_dir: Path) -> Path:
     if not out.is_file() or out.stat().st_mtime < src.stat().st_mtime:
         write_f32_gguf(hf_dir, out)
     return out
+
+
+def start_server(model: str | Path, *flags: str, timeout: float = 300.0) -> tuple[subprocess.Popen, str]:
+    """`logitserve serve --model MODEL FLAGS` on a free loopback port, waited until /ready; (process, base URL)."""
+    import httpx
+
+    from model.distributed import find_free_port
+
+    port = find_free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOGITSERVE_")}
+    server = subprocess.Popen([sys.executable, "-m", "service", "serve", "--model", str(model), "--port", str(port),
+                               *flags], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/ready").status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            server.kill()
+            raise SystemExit("server did not become ready")
+        time.sleep(0.2)

@@ -37,7 +37,6 @@ import multiprocessing as mp
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -47,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, cpu_name, f32_gguf, model_path, real_flops  # noqa: E402
+from bench.common import cpu_name, f32_gguf, model_path, real_flops, start_server  # noqa: E402
 
 HF_BATCH = 8
 CASES = ("last", "ppl", "all")
@@ -218,12 +217,6 @@ HTTP_REQUEST = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _decode(case: str, r):
     import torch
 
@@ -322,23 +315,8 @@ def main() -> None:
 
     server = None
     if "ours HTTP" in systems:
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LOGITSERVE_")}
-        server = subprocess.Popen([sys.executable, "-m", "service", "serve", "--model", str(path), "--port", str(port),
-                                   "--max-batch-tokens", str(args.max_batch_tokens), "--max-queue-tokens", "100000000",
-                                   "--dtype", "float32"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("server did not become ready")
-            time.sleep(0.2)
+        server, url = start_server(path, "--max-batch-tokens", str(args.max_batch_tokens),
+                                   "--max-queue-tokens", "100000000", "--dtype", "float32")
 
     loop = asyncio.new_event_loop()
     client = None

@@ -16,8 +16,6 @@ import datetime
 import os
 import platform
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,16 +24,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import start_server  # noqa: E402
+
 WORKLOADS = {
     "last-token, JSON": ({"return_logits": "last_token"}, {}),
     "all rows, binary": ({"return_logits": "all"}, {"Accept": "application/x-safetensors"}),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_requests(n: int, seq_len: int, vocab: int) -> list[list[int]]:
@@ -118,26 +112,9 @@ def main() -> None:
     vocab = ModelConfig.from_pretrained(model).vocab_size
     requests = make_requests(args.requests, args.seq_len, vocab)
 
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOGITSERVE_")}
-    server = subprocess.Popen([sys.executable, "-m", "service", "serve", "--model", model, "--port", str(port),
-                               "--max-batch-tokens", str(args.max_batch_tokens), "--max-queue-tokens", "10000000"],
-                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    server, url = start_server(model, "--max-batch-tokens", str(args.max_batch_tokens), "--max-queue-tokens", "10000000")
     rows = []
     try:
-        import httpx
-
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("server did not become ready")
-            time.sleep(0.2)
         for name, (options, headers) in WORKLOADS.items():
             http = asyncio.run(through_http(url, requests, options, headers, args.clients))
             base = in_process(model, requests, options, args.max_batch_tokens)
