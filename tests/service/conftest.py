@@ -124,3 +124,17 @@ def hf_reference(tiny_checkpoint):
     from tests.checkpoints import load_reference
 
     return load_reference(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(checkpoint_factory):
+    """A tiny Llama without a tokenizer (token-id input only): the fault and lifecycle servers' model."""
+    return checkpoint_factory("llama", with_tokenizer=False)
+
+
+@pytest.fixture(scope="session")
+def runner(checkpoint):
+    """`checkpoint` run in-process by the workers' runner: the reference for answers under faults."""
+    from model.runner import ModelRunner
+
+    return ModelRunner.load(checkpoint, device="cpu", dtype="float32")

@@ -29,18 +29,6 @@ FAULTS: dict[str, int] = {}  # injected fault -> count, printed for docs/reliabi
 
 
 @pytest.fixture(scope="module")
-def checkpoint(checkpoint_factory):
-    return checkpoint_factory("llama", with_tokenizer=False)
-
-
-@pytest.fixture(scope="module")
-def runner(checkpoint):
-    from model.runner import ModelRunner
-
-    return ModelRunner.load(checkpoint, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def server(start_server, checkpoint):
     server = start_server(checkpoint, "--tp", "2", env={"LOGITSERVE_WORKER_TIMEOUT": "3",
                                                         "LOGITSERVE_FAULT_OOM_TOKENS": str(OOM_TOKENS)})

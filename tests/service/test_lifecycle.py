@@ -20,18 +20,6 @@ SEQ8 = [[1, 2, 3, 4, 5, 6, 7, 8]]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(checkpoint_factory):
-    return checkpoint_factory("llama", with_tokenizer=False)
-
-
-@pytest.fixture(scope="module")
-def runner(checkpoint):
-    from model.runner import ModelRunner
-
-    return ModelRunner.load(checkpoint, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def server(start_server, checkpoint):
     server = start_server(checkpoint, "--max-queue-tokens", "40", "--request-timeout", "4",
                           "--max-request-bytes", "2000", api_key=KEY)
