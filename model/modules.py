@@ -117,18 +117,43 @@ def ragged_attention(
         else:
             rows = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(n, device=q.device)).reshape(-1)
             qs, ks, vs = (t.index_select(0, rows).view(len(starts), n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-        if window is not None and n > window:
-            i = torch.arange(n, device=q.device)
-            rel = i[:, None] - i[None, :]
-            mask = (rel >= 0) & (rel < window)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        else:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+        o = _causal_sdpa(qs, ks, vs, scale, window, gqa)
         o = o.transpose(1, 2).reshape(-1, *q.shape[1:])  # [count * n, H, D]
         if isinstance(rows, slice):
             out[rows].copy_(o)
         else:
             out.index_copy_(0, rows, o)
+    return out
+
+
+# Query rows per SDPA call for sequences longer than two blocks (see _causal_sdpa).
+QUERY_BLOCK = 128
+
+
+def _causal_sdpa(qs, ks, vs, scale: float, window: int | None, gqa: bool) -> torch.Tensor:
+    """Causal (optionally sliding-window) attention of N equal-length sequences: [N, H, n, D] -> [N, H, n, D].
+
+    torch's CPU flash kernel computes the masked half of a causal call too (a causal 512-token call costs as much
+    as an unmasked one), so a long sequence is cut into query blocks that each see only the keys up to their last
+    row (and, with a window, from its first visible key): 7% less time at 384 tokens, 22% at 512."""
+    n = qs.shape[2]
+    window = window if window is not None and window < n else None
+    block = QUERY_BLOCK if n > 2 * QUERY_BLOCK else n
+    if block == n and window is None:
+        return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+    out = qs.new_empty(qs.shape)
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        k0 = max(0, s - window + 1) if window else 0
+        if s == 0 and window is None:  # the first block is a plain causal square
+            mask, causal = None, True
+        else:
+            i = torch.arange(s, e, device=qs.device)[:, None]
+            j = torch.arange(k0, e, device=qs.device)[None, :]
+            mask, causal = (j <= i) & (i - j < window) if window else j <= i, False
+        out[:, :, s:e] = F.scaled_dot_product_attention(
+            qs[:, :, s:e], ks[:, :, k0:e], vs[:, :, k0:e], attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
+        )
     return out
 
 

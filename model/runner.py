@@ -17,6 +17,7 @@ import torch.distributed as dist
 from .config import ModelConfig
 from .distributed import ParallelContext
 from .distributed_transformer import DistributedTransformer
+from .memory import retain_freed_memory
 from .modules import RaggedBatch
 from .outputs import OutputSpec, SequenceOutput
 from .tp import load_model
@@ -61,10 +62,15 @@ class ModelRunner:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "auto",
         parallel: ParallelContext | None = None,
+        retain_memory: bool = True,
         **model_kwargs,
     ) -> ModelRunner:
+        """retain_memory: on CPU, keep freed activations in the process for the next batch (see model/memory.py;
+        10-18% faster forwards, at the price of holding the peak working set)."""
         config = ModelConfig.from_pretrained(checkpoint)
         parallel = parallel or ParallelContext.single(device)
+        if retain_memory and parallel.device.type == "cpu":
+            retain_freed_memory()
         torch_dtype = resolve_dtype(dtype, config, parallel.device)
         model = load_model(str(checkpoint), config, parallel, torch_dtype, **model_kwargs)
         return cls(model, config, parallel, torch_dtype)
