@@ -190,9 +190,15 @@ class DistributedTransformerBlock(nn.Module):
         self.post_attention_layernorm = mlp_norm
         self.residual_multiplier = residual_multiplier
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: RaggedBatch) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: RaggedBatch, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [T, dim] -> [T, dim]; with `rows` (token indices) only those rows' outputs [R, dim] are computed:
+        every token still contributes its keys and values, but queries' o_proj, residual and MLP run on R rows."""
         r = self.residual_multiplier
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, batch)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, batch, rows)
+        if rows is not None:
+            x = x.index_select(0, rows)
         h = x + attn * r if r != 1.0 else x + attn
         mlp = self.mlp(self.post_attention_layernorm(h))
         return h + mlp * r if r != 1.0 else h + mlp
@@ -273,10 +279,18 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         tokens: torch.Tensor,
         batch: RaggedBatch,
         capture: dict[int, torch.Tensor] | None = None,
+        depth: int | None = None,
+        final_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """tokens [T] -> final un-normalized hidden states [T, dim]; `capture` maps a hidden-state layer
-        (0 = embeddings, i = output of block i) to the token rows to keep from it."""
+        """tokens [T] -> un-normalized hidden states [T, dim] after block `depth` (default: the last); `capture` maps a
+        hidden-state layer (0 = embeddings, i = output of block i) to the token rows to keep from it.
+
+        Serving shortcuts (the outputs asked for are unchanged): blocks after `depth` do not run, and with
+        `final_rows` the block `depth` computes only those token rows' outputs (it returns [R, dim] in that order and
+        `capture[depth]` then indexes into final_rows): a last-token batch skips the last block's o_proj and MLP
+        for every other token."""
         capture = capture or {}
+        depth = len(self.layers) if depth is None else depth
         captured: dict[int, torch.Tensor] = {}
         h = self.embed_tokens(tokens)
         if self.embedding_multiplier != 1.0:
@@ -284,8 +298,11 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         cos, sin = self.rope(batch.positions(), batch.seq_lens, h.dtype)
         if 0 in capture:
             captured[0] = h.index_select(0, capture[0])
-        for i in range(len(self.layers)):
-            h = self._block_fn(i)(h, cos, sin, batch)
+        for i in range(depth):
+            if i + 1 == depth and final_rows is not None:
+                h = self._block_fn(i)(h, cos, sin, batch, final_rows)
+            else:
+                h = self._block_fn(i)(h, cos, sin, batch)
             if i + 1 in capture:
                 captured[i + 1] = h.index_select(0, capture[i + 1])
         return h, captured

@@ -192,7 +192,10 @@ class Attention(nn.Module):
         # Regional compilation swaps in a compiler-disabled copy: the host-driven loop over sequences stays eager.
         self.attention_fn = ragged_attention
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: RaggedBatch) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: RaggedBatch, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden], or [R, hidden] for the token indices `rows` (keys and values still of all T)."""
         t = x.shape[0]
         q_size = self.num_heads * self.head_dim
         hq, hkv = self.num_heads, self.num_kv_heads
@@ -207,8 +210,8 @@ class Attention(nn.Module):
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if self.kv_head_index is not None:
             k, v = k.index_select(1, self.kv_head_index), v.index_select(1, self.kv_head_index)
-        out = self.attention_fn(q, k, v, batch, self.scale, self.window)  # [T, Hq_local, D]
-        return self.o_proj(out.reshape(t, q_size))
+        out = self.attention_fn(q, k, v, batch, self.scale, self.window).reshape(t, q_size)  # [T, Hq_local * D]
+        return self.o_proj(out if rows is None else out.index_select(0, rows))
 
 
 class MLP(nn.Module):

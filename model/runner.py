@@ -97,6 +97,26 @@ class ModelRunner:
             plan.hidden_slices.append(slices)
         return plan
 
+    def _prune(self, plan: _RowPlan, num_tokens: int) -> tuple[int, list[int] | None]:
+        """The deepest block any output needs, and the token rows of its output that are needed (None: all).
+
+        Rewrites the plan's row indices at that depth to index into those rows."""
+        depth = self.config.num_layers if plan.vocab_rows else max(plan.hidden_rows, default=0)
+        if depth == 0:
+            return 0, None
+        needed = set(plan.hidden_rows.get(depth, []))
+        if depth == self.config.num_layers:
+            needed.update(plan.vocab_rows)
+        if len(needed) == num_tokens:
+            return depth, None
+        final_rows = sorted(needed)
+        where = {row: i for i, row in enumerate(final_rows)}
+        if depth == self.config.num_layers:
+            plan.vocab_rows = [where[row] for row in plan.vocab_rows]
+        if depth in plan.hidden_rows:
+            plan.hidden_rows[depth] = [where[row] for row in plan.hidden_rows[depth]]
+        return depth, final_rows
+
     # Rows per chunk when no full logits are wanted: one [chunk, vocab] float32 block (100 MB for a 49k vocabulary)
     # is reused for every chunk instead of a fresh [R, vocab] tensor and its exp() temporary (GBs of page faults for
     # long batches); 512 rows keep the lm_head matmul efficient (the weight is re-read once per chunk).
@@ -225,8 +245,10 @@ class ModelRunner:
         if min(batch.seq_lens) < 1:
             raise ValueError("empty sequence")
         plan = self._plan(input_ids.tolist(), batch.bounds, specs)
+        depth, final_rows = self._prune(plan, batch.num_tokens)
         capture = {layer: torch.tensor(rows, device=dev) for layer, rows in plan.hidden_rows.items()}
-        h, captured = self.model.trunk(input_ids.to(dev), batch, capture)
+        final = None if final_rows is None else torch.tensor(final_rows, device=dev)
+        h, captured = self.model.trunk(input_ids.to(dev), batch, capture, depth=depth, final_rows=final)
         vocab = self._vocab_outputs(h, plan, specs) if plan.vocab_rows else {}
         captured_cpu = {layer: t.cpu() for layer, t in captured.items()}
 

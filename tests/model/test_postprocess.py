@@ -174,3 +174,27 @@ def test_runner_refuses_mismatched_specs(llama):
     _, runner, _ = llama
     with pytest.raises(ValueError):
         runner.run(torch.tensor([1, 2, 3]), torch.tensor([0, 3]), [OutputSpec(), OutputSpec()])
+
+
+def test_blocks_past_the_deepest_output_are_skipped_and_the_last_one_runs_on_needed_rows(llama, monkeypatch):
+    _, runner, hf = llama
+    layers = runner.model.layers
+    rows_seen: dict[int, list[int]] = {}
+    for i, layer in enumerate(layers):
+        original = layer.mlp.forward
+        monkeypatch.setattr(layer.mlp, "forward", lambda x, i=i, f=original: rows_seen.setdefault(i, []).append(x.shape[0]) or f(x))
+    seqs, ids, offsets = ragged([9, 5, 12], runner.config.vocab_size, seed=7)
+    last = len(layers) - 1
+
+    outs = runner.run(ids, offsets, [OutputSpec(), OutputSpec(logits=False, top_k=2), OutputSpec()])
+    assert rows_seen[last] == [3] and rows_seen[0] == [26]  # the last block's MLP: one row per sequence
+    refs = [reference(hf, seq)[0][-1:] for seq in seqs]
+    torch.testing.assert_close(outs[0].logits, refs[0], atol=1e-4, rtol=0)
+    assert torch.equal(outs[1].top_k_ids, refs[1].topk(2).indices)
+    torch.testing.assert_close(outs[2].logits, refs[2], atol=1e-4, rtol=0)
+
+    rows_seen.clear()  # hidden states of block 1 only: later blocks never run, block 1 only on the rows asked for
+    outs = runner.run(ids, offsets, [OutputSpec(logits=False, return_hidden_states=ReturnHiddenStates.LAST, layers=(1,))] * 3)
+    assert sorted(rows_seen) == [0] and rows_seen[0] == [3]
+    for seq, out in zip(seqs, outs):
+        torch.testing.assert_close(out.hidden_states[0, -1], reference(hf, seq)[1][1][-1], atol=1e-4, rtol=0)
