@@ -26,8 +26,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # float32 statistics, as transformers computes them; the fused kernel avoids three temporaries
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # the weight too, in the same kernel
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        return self.weight * normed.to(x.dtype)  # transformers' order for half precision: cast, then scale
 
     def load(self, reader: CheckpointReader, name: str) -> None:
         self.weight.data.copy_(reader.read(f"{name}.weight"))

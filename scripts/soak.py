@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import random
-import statistics
 import sys
 import time
 from urllib.parse import urlparse

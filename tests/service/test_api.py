@@ -95,7 +95,6 @@ def _binary(client, path, body):
     r = client.post(path, json=body, headers={"Accept": "application/x-safetensors"})
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("application/x-safetensors")
-    from safetensors import safe_open  # noqa: F401  (metadata check below)
     import json
     import struct
 
