@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 from . import __version__
 from .batcher import Batcher, Work, WorkResult
@@ -53,12 +53,19 @@ from .schemas import (
     StatusResponse,
     responses,
 )
-from .serialize import cast, to_json, to_safetensors
+from .serialize import cast, safetensors_parts, to_json
 from .settings import Settings
 
 logger = logging.getLogger("logitserve.app")
 
 SAFETENSORS = "application/x-safetensors"
+STREAM_BYTES = 1 << 20  # binary bodies above this are streamed in slices of this size
+
+
+async def _slices(parts: list, step: int):
+    for part in parts:
+        for i in range(0, len(part), step):
+            yield part[i : i + step]
 
 
 def _json(obj, status: int = 200, headers: dict | None = None) -> Response:
@@ -288,16 +295,22 @@ class Service:
         binary = SAFETENSORS in request.headers.get("accept", "")
         tensors = result.batch.tensors(result.group)
         group = result.batch.groups[result.group]
-        if binary:
-            body = self._safetensors(endpoint, req, spec, work, tensors, group)
-            media, fmt = SAFETENSORS, "safetensors"
-        else:
-            body = self._json_body(endpoint, spec, work, tensors, group)
-            media, fmt = "application/json", "json"
-        del tensors
-        self.metrics.serialization_duration.labels(fmt).observe(time.perf_counter() - t0)
         headers = {"x-queue-time": f"{result.queue_s * 1000:.3f}", "x-inference-time": f"{result.inference_s * 1000:.3f}"}
-        return Response(body, media_type=media, headers=headers)
+        if binary:
+            parts = self._safetensors(endpoint, req, spec, work, tensors, group)
+            del tensors
+            self.metrics.serialization_duration.labels("safetensors").observe(time.perf_counter() - t0)
+            size = sum(len(p) for p in parts)
+            if size > STREAM_BYTES:
+                # Streamed from views of the batch's shared memory, with the socket's backpressure: no copy of the
+                # whole body in this process (full-vocabulary logits are ~200 KB per row).
+                headers["content-length"] = str(size)
+                return StreamingResponse(_slices(parts, STREAM_BYTES), media_type=SAFETENSORS, headers=headers)
+            return Response(b"".join(parts), media_type=SAFETENSORS, headers=headers)
+        body = self._json_body(endpoint, spec, work, tensors, group)
+        del tensors
+        self.metrics.serialization_duration.labels("json").observe(time.perf_counter() - t0)
+        return Response(body, media_type="application/json", headers=headers)
 
     def _json_body(self, endpoint, spec, work, t, group) -> bytes:
         rows, hrows = group["rows"], group["hidden_rows"]
@@ -329,7 +342,7 @@ class Service:
                "data": data, "usage": {"prompt_tokens": n, "total_tokens": n}}
         return to_json(obj)
 
-    def _safetensors(self, endpoint, req, spec, work, t, group) -> bytes:
+    def _safetensors(self, endpoint, req, spec, work, t, group) -> list:
         dtype = req.dtype
         offsets = np.zeros(len(work.lengths) + 1, dtype=np.int64)
         np.cumsum(work.lengths, out=offsets[1:])
@@ -356,7 +369,7 @@ class Service:
             "layers": json.dumps(group["layers"]),
             "dtype": dtype,
         }
-        return to_safetensors(out, metadata)
+        return safetensors_parts(out, metadata)
 
     # ------------------------------------------------------------------------------------------ operations
     def info(self) -> dict:

@@ -39,8 +39,9 @@ def cast(arr: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
     raise ValueError(dtype)
 
 
-def to_safetensors(tensors: list[tuple[str, np.ndarray, str | None]], metadata: dict[str, str]) -> bytes:
-    """A safetensors file from (name, array, dtype code or None for the array's own dtype); one copy of the data."""
+def safetensors_parts(tensors: list[tuple[str, np.ndarray, str | None]], metadata: dict[str, str]) -> list:
+    """A safetensors file as [header bytes, then each tensor's bytes as a memoryview of the array itself]: the data
+    is not copied here (large responses are streamed from these views, straight from the workers' shared memory)."""
     header: dict[str, Any] = {}
     chunks = []
     offset = 0
@@ -51,8 +52,9 @@ def to_safetensors(tensors: list[tuple[str, np.ndarray, str | None]], metadata: 
         header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + n]}
         offset += n
         if n:
-            chunks.append(arr.reshape(-1).view(np.uint8))
+            chunks.append(memoryview(arr.reshape(-1).view(np.uint8)))
     header["__metadata__"] = metadata
     head = orjson.dumps(header)
     head += b" " * (-len(head) % 8)
-    return b"".join([struct.pack("<Q", len(head)), head, *chunks])
+    return [struct.pack("<Q", len(head)) + head, *chunks]
+

@@ -254,3 +254,18 @@ def test_operations_endpoints(server, client):
         assert f"logitserve_{name}" in text, name
     assert 'logitserve_requests_total{endpoint="/v1/logits",status="200"}' in text
     assert 'logitserve_requests_total{endpoint="/v1/logits",status="422"}' in text
+
+
+def test_large_binary_body_is_streamed_with_its_length_and_equals_json(client):
+    # 900 tokens of 300-wide logits and every hidden row: past the 1 MiB at which the body is streamed from the
+    # workers' shared memory instead of joined in the front end.
+    seqs = [[(7 * i + j) % 290 + 1 for j in range(30)] for i in range(30)]
+    body = {"input_ids": seqs, "return_logits": "all", "return_hidden_states": "all"}
+    r = client.post("/v1/logits", json=body, headers={"Accept": "application/x-safetensors"})
+    assert r.status_code == 200, r.text
+    assert int(r.headers["content-length"]) == len(r.content) > 1 << 20
+    t = st_load(r.content)
+    js = client.post("/v1/logits", json=body).json()
+    lo = t["logit_offsets"].tolist()
+    for i in (0, 17, 29):
+        torch.testing.assert_close(t["logits"][lo[i] : lo[i + 1]], torch.tensor(js["data"][i]["logits"]), atol=1e-6, rtol=0)
