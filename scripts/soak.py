@@ -172,8 +172,21 @@ async def main() -> int:
             rate = rate or cap
         report["rate_rps"] = rate
         rss0 = {pid: rss_kib(pid) for pid in pids}
+        # Resident memory every window: a plateau (a worker reaching its largest batch's working set) and a leak
+        # (growth in every window) give the same start/end difference.
+        samples: list[list] = []
+
+        async def sample_rss():
+            while True:
+                await asyncio.sleep(a.window)
+                samples.append([round(time.monotonic() - t_steady), sum(rss_kib(pid) or 0 for pid in pids)])
+
+        t_steady = time.monotonic()
+        sampler = asyncio.create_task(sample_rss())
         steady = await open_loop(client, rate, duration, vocab, 1)
+        sampler.cancel()
         rss1 = {pid: rss_kib(pid) for pid in pids}
+        report["rss_total_kib_by_window"] = samples
         report["steady"] = summarize("steady", steady, a.window)
         report["rss_kib"] = {str(pid): [rss0[pid], rss1[pid]] for pid in pids}
         total0 = sum(v for v in rss0.values() if v)
