@@ -299,10 +299,7 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         if 0 in capture:
             captured[0] = h.index_select(0, capture[0])
         for i in range(depth):
-            if i + 1 == depth and final_rows is not None:
-                h = self._block_fn(i)(h, cos, sin, batch, final_rows)
-            else:
-                h = self._block_fn(i)(h, cos, sin, batch)
+            h = self._block_fn(i)(h, cos, sin, batch, final_rows if i + 1 == depth else None)
             if i + 1 in capture:
                 captured[i + 1] = h.index_select(0, capture[i + 1])
         return h, captured

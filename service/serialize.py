@@ -57,4 +57,3 @@ def safetensors_parts(tensors: list[tuple[str, np.ndarray, str | None]], metadat
     head = orjson.dumps(header)
     head += b" " * (-len(head) % 8)
     return [struct.pack("<Q", len(head)) + head, *chunks]
-
