@@ -71,10 +71,20 @@ def real_flops(cfg, lens: list[int], last_only: bool) -> float:
     return matmul + attention + 2 * h * cfg.vocab_size * rows
 
 
-class Roofline:
-    """The model's matmuls (its own weights) on the real tokens of a batch; returns (seconds, FLOPs)."""
+def _onednn_linear(x, w):
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
-    def __init__(self, runner) -> None:
+
+class Roofline:
+    """The model's matmuls (its own weights) on the real tokens of a batch; returns (seconds, FLOPs).
+
+    kernel "mkl": ``F.linear`` (MKL's sgemm, what transformers and our decoder layers run); "best": each matmul
+    shape timed with both MKL and oneDNN and the faster one counted (our lm_head runs on oneDNN, model/layers.py),
+    so a share against it cannot gain from a kernel choice."""
+
+    def __init__(self, runner, kernel: str = "mkl") -> None:
+        assert kernel in ("mkl", "best"), kernel
+        self.kernel = kernel
         m = runner.model
         self.mats = []
         for layer in m.layers:
@@ -82,25 +92,32 @@ class Roofline:
             self.mats.append((a.qkv_proj.weight, a.o_proj.weight, p.gate_up_proj.weight, p.down_proj.weight))
         self.head = m.lm_head.weight
 
-    def __call__(self, tokens: int, rows: int) -> tuple[float, float]:
+    def _time(self, fn, tokens: int, rows: int) -> list[float]:
+        """Seconds of each shape group: qkv, o, gate_up, down (over all layers), head."""
         h = self.head.shape[1]
         x = torch.randn(tokens, h)
         inner = torch.randn(tokens, self.mats[0][3].shape[1])
         heads = torch.randn(tokens, self.mats[0][1].shape[1])
-        flops = 0.0
+        inputs = (x, heads, x, inner)
+        seconds = []
         with torch.inference_mode():
+            for k in range(4):
+                t0 = time.perf_counter()
+                for mats in self.mats:
+                    fn(inputs[k], mats[k])
+                seconds.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            for wqkv, wo, wgu, wd in self.mats:
-                F.linear(x, wqkv)
-                F.linear(heads, wo)
-                F.linear(x, wgu)
-                F.linear(inner, wd)
-            F.linear(x[:rows], self.head)
-            elapsed = time.perf_counter() - t0
-        for w in (*self.mats[0],):
-            flops += 2 * tokens * w.numel() * len(self.mats)
+            fn(x[:rows], self.head)
+            seconds.append(time.perf_counter() - t0)
+        return seconds
+
+    def __call__(self, tokens: int, rows: int) -> tuple[float, float]:
+        seconds = self._time(F.linear, tokens, rows)
+        if self.kernel == "best":
+            seconds = [min(a, b) for a, b in zip(seconds, self._time(_onednn_linear, tokens, rows))]
+        flops = sum(2 * tokens * w.numel() * len(self.mats) for w in self.mats[0])
         flops += 2 * rows * self.head.numel()
-        return elapsed, flops
+        return sum(seconds), flops
 
 
 def _permute(w, n_head: int):

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from .config import ModelConfig
 from .distributed import ParallelContext
 from .distributed_transformer import DistributedTransformer
+from .layers import head_linear
 from .memory import retain_freed_memory
 from .modules import RaggedBatch
 from .outputs import OutputSpec, SequenceOutput
@@ -118,8 +119,9 @@ class ModelRunner:
         return depth, final_rows
 
     # Rows per chunk when no full logits are wanted: one [chunk, vocab] float32 block (100 MB for a 49k vocabulary)
-    # is reused for every chunk instead of a fresh [R, vocab] tensor and its exp() temporary (GBs of page faults for
-    # long batches); 512 rows keep the lm_head matmul efficient (the weight is re-read once per chunk).
+    # at a time, exponentiated in place, instead of a [R, vocab] tensor and its exp() temporary (GBs for long
+    # batches); the allocator keeps the freed block for the next chunk (model/memory.py). 512 rows keep the lm_head
+    # matmul efficient (the weight is re-read once per chunk).
     SCORE_CHUNK_ROWS = 512
 
     def _logits(self, rows_h: torch.Tensor) -> torch.Tensor:
@@ -172,10 +174,10 @@ class ModelRunner:
             out["top_k_logprobs"] = values - lse[:, None]
         return out
 
-    def _reduce_inplace(self, rows_h, buf, targets, k_max: int) -> dict[str, torch.Tensor]:
-        """`_reduce` on one process: the logits are written into `buf` and exponentiated in place there."""
+    def _reduce_inplace(self, rows_h, targets, k_max: int) -> dict[str, torch.Tensor]:
+        """`_reduce` on one process: the float32 logits chunk is exponentiated in place (no second [R, V] tensor)."""
         model = self.model
-        torch.mm(model.norm(rows_h), model.lm_head.weight.t(), out=buf)
+        buf = head_linear(model.norm(rows_h), model.lm_head.weight)  # [R, V]; freed memory is kept (model/memory.py)
         if model.logits_scaling != 1.0:
             buf.div_(model.logits_scaling)
         if model.logits_softcap:
@@ -209,14 +211,13 @@ class ModelRunner:
             n, step = len(plan.vocab_rows), self.SCORE_CHUNK_ROWS
             head = self.model.lm_head
             inplace = not self.parallel.is_distributed and head.weight.dtype == torch.float32
-            buf = h.new_empty((min(n, step), head.weight.shape[0]), dtype=torch.float32) if inplace else None
             parts: dict[str, list[torch.Tensor]] = {}
             for s in range(0, n, step):
                 e = min(n, s + step)
                 rows_h = h[s:e] if every_row else h.index_select(0, row_index[s:e])
                 tgt = None if targets is None else targets[s:e]
                 if inplace:
-                    got = self._reduce_inplace(rows_h, buf[: e - s], tgt, k_max)
+                    got = self._reduce_inplace(rows_h, tgt, k_max)
                 else:
                     got = self._reduce(self._logits(rows_h), tgt, k_max)
                 for key, t in got.items():
