@@ -71,10 +71,6 @@ def real_flops(cfg, lens: list[int], last_only: bool) -> float:
     return matmul + attention + 2 * h * cfg.vocab_size * rows
 
 
-def _onednn_linear(x, w):
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-
-
 class Roofline:
     """The model's matmuls (its own weights) on the real tokens of a batch; returns (seconds, FLOPs).
 
@@ -114,7 +110,9 @@ class Roofline:
     def __call__(self, tokens: int, rows: int) -> tuple[float, float]:
         seconds = self._time(F.linear, tokens, rows)
         if self.kernel == "best":
-            seconds = [min(a, b) for a, b in zip(seconds, self._time(_onednn_linear, tokens, rows))]
+            from model.layers import head_linear  # oneDNN for float32 on CPU (F.linear where it is unavailable)
+
+            seconds = [min(a, b) for a, b in zip(seconds, self._time(head_linear, tokens, rows))]
         flops = sum(2 * tokens * w.numel() * len(self.mats) for w in self.mats[0])
         flops += 2 * rows * self.head.numel()
         return sum(seconds), flops

@@ -17,7 +17,6 @@ import torch.distributed as dist
 from .config import ModelConfig
 from .distributed import ParallelContext
 from .distributed_transformer import DistributedTransformer
-from .layers import head_linear
 from .memory import retain_freed_memory
 from .modules import RaggedBatch
 from .outputs import OutputSpec, SequenceOutput
@@ -127,13 +126,11 @@ class ModelRunner:
     def _logits(self, rows_h: torch.Tensor) -> torch.Tensor:
         """Local logits [R, V_local] in float32 of the (un-normalized) hidden rows, after scaling and soft-capping."""
         model = self.model
-        local = model.lm_head(model.norm(rows_h))
-        if local.dtype != torch.float32:
-            local = local.float()
+        local = model.lm_head(model.norm(rows_h)).float()  # a fresh tensor: scaled and capped in place
         if model.logits_scaling != 1.0:
-            local = local / model.logits_scaling
+            local.div_(model.logits_scaling)
         if model.logits_softcap:
-            local = torch.tanh(local / model.logits_softcap) * model.logits_softcap
+            local.div_(model.logits_softcap).tanh_().mul_(model.logits_softcap)
         return local
 
     def _reduce(self, local: torch.Tensor, targets: torch.Tensor | None, k_max: int) -> dict[str, torch.Tensor]:
@@ -176,12 +173,7 @@ class ModelRunner:
 
     def _reduce_inplace(self, rows_h, targets, k_max: int) -> dict[str, torch.Tensor]:
         """`_reduce` on one process: the float32 logits chunk is exponentiated in place (no second [R, V] tensor)."""
-        model = self.model
-        buf = head_linear(model.norm(rows_h), model.lm_head.weight)  # [R, V]; freed memory is kept (model/memory.py)
-        if model.logits_scaling != 1.0:
-            buf.div_(model.logits_scaling)
-        if model.logits_softcap:
-            buf.div_(model.logits_softcap).tanh_().mul_(model.logits_softcap)
+        buf = self._logits(rows_h)  # [R, V]; freed memory is kept for the next chunk (model/memory.py)
         out: dict[str, torch.Tensor] = {}
         picked = buf.gather(1, targets.clamp(min=0)[:, None]).squeeze(1) if targets is not None else None
         if k_max:
