@@ -19,10 +19,14 @@ x = torch.tensor([float(ctx.rank + 1)])
 ctx.all_reduce(x)
 parts = ctx.all_gather_uneven(torch.full((ctx.rank + 1,), float(ctx.rank)), [1, 2], dim=0)
 print(f"rank={ctx.rank} world={ctx.world_size} sum={x.item()} gathered={parts.tolist()}")
-# Leave together: rank 0 hosts the rendezvous store, and gloo's teardown aborted once in a clean-clone CI run
-# ("terminate called without an active exception") when its peer had already gone.
+# Leave the way the service's workers do (service/workers.py): together, destroy the group, then os._exit.
+# Interpreter teardown with the store's threads still joinable aborted twice in clean-clone CI runs under load
+# ("terminate called without an active exception"), on rank 0 once and rank 1 once, even after the barrier.
+import os, sys
 torch.distributed.barrier()
 destroy()
+sys.stdout.flush()
+os._exit(0)
 """
 
 
