@@ -199,9 +199,10 @@ class DistributedTransformerBlock(nn.Module):
         attn = self.self_attn(self.input_layernorm(x), cos, sin, batch, rows)
         if rows is not None:
             x = x.index_select(0, rows)
-        h = x + attn * r if r != 1.0 else x + attn
+        # The branch outputs are fresh tensors: the residual is added into them (x + attn has the same bits).
+        h = (attn.mul_(r) if r != 1.0 else attn).add_(x)
         mlp = self.mlp(self.post_attention_layernorm(h))
-        return h + mlp * r if r != 1.0 else h + mlp
+        return (mlp.mul_(r) if r != 1.0 else mlp).add_(h)
 
 
 class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
@@ -244,6 +245,7 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
             subgraph_layer_groups = [list(range(len(layers)))]
         self.subgraph_layer_groups = subgraph_layer_groups
         self._compiled_groups: dict[int, Callable] = {}
+        self.rotary_pairs = False  # set with every attention's by model.tp.use_rotary_pairs
 
     @property
     def norm_shards(self) -> list[ShardableCallable]:
@@ -295,7 +297,10 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         h = self.embed_tokens(tokens)
         if self.embedding_multiplier != 1.0:
             h = h * self.embedding_multiplier
-        cos, sin = self.rope(batch.positions(), batch.seq_lens, h.dtype)
+        cos, sin = self.rope(batch.positions(), batch.seq_lens, h.dtype)  # [T, head_dim]
+        if self.rotary_pairs:  # q/k in pair order (model.tp.use_rotary_pairs): the two halves are equal
+            half = cos.shape[-1] // 2
+            cos, sin = cos[:, :half], sin[:, :half]
         if 0 in capture:
             captured[0] = h.index_select(0, capture[0])
         for i in range(depth):

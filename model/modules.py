@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import RMSNorm
-from .rope import apply_rotary
+from .rope import apply_rotary, apply_rotary_pairs
 
 _flash_adapter = None
 
@@ -189,6 +189,8 @@ class Attention(nn.Module):
         # Set by the plan when a rank's query heads do not map onto its kv heads in uniform groups
         # (kv heads replicated across more ranks than there are kv heads): local kv head of each local q head.
         self.kv_head_index: torch.Tensor | None = None
+        # Set by model.tp.use_rotary_pairs: q/k heads are stored in pair order and cos/sin come half-width.
+        self.rotary_pairs = False
         # Regional compilation swaps in a compiler-disabled copy: the host-driven loop over sequences stays eager.
         self.attention_fn = ragged_attention
 
@@ -201,13 +203,14 @@ class Attention(nn.Module):
         hq, hkv = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(t, hq + 2 * hkv, self.head_dim)
         v = qkv[:, hq + hkv :]
+        rope = apply_rotary_pairs if self.rotary_pairs else rotate
         if self.q_norm is None:
             # q and k heads are adjacent in the fused output: one rotary pass over both
-            qk = rotate(qkv[:, : hq + hkv], cos, sin)
+            qk = rope(qkv[:, : hq + hkv], cos, sin)
             q, k = qk[:, :hq], qk[:, hq:]
         else:
             q, k = self.q_norm(qkv[:, :hq]), self.k_norm(qkv[:, hq : hq + hkv])
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
         if self.kv_head_index is not None:
             k, v = k.index_select(1, self.kv_head_index), v.index_select(1, self.kv_head_index)
         out = self.attention_fn(q, k, v, batch, self.scale, self.window).reshape(t, q_size)  # [T, Hq_local * D]

