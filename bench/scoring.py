@@ -286,7 +286,15 @@ def main() -> None:
     p.add_argument("--max-batch-tokens", type=int, default=8192, help="server flag; also the in-process packing budget")
     p.add_argument("--json", help="write the raw results here")
     p.add_argument("--plot", help="write a PNG plot here")
+    p.add_argument("--replot", metavar="JSON", help="only redraw --plot from a --json file of an earlier run")
     args = p.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        rows = saved["rows"]
+        cases = list(dict.fromkeys(r["case"] for r in rows))
+        systems = list(dict.fromkeys(r["system"] for r in rows))
+        plot(saved["meta"], rows, cases, systems, args.plot or str(Path(args.replot).with_suffix(".png")))
+        return
 
     import httpx
     import torch
@@ -440,7 +448,7 @@ def plot(meta, rows, cases, systems, out) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     width = 0.8 / len(systems)
     for k, s in enumerate(systems):
         xs = [i + (k - (len(systems) - 1) / 2) * width for i in range(len(cases))]
@@ -456,11 +464,13 @@ def plot(meta, rows, cases, systems, out) -> None:
         ax.set_xticklabels([{"last": "last-token logits", "ppl": "perplexity", "all": "all-rows logits"}[c] for c in cases])
         ax.set_title(title)
     axes[1].axhline(90, color="gray", linestyle="--", linewidth=1)  # the in-process target
-    axes[0].legend(fontsize=8)
-    axes[1].legend(fontsize=8)
+    axes[1].plot([], [], color="gray", linestyle="--", linewidth=1, label="90% (the in-process target)")
+    # One legend under both panels: inside an axis it covers the bars.
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(f"{meta['model']}, {meta['sequences']} seqs (16..512 tokens), {meta['machine']} x{meta['cores']}, "
                  f"{meta['date']}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(out, dpi=100)
 
 
