@@ -64,15 +64,18 @@ class Result(list):
 
 
 def read_safetensors(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """numpy arrays (bfloat16 widened to float32) and metadata of a safetensors body."""
+    """numpy arrays (bfloat16 widened to float32) and metadata of a safetensors body.
+
+    Arrays other than bfloat16 are read-only views of `data` itself: slicing `bytes` would copy, and a second
+    copy of a large body (full-vocabulary logits are ~200 KB per row) costs as much as receiving it."""
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
     meta = header.pop("__metadata__", {}) or {}
-    base = 8 + n
+    body = memoryview(data)[8 + n :]
     out = {}
     for name, h in header.items():
         a, b = h["data_offsets"]
-        buf = data[base + a : base + b]
+        buf = body[a:b]  # a view, no copy
         if h["dtype"] == "BF16":
             arr = (np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
         else:

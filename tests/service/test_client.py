@@ -129,3 +129,27 @@ def test_async_client(server, reference_runner):
             np.testing.assert_allclose(seq.target_logprobs, out.target_logprobs, atol=2e-4, equal_nan=True)
     assert res[2][0].hidden_states.shape == (1, 1, 64) and res[3].shape == (1, 64)
     assert len(res[4]["choices"]) == 3 and res[5][0] == 1 and res[6].startswith("<s>")
+
+
+def test_read_safetensors_views_the_body_without_copying():
+    from safetensors.numpy import save
+
+    from service.client import read_safetensors
+
+    logits = np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32)
+    positions = np.arange(5, dtype=np.int64)
+    bf16 = torch.randn(3, 4).to(torch.bfloat16)
+    body = save({"logits": logits, "positions": positions,
+                 "h": bf16.view(torch.int16).numpy()}, metadata={"model": "m"})
+    # Mark the last tensor as BF16 in the header, as the server writes it.
+    n = int.from_bytes(body[:8], "little")
+    header = body[8 : 8 + n].replace(b'"dtype":"I16"', b'"dtype":"BF16"')
+    body = len(header).to_bytes(8, "little") + header + body[8 + n :]
+    out, meta = read_safetensors(body)
+    assert meta == {"model": "m"}
+    np.testing.assert_array_equal(out["logits"], logits)
+    np.testing.assert_array_equal(out["positions"], positions)
+    np.testing.assert_array_equal(out["h"], bf16.float().numpy())
+    whole = np.frombuffer(body, np.uint8)
+    assert np.shares_memory(out["logits"], whole) and np.shares_memory(out["positions"], whole)
+    assert not out["logits"].flags.writeable  # a view of immutable bytes
