@@ -21,7 +21,9 @@ Systems, each in its own process (so each has its own peak RSS), all float32, 2 
 
 The machine's speed drifts, so every slice runs on every system in turn (order rotated per slice) and the summed
 times are compared. Latency of a sequence: from the moment the whole slice is submitted until its result is in
-hand (for HTTP: measured by the client). Useful tokens/s counts real tokens. Roofline share = FLOPs of the real
+hand (for HTTP: measured by the client). Peak memory: ru_maxrss of each system's process; for HTTP the sum of
+VmHWM over the server's processes and, in parentheses, the peak of their summed PSS (class TreePss: the HWM sum
+counts shared pages once per process). Useful tokens/s counts real tokens. Roofline share = FLOPs of the real
 tokens (bench/common.real_flops) / (time x the roofline's FLOP/s over the same slices).
 
     python bench/scoring.py [--quick] [--sequences N] [--cases last,ppl,all] [--json out.json] [--plot out.png]
@@ -274,6 +276,43 @@ def tree_hwm(pid: int) -> int:
     return total
 
 
+class TreePss:
+    """Samples the summed PSS of a process tree (every 0.25 s, in a thread) and keeps the maximum.
+
+    The server's VmHWM sum counts a shared-memory result batch twice (the worker writes it, the front end maps it
+    to stream it) and the model's file pages in each process; PSS splits shared pages between their users, so
+    this is the tree's real footprint (up to the sampling interval)."""
+
+    def __init__(self, pid: int, interval: float = 0.25):
+        import threading
+
+        self.pid, self.interval, self.peak = pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self.interval):
+            try:
+                root = psutil.Process(self.pid)
+                total = 0
+                for p in [root] + root.children(recursive=True):
+                    try:
+                        total += p.memory_full_info().pss
+                    except (psutil.Error, OSError):
+                        pass
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                return
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -334,8 +373,9 @@ def main() -> None:
                                    "--max-queue-tokens", "100000000", "--dtype", "float32")
 
     loop = asyncio.new_event_loop()
-    client = None
+    client = pss = None
     if server:
+        pss = TreePss(server.pid)
         client = httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=args.clients))
 
     def call(system: str, case: str, ss: list[list[int]]):
@@ -384,6 +424,7 @@ def main() -> None:
         peaks = {}
         if server:
             peaks["ours HTTP"] = tree_hwm(server.pid)
+            peaks["ours HTTP pss"] = pss.stop()
             loop.run_until_complete(client.aclose())
             server.send_signal(signal.SIGTERM)
             try:
@@ -415,10 +456,15 @@ def summarize(meta, results, peaks, systems, cases):
             agree = float(np.max(np.abs(np.array(v["check"]) - np.array(ref))))
             rows.append(dict(case=case, system=s, tps=meta["tokens"] / v["seconds"], seconds=v["seconds"],
                              p50=float(np.percentile(lat, 50)), p99=float(np.percentile(lat, 99)),
-                             peak=peaks.get(s, 0) / 2**30, share=res["flops"] / (v["seconds"] * rate),
+                             peak=peaks.get(s, 0) / 2**30, peak_pss=peaks.get(s + " pss", 0) / 2**30, share=res["flops"] / (v["seconds"] * rate),
                              share_best=res["flops"] / (v["seconds"] * best_rate), rate=rate / 1e9,
                              best_rate=best_rate / 1e9, agree=agree))
     return rows
+
+
+def peak(row: dict) -> str:
+    text = f"{row['peak']:.2f}"
+    return text + f" ({row['peak_pss']:.2f} PSS)" if row.get("peak_pss") else text
 
 
 def report(meta, results, peaks, systems, cases, args) -> None:
@@ -437,8 +483,11 @@ def report(meta, results, peaks, systems, cases, args) -> None:
         base = {x["system"]: x for x in rows if x["case"] == r["case"]}
         vs = lambda s: f"{base[s]['seconds'] / r['seconds']:.2f}x" if s in base else "-"  # noqa: E731
         print(f"| {r['case']} | {r['system']} | {r['tps']:.0f} | {vs('transformers')} | {vs('llama.cpp')} "
-              f"| {r['p50']:.1f} / {r['p99']:.1f} | {r['peak']:.2f} | {r['share']:.0%} / {r['share_best']:.0%} "
+              f"| {r['p50']:.1f} / {r['p99']:.1f} | {peak(r)} | {r['share']:.0%} / {r['share_best']:.0%} "
               f"| {r['rate']:.0f} / {r['best_rate']:.0f} |")
+    if any(r.get("peak_pss") for r in rows):
+        print("\nours HTTP peak memory: sum of VmHWM over the server's processes (shared pages counted in each) "
+              "(peak summed PSS, sampled every 0.25 s)")
     print("\nagreement (max |difference| of the per-sequence check value vs the first system): " +
           "; ".join(f"{r['case']}/{r['system']} {r['agree']:.1e}" for r in rows))
     if args.plot:
