@@ -177,9 +177,12 @@ def load_model(
 def use_rotary_pairs(model: DistributedTransformer, config: ModelConfig) -> None:
     """Store every q/k head's dims in pair order (dim i beside its rotate-half partner i + head_dim/2), as
     gpt-fast and Meta's checkpoints do, so that rotary embedding is one complex multiply (rope.apply_rotary_pairs).
+    That multiply hands q and k back in the checkpoint's order, with rotate-half's bits: attention, v, o_proj and
+    the residual stream see exactly what transformers computes. Applied to a loaded model (this rank's heads).
 
-    The same permutation of q's and k's dims leaves every q.k product, hence attention, unchanged; v, o_proj and
-    the residual stream keep the checkpoint's order. Applied to a loaded model (this rank's heads)."""
+    Models with q/k norm keep the checkpoint's order: the norm would sum each head's squares in another order."""
+    if config.qk_norm:
+        return
     d = config.head_dim
     for layer in model.layers:
         attn = layer.self_attn
@@ -187,8 +190,5 @@ def use_rotary_pairs(model: DistributedTransformer, config: ModelConfig) -> None
         for p in (attn.qkv_proj.weight, attn.qkv_proj.bias):
             if p is not None:
                 p.data[:qk_rows] = to_pair_order(p.data[:qk_rows], d)
-        for norm in (attn.q_norm, attn.k_norm):
-            if norm is not None:
-                norm.weight.data = to_pair_order(norm.weight.data, d)
         attn.rotary_pairs = True
     model.rotary_pairs = True

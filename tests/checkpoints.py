@@ -108,9 +108,10 @@ def make_checkpoint(
     return path
 
 
-def load_reference(path: Path, dtype: torch.dtype = torch.float32):
-    """The transformers model for a checkpoint folder, eager attention, in eval mode."""
+def load_reference(path: Path, dtype: torch.dtype = torch.float32, attention: str = "eager"):
+    """The transformers model for a checkpoint folder in eval mode; eager attention unless told (its default is
+    "sdpa", the one to compare bits with)."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention)
     return model.eval()

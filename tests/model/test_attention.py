@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.modules import QUERY_BLOCK, RaggedBatch, ragged_attention
 
@@ -22,14 +23,37 @@ def naive(q, k, v, lengths, scale, window):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("window", [None, 50, 200])
-def test_ragged_attention_matches_direct_softmax(window):
-    # 1 and 7: tiny; two of 2 * QUERY_BLOCK + 1 share one call and are cut into query blocks; 3 * QUERY_BLOCK + 5 ends
-    # with a partial block; 100 stays one causal call.
-    lengths = [1, 7, 2 * QUERY_BLOCK + 1, 100, 2 * QUERY_BLOCK + 1, 3 * QUERY_BLOCK + 5]
+LENGTHS = [1, 7, 2 * QUERY_BLOCK + 1, 100, 2 * QUERY_BLOCK + 1, 3 * QUERY_BLOCK + 5]
+
+
+def packed(lengths, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     t = sum(lengths)
-    q, k, v = torch.randn(t, HQ, D, generator=g), torch.randn(t, HKV, D, generator=g), torch.randn(t, HKV, D, generator=g)
+    q, k, v = (torch.randn(t, h, D, generator=g).to(dtype) for h in (HQ, HKV, HKV))
     offsets = torch.tensor([0, *lengths]).cumsum(0)
-    got = ragged_attention(q, k, v, RaggedBatch.from_offsets(offsets, torch.device("cpu")), 0.3, window)
-    torch.testing.assert_close(got, naive(q, k, v, lengths, 0.3, window), atol=1e-5, rtol=0)
+    return q, k, v, RaggedBatch.from_offsets(offsets, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 50, 200])
+def test_ragged_attention_matches_direct_softmax(window, dtype):
+    # 1 and 7: tiny; two of 2 * QUERY_BLOCK + 1 share one call (in bfloat16 cut into query blocks); 3 * QUERY_BLOCK + 5
+    # ends with a partial block; 100 stays one causal call.
+    q, k, v, batch = packed(LENGTHS, dtype)
+    got = ragged_attention(q, k, v, batch, 0.3, window)
+    expected = naive(q.float(), k.float(), v.float(), LENGTHS, 0.3, window)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=0)
+
+
+def test_float32_attention_has_the_bits_of_one_causal_call_per_sequence():
+    """What transformers computes per sequence (one causal SDPA call, [1, H, n, D] views), bit for bit: query blocks
+    or another key grouping would move a 30-layer model's logits by ~1e-4."""
+    q, k, v, batch = packed(LENGTHS)
+    got = ragged_attention(q, k, v, batch, 0.3, None)
+    start = 0
+    for n in LENGTHS:
+        qs, ks, vs = (t[start : start + n].transpose(0, 1)[None] for t in (q, k, v))
+        one = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=0.3, enable_gqa=True)
+        assert torch.equal(got[start : start + n], one[0].transpose(0, 1)), n
+        start += n

@@ -95,3 +95,28 @@ def test_bfloat16_load_is_close(checkpoint_factory):
         assert b.logits.dtype == torch.float32  # logits are always float32
         rel = (a.logits - b.logits).norm() / a.logits.norm()
         assert rel < 3e-2
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])  # plain, q/k/v bias, q/k norm
+def test_float32_decoder_has_transformers_bits(arch, checkpoint_factory):
+    """On CPU in float32 a sequence's hidden states are transformers' bit for bit (a 300-token one too, where half
+    precision cuts attention into query blocks). A real model amplifies any other summation order through its
+    layers: SmolLM2-135M's logits then drift past 1e-4 (tests/service/test_default_model). Only the lm_head runs
+    another kernel (model.layers.head_linear).
+
+    One sequence per call, of more than one token: a packed batch runs a short sequence's rows through the
+    matmuls of the whole batch, and one row takes a matrix-vector kernel whose rounding follows the weight's address
+    (transformers' weights lie at the file's offsets); the parity tests bound both. The widths are a real model's multiples (head_dim 64, intermediate 256): torch's elementwise
+    kernels take a scalar tail, with other bits, on rows of odd widths, so silu of the fused gate|up output's gate
+    half would differ from silu of transformers' separate gate output for a width of 112."""
+    path = checkpoint_factory(arch, hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=256)
+    runner = ModelRunner.load(path, dtype="float32")
+    hf = load_reference(path, attention="sdpa")  # transformers' default
+    n_layers = runner.config.num_layers
+    spec = OutputSpec(logits=False, return_hidden_states=ReturnHiddenStates.ALL, layers=tuple(range(n_layers + 1)))
+    seqs, _, _ = ragged([300, 37, 7], runner.config.vocab_size, seed=3)
+    for seq in seqs:
+        (out,) = runner.run(seq, torch.tensor([0, len(seq)]), [spec])
+        _, hidden = reference(hf, seq)
+        for i in range(n_layers):
+            assert torch.equal(out.hidden_states[i], hidden[i]), (arch, len(seq), i)
