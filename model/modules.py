@@ -126,27 +126,41 @@ def ragged_attention(
     return out
 
 
-# Query rows per SDPA call for sequences longer than two blocks (see _causal_sdpa).
+# Query rows per SDPA call for half-precision sequences longer than two blocks (see _causal_sdpa).
 QUERY_BLOCK = 128
 
 
-def _causal_sdpa(qs, ks, vs, scale: float, window: int | None, gqa: bool) -> torch.Tensor:
-    """Causal (optionally sliding-window) attention of N equal-length sequences: [N, H, n, D] -> [N, H, n, D].
+def query_cuts(n: int, dtype: torch.dtype, device: torch.device) -> list[int]:
+    """Where _causal_sdpa cuts an n-token causal call into query blocks: [0, ..., n].
 
     torch's CPU flash kernel computes the masked half of a causal call too (a causal 512-token call costs as much
-    as an unmasked one), so in half precision a long sequence is cut into query blocks that each see only the keys
-    up to their last row (and, with a window, from its first visible key): 7% less time at 384 tokens, 22% at 512.
-    float32/float64 make the one causal call transformers makes: the blocks sum softmax(q.k) v over fewer keys in
-    another grouping, which moves SmolLM2-135M logits by up to 1e-4 through 30 layers (about 2% of a forward)."""
+    as an unmasked one), so a block that sees only the keys up to its last row saves work. In half precision the
+    blocks are 128 rows (7% less time at 384 tokens, 22% at 512). float32/float64 keep the bits of the one causal
+    call transformers makes (any other grouping moves SmolLM2-135M logits by up to 1e-4 through 30 layers): the
+    kernel walks a call of 192-767 query rows in 64-row blocks, each row summing softmax(q.k) v over all the call's
+    keys, the masked ones as zeros. Blocks of at least 192 rows that start at multiples of 64 keep those 64-row
+    blocks, and the keys they drop are zeros: the same sums, 11% less attention time on this benchmark's lengths
+    (tested bit for bit, tests/model/test_attention.py). Other devices' kernels make no such promise: one call."""
+    if dtype not in (torch.float32, torch.float64):
+        return [*range(0, n, QUERY_BLOCK), n] if n > 2 * QUERY_BLOCK else [0, n]
+    if device.type != "cpu" or not 384 <= n < 768:
+        return [0, n]
+    cuts = [0]
+    while n - cuts[-1] >= 384:
+        cuts.append(cuts[-1] + 192)
+    return [*cuts, n]
+
+
+def _causal_sdpa(qs, ks, vs, scale: float, window: int | None, gqa: bool) -> torch.Tensor:
+    """Causal (optionally sliding-window) attention of N equal-length sequences: [N, H, n, D] -> [N, H, n, D], in
+    the query blocks of ``query_cuts`` (with a window, a block also skips the keys before its first visible one)."""
     n = qs.shape[2]
     window = window if window is not None and window < n else None
-    exact = qs.dtype in (torch.float32, torch.float64)
-    block = QUERY_BLOCK if n > 2 * QUERY_BLOCK and not exact else n
-    if block == n and window is None:
+    cuts = query_cuts(n, qs.dtype, qs.device) if window is None or qs.dtype not in (torch.float32, torch.float64) else [0, n]
+    if len(cuts) == 2 and window is None:
         return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
     out = qs.new_empty(qs.shape)
-    for s in range(0, n, block):
-        e = min(n, s + block)
+    for s, e in zip(cuts[:-1], cuts[1:]):
         k0 = max(0, s - window + 1) if window else 0
         if s == 0 and window is None:  # the first block is a plain causal square
             mask, causal = None, True
