@@ -130,8 +130,9 @@ def ragged_attention(
 QUERY_BLOCK = 128
 
 
-def query_cuts(n: int, dtype: torch.dtype, device: torch.device) -> list[int]:
-    """Where _causal_sdpa cuts an n-token causal call into query blocks: [0, ..., n].
+def query_cuts(n: int, dtype: torch.dtype, device: torch.device, windowed: bool = False) -> list[int]:
+    """Where _causal_sdpa cuts an n-token causal call (`windowed`: one with a sliding window shorter than n) into
+    query blocks: [0, ..., n].
 
     torch's CPU flash kernel computes the masked half of a causal call too (a causal 512-token call costs as much
     as an unmasked one), so a block that sees only the keys up to its last row saves work. In half precision the
@@ -140,10 +141,11 @@ def query_cuts(n: int, dtype: torch.dtype, device: torch.device) -> list[int]:
     kernel walks a call of 192-767 query rows in 64-row blocks, each row summing softmax(q.k) v over all the call's
     keys, the masked ones as zeros. Blocks of at least 192 rows that start at multiples of 64 keep those 64-row
     blocks, and the keys they drop are zeros: the same sums, 11% less attention time on this benchmark's lengths
-    (tested bit for bit, tests/model/test_attention.py). Other devices' kernels make no such promise: one call."""
+    (tested bit for bit, tests/model/test_attention.py). Other devices' kernels make no such promise, nor does a
+    windowed call (its blocks also drop keys before the window): one call."""
     if dtype not in (torch.float32, torch.float64):
         return [*range(0, n, QUERY_BLOCK), n] if n > 2 * QUERY_BLOCK else [0, n]
-    if device.type != "cpu" or not 384 <= n < 768:
+    if windowed or device.type != "cpu" or not 384 <= n < 768:
         return [0, n]
     cuts = [0]
     while n - cuts[-1] >= 384:
@@ -156,7 +158,7 @@ def _causal_sdpa(qs, ks, vs, scale: float, window: int | None, gqa: bool) -> tor
     the query blocks of ``query_cuts`` (with a window, a block also skips the keys before its first visible one)."""
     n = qs.shape[2]
     window = window if window is not None and window < n else None
-    cuts = query_cuts(n, qs.dtype, qs.device) if window is None or qs.dtype not in (torch.float32, torch.float64) else [0, n]
+    cuts = query_cuts(n, qs.dtype, qs.device, windowed=window is not None)
     if len(cuts) == 2 and window is None:
         return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
     out = qs.new_empty(qs.shape)

@@ -71,5 +71,7 @@ def test_query_cuts():
     assert query_cuts(767, f32, cpu) == [0, 192, 384, 767]
     assert query_cuts(768, f32, cpu) == [0, 768]  # the kernel walks 256-row blocks there
     assert query_cuts(500, f32, torch.device("meta")) == [0, 500]
+    assert query_cuts(500, f32, cpu, windowed=True) == [0, 500]
+    assert query_cuts(300, torch.bfloat16, cpu, windowed=True) == [0, 128, 256, 300]
     assert query_cuts(300, torch.bfloat16, cpu) == [0, 128, 256, 300]
     assert query_cuts(256, torch.bfloat16, cpu) == [0, 256]

@@ -106,9 +106,10 @@ def test_float32_decoder_has_transformers_bits(arch, checkpoint_factory):
 
     One sequence per call, of more than one token: a packed batch runs a short sequence's rows through the
     matmuls of the whole batch, and one row takes a matrix-vector kernel whose rounding follows the weight's address
-    (transformers' weights lie at the file's offsets); the parity tests bound both. The widths are a real model's multiples (head_dim 64, intermediate 256): torch's elementwise
-    kernels take a scalar tail, with other bits, on rows of odd widths, so silu of the fused gate|up output's gate
-    half would differ from silu of transformers' separate gate output for a width of 112."""
+    (transformers' weights lie at the file's offsets); the parity tests bound both. The widths are a real model's
+    multiples (head_dim 64, intermediate 256): torch's elementwise kernels take a scalar tail, with other bits, on
+    rows of odd widths, so silu of the fused gate|up output's gate half would differ from silu of transformers'
+    separate gate output for a width of 112."""
     path = checkpoint_factory(arch, hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=256)
     runner = ModelRunner.load(path, dtype="float32")
     hf = load_reference(path, attention="sdpa")  # transformers' default
