@@ -78,6 +78,10 @@ def check_checkpoint(path: Path) -> None:
                              "weights are never loaded)")
 
 
+# How long shutdown waits for accepted connections to send their request (see serve's Server.shutdown).
+ACCEPTED_REQUEST_GRACE_S = 1.0
+
+
 def serve(settings) -> int:
     import uvicorn
 
@@ -96,6 +100,22 @@ def serve(settings) -> int:
                 captured = getattr(self, "_captured_signals", None)
                 if captured and sig in captured:
                     captured.remove(sig)
+
+        async def shutdown(self, sockets=None):
+            # uvicorn closes every connection that has not delivered a request yet, so a client whose connection
+            # was accepted just before the signal sees a disconnect without a response. Stop accepting first, give
+            # those connections a moment to deliver their request (answered 503 "draining"), then shut down.
+            import asyncio
+            import time
+
+            for listener in self.servers:
+                listener.close()
+            deadline = time.monotonic() + ACCEPTED_REQUEST_GRACE_S
+            while time.monotonic() < deadline and any(
+                getattr(conn, "cycle", True) is None for conn in self.server_state.connections
+            ):
+                await asyncio.sleep(0.01)
+            await super().shutdown(sockets)
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=None, access_log=False)
