@@ -1,7 +1,10 @@
-"""One configuration dataclass for every supported decoder, built from a Hugging Face ``config.json``.
+"""The configuration every supported decoder shares, built from a Hugging Face ``config.json``.
 
-Fields read from the checkpoint are stored as they are; derived values (``q_size``, ``attention_scale``...)
-are properties, so nothing read from the checkpoint is ever silently overwritten.
+``ModelConfig.from_hf_config`` reads the fields every family names alike, then hands the config to the entry of
+its ``architectures[0]`` (model/architectures.py), which adds what that family reads on its own (biases, q/k norm,
+sliding windows, multipliers...). Fields read from the checkpoint are stored as they are; derived values
+(``q_size``, ``attention_scale``...) are properties, so nothing read from the checkpoint is ever silently
+overwritten.
 """
 
 from __future__ import annotations
@@ -12,13 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "GraniteForCausalLM",
-)
+from .architectures import ARCHITECTURES
+from .modules import ACTIVATIONS
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -99,27 +98,33 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     rope: RopeConfig = field(default_factory=RopeConfig)
     tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    final_logit_softcapping: float | None = None
+    torch_dtype: str = "float32"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    # Set by the architecture's entry (model/architectures.py); these defaults are Llama's.
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
     # One entry per layer: the sliding window in tokens, or None for full causal attention.
     sliding_windows: tuple[int | None, ...] = ()
-    # Granite multipliers; 1.0 elsewhere.
+    # Granite's multipliers; 1.0 (None: 1/sqrt(head_dim)) elsewhere.
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
-    final_logit_softcapping: float | None = None
-    torch_dtype: str = "float32"
-    bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise UnsupportedModelError(
+                f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}"
             )
         if len(self.sliding_windows) != self.num_layers:
             raise ValueError("sliding_windows needs one entry per layer")
@@ -153,27 +158,16 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
+        """The shared fields, then what the architecture's entry reads (``Architecture.read``)."""
         archs = hf.get("architectures") or []
         arch = archs[0] if archs else None
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedModelError(f"unsupported hidden_act {act!r}; supported: silu")
-        num_heads = hf["num_attention_heads"]
-        num_layers = hf["num_hidden_layers"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+        if arch not in ARCHITECTURES:
+            raise UnsupportedModelError(f"unsupported architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
+        num_heads, num_layers = hf["num_attention_heads"], hf["num_hidden_layers"]
         rope = RopeConfig.from_hf(hf)
         if rope.partial_rotary_factor != 1.0:
             raise UnsupportedModelError("partial rotary embeddings are not supported")
-
-        windows = _sliding_windows(arch, hf, num_layers)
-        dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-        is_granite = arch == "GraniteForCausalLM"
-        attention_bias = bool(hf.get("attention_bias", False))
-        return cls(
+        shared = cls(
             architecture=arch,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -181,27 +175,20 @@ class ModelConfig:
             num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=head_dim,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             rope=rope,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v bias (and no o bias); Llama-family `attention_bias` covers all four.
-            qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
-            o_bias=attention_bias and arch != "Qwen2ForCausalLM",
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
-            sliding_windows=windows,
-            embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)) if is_granite else 1.0,
-            residual_multiplier=float(hf.get("residual_multiplier", 1.0)) if is_granite else 1.0,
-            attention_multiplier=float(hf["attention_multiplier"]) if is_granite and "attention_multiplier" in hf else None,
-            logits_scaling=float(hf.get("logits_scaling", 1.0) or 1.0) if is_granite else 1.0,
+            hidden_act=hf.get("hidden_act", "silu"),
             final_logit_softcapping=hf.get("final_logit_softcapping"),
-            torch_dtype=str(dtype),
+            torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
+            sliding_windows=(None,) * num_layers,
         )
+        return ARCHITECTURES[arch].read(hf, shared)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
@@ -209,17 +196,3 @@ class ModelConfig:
         if not config_path.is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint folder: no config.json")
         return cls.from_hf_config(json.loads(config_path.read_text()))
-
-
-def _sliding_windows(arch: str, hf: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:
-    window = hf.get("sliding_window")
-    layer_types = hf.get("layer_types")
-    if arch == "MistralForCausalLM":
-        return (window,) * num_layers if window else (None,) * num_layers
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-        if layer_types:
-            return tuple(window if t == "sliding_attention" else None for t in layer_types)
-        if hf.get("use_sliding_window") and window:
-            first = hf.get("max_window_layers", num_layers)
-            return tuple(window if i >= first else None for i in range(num_layers))
-    return (None,) * num_layers

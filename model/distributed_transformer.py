@@ -8,7 +8,7 @@ holds its shard and runs the same program. The mapping:
 MAX                             here (per process)
 ==============================  ===================================================================
 ``devices: list[DeviceRef]``    ``parallel: ParallelContext`` (rank, world size, group, this rank's
-                                device); ``DistributedTransformer.devices`` lists the group's devices
+                                device)
 per-device lists ``xs``         a sequence holding this rank's tensor (length 1); the other ranks
                                 hold theirs in their own processes
 ``signal_buffers``, Allreduce   ``torch.distributed`` collectives on ``parallel.group`` (NCCL/gloo),
@@ -27,6 +27,10 @@ norms
 ``distributed_logits_postprocess`` keeps MAX's return order ``(last_logits, [logits, offsets],
 [hidden_states])`` with one deliberate fix: in ``VARIABLE`` mode a sequence shorter than ``n`` returns only its
 own rows and the offsets follow the real counts (MAX would read a neighbour's rows).
+
+The model's serving surface is vLLM's: ``trunk`` (tokens -> hidden states), ``compute_logits`` (hidden rows ->
+logits) and model/loader.py's ``load_checkpoint``. MAX's call and the serving path (model/runner.py) get their
+logits from the same function, ``hidden_to_logits``.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ __all__ = [
     "ShardableCallable",
     "distributed_logits_postprocess",
     "forward_sharded_layers",
+    "hidden_to_logits",
     "take",
 ]
 
@@ -80,6 +85,26 @@ def _n(return_n_logits: int | torch.Tensor) -> int:
     return int(return_n_logits.reshape(-1)[0]) if isinstance(return_n_logits, torch.Tensor) else int(return_n_logits)
 
 
+def hidden_to_logits(
+    rows_h: Sequence[torch.Tensor],
+    norm_shards: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    lm_head: Callable[[list[torch.Tensor]], Sequence[torch.Tensor]],
+    logits_scaling: float = 1.0,
+    logits_softcap: float | None = None,
+) -> torch.Tensor:
+    """The one place logits come from hidden rows: the final norm, the head, float32, then division by
+    ``logits_scaling`` (Granite) and the soft-cap ``tanh(x / cap) * cap``.
+
+    rows_h: per-device un-normalized [R, hidden]; lm_head maps per-device normalized rows to per-device logits,
+    fresh tensors (they are scaled in place). Returns the first device's float32 logits [R, V]."""
+    logits = lm_head(forward_sharded_layers(norm_shards, list(rows_h)))[0].float()
+    if logits_scaling != 1.0:
+        logits.div_(logits_scaling)
+    if logits_softcap:
+        logits.div_(logits_softcap).tanh_().mul_(logits_softcap)
+    return logits
+
+
 def distributed_logits_postprocess(
     h: Sequence[torch.Tensor],
     input_row_offsets: Sequence[torch.Tensor],
@@ -99,17 +124,11 @@ def distributed_logits_postprocess(
     """
     last_token_indices = [offsets[1:] - 1 for offsets in input_row_offsets]
     last_token_h = [hd.index_select(0, idx) for hd, idx in zip(h, last_token_indices, strict=True)]
-    norm_last_token = forward_sharded_layers(norm_shards, last_token_h)
 
-    def to_logits(rows: list[torch.Tensor]) -> torch.Tensor:
-        logits = lm_head(rows)[0].float()
-        if logits_scaling != 1.0:
-            logits = logits / logits_scaling
-        if logits_softcap:
-            logits = torch.tanh(logits / logits_softcap) * logits_softcap
-        return logits
+    def to_logits(rows_h: list[torch.Tensor]) -> torch.Tensor:
+        return hidden_to_logits(rows_h, norm_shards, lm_head, logits_scaling, logits_softcap)
 
-    last_logits = to_logits(norm_last_token)
+    last_logits = to_logits(last_token_h)
     ret: tuple[torch.Tensor, ...] = (last_logits,)
 
     if return_logits == ReturnLogits.VARIABLE and h:
@@ -123,10 +142,9 @@ def distributed_logits_postprocess(
         seq_of_row = torch.repeat_interleave(torch.arange(len(counts), device=offsets0.device), counts)
         within = torch.arange(int(logit_offsets[-1]), device=offsets0.device) - logit_offsets[seq_of_row]
         indices = offsets0[1:][seq_of_row] - counts[seq_of_row] + within
-        rows = forward_sharded_layers(norm_shards, [hd.index_select(0, indices.to(hd.device)) for hd in h])
-        ret += (to_logits(rows), logit_offsets)
+        ret += (to_logits([hd.index_select(0, indices.to(hd.device)) for hd in h]), logit_offsets)
     elif return_logits == ReturnLogits.ALL and h:
-        ret += (to_logits(forward_sharded_layers(norm_shards, list(h))), input_row_offsets[0])
+        ret += (to_logits(list(h)), input_row_offsets[0])
 
     if return_hidden_states == ReturnHiddenStates.ALL:
         ret += tuple(h)
@@ -135,7 +153,7 @@ def distributed_logits_postprocess(
     elif return_hidden_states == ReturnHiddenStates.ALL_NORMALIZED:
         ret += tuple(forward_sharded_layers(norm_shards, list(h)))
     elif return_hidden_states == ReturnHiddenStates.LAST_NORMALIZED:
-        ret += tuple(norm_last_token)
+        ret += tuple(forward_sharded_layers(norm_shards, last_token_h))
     return ret
 
 
@@ -149,9 +167,21 @@ class DistributedLogitsPostprocessMixin:
     logits_scaling: float = 1.0
     logits_softcap: float | None = None
 
-    def _full_lm_head(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def compute_logits(self, rows_h: torch.Tensor) -> torch.Tensor:
+        """Un-normalized hidden rows [R, hidden] -> this rank's float32 logits [R, V_local] (``gather_logits``
+        joins the ranks' columns)."""
+        return hidden_to_logits([rows_h], self.norm_shards, self._local_lm_head, self.logits_scaling, self.logits_softcap)
+
+    def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
+        """[R, V_local] on each rank -> [R, V] on every rank (a head that is not vocab-parallel has them all)."""
         head = self.lm_head
-        return [head.gather(head(x)) if hasattr(head, "gather") else head(x) for x in xs]
+        return head.gather(local) if hasattr(head, "gather") else local
+
+    def _local_lm_head(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.lm_head(x) for x in xs]
+
+    def _full_lm_head(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.gather_logits(self.lm_head(x)) for x in xs]
 
     def _postprocess_logits(
         self, h: Sequence[torch.Tensor], input_row_offsets: Sequence[torch.Tensor], return_n_logits: int | torch.Tensor
@@ -206,12 +236,11 @@ class DistributedTransformerBlock(nn.Module):
 
 
 class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
-    """Embedding, blocks, final norm and (vocab-parallel) lm_head over ragged inputs."""
+    """Embedding, blocks, final norm and (vocab-parallel) lm_head over ragged inputs: ``trunk`` gives hidden
+    states, ``compute_logits`` their logits, ``forward`` MAX's call. model/loader.py builds one per architecture."""
 
     def __init__(
         self,
-        dim: int,
-        n_heads: int,
         layers: list[DistributedTransformerBlock],
         norm: ShardableCallable,
         output: nn.Module,
@@ -225,10 +254,11 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         logits_scaling: float = 1.0,
         logits_softcap: float | None = None,
         embedding_multiplier: float = 1.0,
+        rotary_pairs: bool = False,
     ) -> None:
+        """rotary_pairs: the attentions rotate q/k stored in pair order (modules.Attention), so the cos/sin tables
+        are handed to them half-width."""
         super().__init__()
-        self.dim = dim
-        self.n_heads = n_heads
         self.layers = nn.ModuleList(layers)
         self.norm = norm
         self.lm_head = output
@@ -245,18 +275,11 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
             subgraph_layer_groups = [list(range(len(layers)))]
         self.subgraph_layer_groups = subgraph_layer_groups
         self._compiled_groups: dict[int, Callable] = {}
-        self.rotary_pairs = False  # set with every attention's by model.tp.use_rotary_pairs
+        self.rotary_pairs = rotary_pairs
 
     @property
     def norm_shards(self) -> list[ShardableCallable]:
         return [self.norm]  # replicated: this rank's copy
-
-    @property
-    def devices(self) -> list[torch.device]:
-        return [self.parallel.device] if not self.parallel.is_distributed else [
-            torch.device(self.parallel.device.type, i) if self.parallel.device.type == "cuda" else self.parallel.device
-            for i in range(self.parallel.world_size)
-        ]
 
     def _block_fn(self, idx: int) -> Callable:
         """The callable that runs layer idx: eager, or its group's compiled block (regional compilation)."""
@@ -298,7 +321,7 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         if self.embedding_multiplier != 1.0:
             h = h * self.embedding_multiplier
         cos, sin = self.rope(batch.positions(), batch.seq_lens, h.dtype)  # [T, head_dim]
-        if self.rotary_pairs:  # q/k in pair order (model.tp.use_rotary_pairs): the two halves are equal
+        if self.rotary_pairs:  # q/k in pair order: the two halves of each table are equal
             half = cos.shape[-1] // 2
             cos, sin = cos[:, :half], sin[:, :half]
         if 0 in capture:

@@ -1,20 +1,21 @@
 """Building blocks: RMSNorm and the sharded linear / embedding layers that the tensor-parallel plan swaps in.
 
-Each sharded layer is allocated at shard size (vLLM's way) and knows which slices of which checkpoint tensors
-fill it, so loading reads only a rank's bytes. A fused layer (q/k/v, gate/up) is a list of ``Part``s; it loads
-from the separate tensors (``q_proj``...) or, for fused checkpoints, from the slices of the fused tensor
-given by the layout of its parts.
+Each sharded layer is allocated at shard size (vLLM's way) and knows which slice of the full tensor it holds
+(a ``Part``), so loading reads only a rank's bytes; the loader hands it the tensor's checkpoint name. A fused layer
+(q/k/v, gate/up) is a list of ``Part``s; it loads from the separate tensors (``q_proj``...) or, for fused
+checkpoints, from the slices of the fused tensor given by the layout of its parts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import ParallelContext
+from .distributed import ParallelContext, split_evenly
 from .weights import CheckpointReader
 
 
@@ -24,11 +25,11 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 def head_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` for the lm_head; float32 on CPU goes through oneDNN instead of MKL's sgemm.
 
-    On the benchmark machine (AVX2 AMD EPYC, 2 threads) oneDNN runs the [rows, 576] x [576, 49152] head 10-25%
-    faster, on the same plain weight (no packed copy). Only the head: its summation order differs from MKL's,
-    and in the decoder matmuls that difference grows through the layers (SmolLM2-135M logits 3-4e-4 from
-    transformers with every linear on oneDNN, against 8e-5 with the head alone, the bar being 1e-4). No autograd
-    kernel and no compiler lowering: a call that needs gradients, or a traced one, keeps ``F.linear``."""
+    oneDNN runs the wide, short head matmul faster than MKL on the same plain weight (no packed copy; figures in
+    docs/benchmarks.md). Only the head: its summation order differs from MKL's, and in the decoder matmuls that
+    difference grows through the layers (SmolLM2-135M logits 3-4e-4 from transformers with every linear on oneDNN,
+    against 8e-5 with the head alone, the bar being 1e-4). No autograd kernel and no compiler lowering: a call that
+    needs gradients, or a traced one, keeps ``F.linear``."""
     if (
         _ONEDNN_LINEAR
         and x.device.type == "cpu"
@@ -51,50 +52,47 @@ class RMSNorm(nn.Module):
         # float32 statistics, as transformers computes them
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             if x.device.type == "cpu":
-                # torch's CPU rms_norm runs pow, mean and two muls as separate slow passes: 6-9 ms for [4260, 576]
-                # on the benchmark machine; these four ops take 2.6-3.2 ms and give the same bits.
+                # torch's CPU rms_norm runs pow, mean and two muls as separate slow passes; these four ops are
+                # faster and give the same bits.
                 inv = torch.mul(x, x).sum(-1, keepdim=True).div_(x.shape[-1]).add_(self.eps).rsqrt_()
                 return torch.mul(x, inv).mul_(self.weight)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # fused kernel on accelerators
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)  # transformers' order for half precision: cast, then scale
 
-    def load(self, reader: CheckpointReader, name: str) -> None:
-        self.weight.data.copy_(reader.read(f"{name}.weight"))
-
 
 @dataclass(frozen=True)
 class Part:
-    """One logical piece of a (possibly fused) weight: `size` rows from `start` of a `full`-row tensor `name`."""
+    """One logical piece of a (possibly fused) weight: `size` rows from `start` of a `full`-row tensor."""
 
-    name: str  # checkpoint tensor stem, e.g. "q_proj"
     full: int  # rows of the whole part in the checkpoint
     start: int  # this rank's first row
     size: int  # this rank's rows
 
 
-def _read_parts(reader: CheckpointReader, prefix: str, parts: list[Part], fused_name: str | None, suffix: str, dim: int):
-    """Read each part's slice along `dim` from separate tensors, or from the fused tensor's layout."""
-    if all(f"{prefix}.{p.name}.{suffix}" in reader for p in parts):
-        return torch.cat([reader.read(f"{prefix}.{p.name}.{suffix}", dim, p.start, p.size) for p in parts], dim=dim)
-    fused = f"{prefix}.{fused_name}.{suffix}"
-    if fused_name and fused in reader:
+def _read_parts(reader: CheckpointReader, name: str, part_names: Sequence[str], parts: list[Part], suffix: str):
+    """Each part's rows: from the separate tensors beside `name` (``...self_attn.q_proj`` beside
+    ``...self_attn.qkv_proj``) where the checkpoint has them, else from the fused tensor `name` by its layout."""
+    parent = name.rpartition(".")[0]
+    separate = [f"{parent}.{part}.{suffix}" for part in part_names]
+    if separate and all(s in reader for s in separate):
+        return torch.cat([reader.read(s, 0, p.start, p.size) for s, p in zip(separate, parts, strict=True)])
+    fused = f"{name}.{suffix}"
+    if fused in reader:
         chunks, offset = [], 0
         for p in parts:
-            chunks.append(reader.read(fused, dim, offset + p.start, p.size))
+            chunks.append(reader.read(fused, 0, offset + p.start, p.size))
             offset += p.full
-        return torch.cat(chunks, dim=dim)
-    names = ", ".join(f"{prefix}.{p.name}.{suffix}" for p in parts)
-    raise KeyError(f"checkpoint has neither {names} nor {fused}")
+        return torch.cat(chunks)
+    raise KeyError(f"checkpoint has neither {', '.join(separate)} nor {fused}")
 
 
 class ColumnParallelLinear(nn.Module):
     """y_local = x @ W_local^T (+ b_local): output features split across ranks; no communication."""
 
-    def __init__(self, in_features: int, parts: list[Part], bias: bool, fused_name: str | None = None) -> None:
+    def __init__(self, in_features: int, parts: list[Part], bias: bool) -> None:
         super().__init__()
         self.parts = parts
-        self.fused_name = fused_name
         out = sum(p.size for p in parts)
         self.weight = nn.Parameter(torch.empty(out, in_features))
         self.bias = nn.Parameter(torch.empty(out)) if bias else None
@@ -102,10 +100,11 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def load(self, reader: CheckpointReader, prefix: str) -> None:
-        self.weight.data.copy_(_read_parts(reader, prefix, self.parts, self.fused_name, "weight", 0))
+    def load(self, reader: CheckpointReader, name: str, part_names: Sequence[str]) -> None:
+        """name: the fused tensor's checkpoint name; part_names: the separate tensors' (one per part)."""
+        self.weight.data.copy_(_read_parts(reader, name, part_names, self.parts, "weight"))
         if self.bias is not None:
-            self.bias.data.copy_(_read_parts(reader, prefix, self.parts, self.fused_name, "bias", 0))
+            self.bias.data.copy_(_read_parts(reader, name, part_names, self.parts, "bias"))
 
 
 class RowParallelLinear(nn.Module):
@@ -122,8 +121,7 @@ class RowParallelLinear(nn.Module):
         y = self.parallel.all_reduce(F.linear(x, self.weight))
         return y + self.bias if self.bias is not None else y
 
-    def load(self, reader: CheckpointReader, prefix: str) -> None:
-        name = f"{prefix}.{self.part.name}"
+    def load(self, reader: CheckpointReader, name: str) -> None:
         self.weight.data.copy_(reader.read(f"{name}.weight", 1, self.part.start, self.part.size))
         if self.bias is not None:
             self.bias.data.copy_(reader.read(f"{name}.bias"))
@@ -159,8 +157,6 @@ class VocabParallelLMHead(nn.Module):
         self.parallel = parallel
         self.weight = nn.Parameter(torch.empty(vocab.size, dim))
         # Every rank's vocabulary share, for gathering uneven shards.
-        from .distributed import split_evenly
-
         self.sizes = [split_evenly(vocab.full, parallel.world_size, r)[1] for r in range(parallel.world_size)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

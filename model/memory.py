@@ -1,10 +1,10 @@
 """Keep freed memory in the process for the next batch instead of handing it back to the OS (CPU serving).
 
 glibc's malloc serves blocks above its mmap threshold (at most 32 MiB) with fresh ``mmap`` calls and unmaps them on
-free, so every batch re-faults and the kernel re-zeroes its activations: on the default model, a batch of 8
-sequences (2.7k tokens) took 110-190k page faults and 0.4-1.3 s of system time per forward, 10-18% of its wall
-time. With mmap disabled and a high trim threshold, freed blocks stay in the heap and are reused: 0 faults after
-the first batch. The cost: the process keeps its peak working set (the largest batch's activations).
+free, so every batch re-faults and the kernel re-zeroes its activations: a sizeable share of a forward's wall time
+spent in the kernel (measured in docs/benchmarks.md). With mmap disabled and a high trim threshold, freed blocks
+stay in the heap and are reused: no faults after the first batch. The cost: the process keeps its peak working
+set (the largest batch's activations).
 """
 
 from __future__ import annotations

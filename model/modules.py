@@ -1,18 +1,25 @@
-"""Plain decoder pieces (attention, MLP) over ragged batches. They know nothing of tensor parallelism: the
-plan in ``tp.py`` swaps their linears for sharded ones and sets the local head counts."""
+"""Plain decoder pieces (attention, MLP) over ragged batches. They know nothing of tensor parallelism: an
+attention is told which heads it computes, and the plan in ``tp.py`` swaps its linears for sharded ones."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
 from .layers import RMSNorm
-from .rope import apply_rotary, apply_rotary_pairs
+from .rope import apply_rotary, apply_rotary_pairs, to_pair_order
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
+
+# hidden_act values of config.json and the functions they name.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu}
 
 _flash_adapter = None
 
@@ -136,13 +143,12 @@ def query_cuts(n: int, dtype: torch.dtype, device: torch.device, windowed: bool 
 
     torch's CPU flash kernel computes the masked half of a causal call too (a causal 512-token call costs as much
     as an unmasked one), so a block that sees only the keys up to its last row saves work. In half precision the
-    blocks are 128 rows (7% less time at 384 tokens, 22% at 512). float32/float64 keep the bits of the one causal
-    call transformers makes (any other grouping moves SmolLM2-135M logits by up to 1e-4 through 30 layers): the
-    kernel walks a call of 192-767 query rows in 64-row blocks, each row summing softmax(q.k) v over all the call's
-    keys, the masked ones as zeros. Blocks of at least 192 rows that start at multiples of 64 keep those 64-row
-    blocks, and the keys they drop are zeros: the same sums, 11% less attention time on this benchmark's lengths
-    (tested bit for bit, tests/model/test_attention.py). Other devices' kernels make no such promise, nor does a
-    windowed call (its blocks also drop keys before the window): one call."""
+    blocks are 128 rows. float32/float64 keep the bits of the one causal call transformers makes (any other
+    grouping moves SmolLM2-135M logits by up to 1e-4 through 30 layers): the kernel walks a call of 192-767 query
+    rows in 64-row blocks, each row summing softmax(q.k) v over all the call's keys, the masked ones as zeros.
+    Blocks of at least 192 rows that start at multiples of 64 keep those 64-row blocks, and the keys they drop are
+    zeros: the same sums for less work (tested bit for bit, tests/model/test_attention.py). Other devices' kernels
+    make no such promise, nor does a windowed call (its blocks also drop keys before the window): one call."""
     if dtype not in (torch.float32, torch.float64):
         return [*range(0, n, QUERY_BLOCK), n] if n > 2 * QUERY_BLOCK else [0, n]
     if windowed or device.type != "cpu" or not 384 <= n < 768:
@@ -196,24 +202,50 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    """Causal self-attention of the query heads it is given and the kv heads they use (all of them, or a
+    tensor-parallel rank's share: the plain linears are built full-size, and the plan swaps in this rank's shard).
+
+    rotary_pairs: q and k heads are stored in pair order (``after_loading`` permutes the loaded rows) and rotated
+    by one complex multiply (rope.apply_rotary_pairs); cos/sin then come half-width. Else HF's rotate-half."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_idx: int,
+        *,
+        num_heads: int,
+        num_kv_heads: int,
+        kv_head_index: torch.Tensor | None = None,
+        rotary_pairs: bool = False,
+        norm: Callable[[int, float], nn.Module] = RMSNorm,
+    ) -> None:
         super().__init__()
+        if rotary_pairs and config.qk_norm:  # the norm would sum each head's squares in another order
+            raise ValueError("q/k norm needs the checkpoint's rotate-half order")
         self.head_dim = config.head_dim
-        self.num_heads = config.num_heads  # local counts: the tp plan lowers them
-        self.num_kv_heads = config.num_kv_heads
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        # Local kv head of each local query head, where the query heads do not map onto the kv heads in uniform
+        # groups (kv heads replicated across more ranks than there are kv heads); None: SDPA's GQA grouping.
+        self.kv_head_index = kv_head_index
+        self.rotary_pairs = rotary_pairs
         self.scale = config.attention_scale
         self.window = config.sliding_windows[layer_idx]
         self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias)
-        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        # Set by the plan when a rank's query heads do not map onto its kv heads in uniform groups
-        # (kv heads replicated across more ranks than there are kv heads): local kv head of each local q head.
-        self.kv_head_index: torch.Tensor | None = None
-        # Set by model.tp.use_rotary_pairs: q/k heads are stored in pair order and cos/sin come half-width.
-        self.rotary_pairs = False
+        self.q_norm = norm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = norm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         # Regional compilation swaps in a compiler-disabled copy: the host-driven loop over sequences stays eager.
         self.attention_fn = ragged_attention
+
+    @torch.no_grad()
+    def after_loading(self) -> None:
+        """With rotary_pairs, put the loaded q and k rows (this module's heads) in pair order."""
+        if not self.rotary_pairs:
+            return
+        qk_rows = (self.num_heads + self.num_kv_heads) * self.head_dim  # q then k heads lead the fused output
+        for p in (self.qkv_proj.weight, self.qkv_proj.bias):
+            if p is not None:
+                p.data[:qk_rows] = to_pair_order(p.data[:qk_rows], self.head_dim)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: RaggedBatch, rows: torch.Tensor | None = None
@@ -239,11 +271,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """down(act(gate(x)) * up(x)), with gate and up fused in one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, activation: str = "silu") -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act = ACTIVATIONS[activation]
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate).mul_(up))  # in place: one [T, intermediate] buffer fewer
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, intermediate] each
+        return self.down_proj(self.act(gate).mul_(up))  # in place: one [T, intermediate] buffer fewer

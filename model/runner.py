@@ -1,7 +1,7 @@
 """The serving path: one forward of the trunk for a ragged batch whose sequences each ask for different outputs.
 
-The final norm and lm_head run only on rows some sequence needs. Target log-probabilities and top-k are computed
-on the device from the vocab-parallel logits (distributed max / log-sum-exp, local top-k merged across ranks);
+The final norm and lm_head run only on rows some sequence needs (``DistributedTransformer.compute_logits``).
+Target log-probabilities and top-k are reduced on the device from the vocab-parallel logits (model/scores.py);
 full rows are gathered across ranks only for sequences that asked for full logits.
 """
 
@@ -12,15 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from .config import ModelConfig
 from .distributed import ParallelContext
 from .distributed_transformer import DistributedTransformer
+from .loader import load_model
 from .memory import retain_freed_memory
 from .modules import RaggedBatch
 from .outputs import OutputSpec, SequenceOutput
-from .tp import load_model
+from .scores import RowScores, ScoreReducer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,12 +47,25 @@ class _RowPlan:
     hidden_slices: list[list[tuple[int, int, int]]]  # per sequence: (layer, start, count) into hidden_rows[layer]
 
 
+@dataclass
+class _VocabOutputs:
+    """What the vocab rows of a batch produced, on the CPU."""
+
+    scores: RowScores  # one row per vocab row
+    logits: torch.Tensor | None = None  # float32 [F, V]: the rows that asked for full logits
+    logits_row_index: torch.Tensor | None = None  # int64 [R]: vocab row -> its row of `logits`
+
+
 class ModelRunner:
     def __init__(self, model: DistributedTransformer, config: ModelConfig, parallel: ParallelContext, dtype: torch.dtype):
         self.model = model
         self.config = config
         self.parallel = parallel
         self.dtype = dtype
+        head = model.lm_head
+        self.scores = ScoreReducer(
+            model.compute_logits, head.vocab.start, config.vocab_size, parallel, head.weight.dtype == torch.float32
+        )
 
     @classmethod
     def load(
@@ -65,8 +78,8 @@ class ModelRunner:
         retain_memory: bool = True,
         **model_kwargs,
     ) -> ModelRunner:
-        """retain_memory: on CPU, keep freed activations in the process for the next batch (see model/memory.py;
-        10-18% faster forwards, at the price of holding the peak working set)."""
+        """retain_memory: on CPU, keep freed activations in the process for the next batch (see model/memory.py:
+        no page faults on fresh memory per batch, at the price of holding the peak working set)."""
         config = ModelConfig.from_pretrained(checkpoint)
         parallel = parallel or ParallelContext.single(device)
         if retain_memory and parallel.device.type == "cpu":
@@ -118,84 +131,12 @@ class ModelRunner:
         return depth, final_rows
 
     # Rows per chunk when no full logits are wanted: one [chunk, vocab] float32 block (100 MB for a 49k vocabulary)
-    # at a time, exponentiated in place, instead of a [R, vocab] tensor and its exp() temporary (GBs for long
-    # batches); the allocator keeps the freed block for the next chunk (model/memory.py). 512 rows keep the lm_head
-    # matmul efficient (the weight is re-read once per chunk).
+    # at a time, instead of a [R, vocab] tensor and its temporaries (GBs for long batches); the allocator keeps the
+    # freed block for the next chunk (model/memory.py). 512 rows keep the lm_head matmul efficient (the weight is
+    # re-read once per chunk).
     SCORE_CHUNK_ROWS = 512
 
-    def _logits(self, rows_h: torch.Tensor) -> torch.Tensor:
-        """Local logits [R, V_local] in float32 of the (un-normalized) hidden rows, after scaling and soft-capping."""
-        model = self.model
-        local = model.lm_head(model.norm(rows_h)).float()  # a fresh tensor: scaled and capped in place
-        if model.logits_scaling != 1.0:
-            local.div_(model.logits_scaling)
-        if model.logits_softcap:
-            local.div_(model.logits_softcap).tanh_().mul_(model.logits_softcap)
-        return local
-
-    def _reduce(self, local: torch.Tensor, targets: torch.Tensor | None, k_max: int) -> dict[str, torch.Tensor]:
-        """Target log-probs and top-k of local logit rows (log-sum-exp and top-k merged across vocab shards)."""
-        ctx, head = self.parallel, self.model.lm_head
-        out: dict[str, torch.Tensor] = {}
-        if ctx.is_distributed:
-            m = local.max(dim=-1).values
-            ctx.all_reduce(m, dist.ReduceOp.MAX)
-            sum_exp = torch.exp(local - m[:, None]).sum(dim=-1)
-            ctx.all_reduce(sum_exp)
-            lse = m + torch.log(sum_exp)
-        else:
-            lse = torch.logsumexp(local, dim=-1)
-        vstart, vsize = head.vocab.start, head.vocab.size
-        if targets is not None:
-            local_t = targets - vstart
-            mine = (local_t >= 0) & (local_t < vsize)
-            picked = local.gather(1, local_t.clamp(0, vsize - 1)[:, None]).squeeze(1)
-            target_logit = torch.where(mine, picked, torch.zeros_like(picked))
-            ctx.all_reduce(target_logit)
-            logprobs = target_logit - lse
-            out["target_logprobs"] = torch.where(targets >= 0, logprobs, torch.full_like(logprobs, float("nan")))
-        if k_max:
-            k_local = min(k_max, vsize)
-            values, ids = local.topk(k_local, dim=-1)
-            ids = ids + vstart
-            if ctx.is_distributed:
-                if k_local < k_max:  # pad so that every rank sends [R, k_max]
-                    pad = k_max - k_local
-                    values = torch.cat([values, values.new_full((values.shape[0], pad), float("-inf"))], 1)
-                    ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], 1)
-                values = ctx.all_gather_uneven(values, [k_max] * ctx.world_size, dim=1)
-                ids = ctx.all_gather_uneven(ids, [k_max] * ctx.world_size, dim=1)
-                values, order = values.topk(min(k_max, self.config.vocab_size), dim=-1)
-                ids = ids.gather(1, order)
-            out["top_k_ids"] = ids
-            out["top_k_logprobs"] = values - lse[:, None]
-        return out
-
-    def _reduce_inplace(self, rows_h, targets, k_max: int) -> dict[str, torch.Tensor]:
-        """`_reduce` on one process: the float32 logits chunk is exponentiated in place (no second [R, V] tensor)."""
-        buf = self._logits(rows_h)  # [R, V]; freed memory is kept for the next chunk (model/memory.py)
-        out: dict[str, torch.Tensor] = {}
-        picked = buf.gather(1, targets.clamp(min=0)[:, None]).squeeze(1) if targets is not None else None
-        if k_max:
-            values, ids = buf.topk(min(k_max, buf.shape[1]), dim=-1)
-        # log-sum-exp without the max shift: two passes over [R, V] instead of four. Logits stay far inside exp's
-        # float32 range in practice; a row whose sum overflows (a logit above ~88) or falls so low that denormal
-        # terms could matter (below 2^-60, so the largest term is under 2^-78) is redone with the shift.
-        sums = buf.exp_().sum(dim=-1)
-        unsafe = ~(torch.isfinite(sums) & (sums >= 2.0**-60))
-        lse = sums.log_()
-        if unsafe.any():
-            redo = unsafe.nonzero().squeeze(1)
-            lse[redo] = torch.logsumexp(self._logits(rows_h.index_select(0, redo)), dim=-1)
-        if picked is not None:
-            logprobs = picked - lse
-            out["target_logprobs"] = torch.where(targets >= 0, logprobs, torch.full_like(logprobs, float("nan")))
-        if k_max:
-            out["top_k_ids"] = ids
-            out["top_k_logprobs"] = values - lse[:, None]
-        return out
-
-    def _vocab_outputs(self, h: torch.Tensor, plan: _RowPlan, specs: Sequence[OutputSpec]) -> dict[str, torch.Tensor]:
+    def _vocab_outputs(self, h: torch.Tensor, plan: _RowPlan, specs: Sequence[OutputSpec]) -> _VocabOutputs:
         """Logits-derived tensors for the vocab rows, on the CPU."""
         dev = h.device
         every_row = plan.vocab_rows == list(range(h.shape[0]))  # every row, in order: no gather copy of h
@@ -203,35 +144,28 @@ class ModelRunner:
         flags = [s.logits for s, (_, c) in zip(specs, plan.vocab_slices) for _ in range(c)]
         k_max = max((s.top_k for s in specs if s.needs_vocab), default=0)
         targets = torch.tensor(plan.targets, device=dev) if any(s.target_logprobs for s in specs) else None
-        out: dict[str, torch.Tensor] = {}
 
         if not any(flags):
             # Scores only (perplexity, top-k): the lm_head runs in row chunks, no [R, vocab] tensor exists.
             n, step = len(plan.vocab_rows), self.SCORE_CHUNK_ROWS
-            head = self.model.lm_head
-            inplace = not self.parallel.is_distributed and head.weight.dtype == torch.float32
-            parts: dict[str, list[torch.Tensor]] = {}
+            chunks = []
             for s in range(0, n, step):
                 e = min(n, s + step)
                 rows_h = h[s:e] if every_row else h.index_select(0, row_index[s:e])
-                tgt = None if targets is None else targets[s:e]
-                if inplace:
-                    got = self._reduce_inplace(rows_h, tgt, k_max)
-                else:
-                    got = self._reduce(self._logits(rows_h), tgt, k_max)
-                for key, t in got.items():
-                    parts.setdefault(key, []).append(t)
-            return {key: torch.cat(ts).cpu() for key, ts in parts.items()}
+                chunks.append(self.scores(rows_h, None if targets is None else targets[s:e], k_max))
+            return _VocabOutputs(RowScores.cat(chunks))
 
-        local = self._logits(h if every_row else h.index_select(0, row_index))  # [R, V_local]
-        if targets is not None or k_max:
-            out.update({key: t.cpu() for key, t in self._reduce(local, targets, k_max).items()})
+        rows_h = h if every_row else h.index_select(0, row_index)
+        local = self.model.compute_logits(rows_h)  # [R, V_local]
+        scores = self.scores(rows_h, targets, k_max, logits=local) if targets is not None or k_max else RowScores()
         want_full = torch.tensor(flags, dtype=torch.bool, device=dev)
         # All rows wanted (the common case): the logits tensor itself, not a [R, V] copy of it.
         full = local if all(flags) else local.index_select(0, want_full.nonzero().squeeze(1))
-        out["logits"] = self.model.lm_head.gather(full).cpu()
-        out["logits_row_index"] = torch.cumsum(want_full.long(), 0).cpu() - 1  # vocab row -> row of out["logits"]
-        return out
+        return _VocabOutputs(
+            scores=RowScores.cat([scores]),
+            logits=self.model.gather_logits(full).cpu(),
+            logits_row_index=torch.cumsum(want_full.long(), 0).cpu() - 1,
+        )
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, input_row_offsets: torch.Tensor, specs: Sequence[OutputSpec]) -> list[SequenceOutput]:
@@ -249,7 +183,7 @@ class ModelRunner:
         capture = {layer: torch.tensor(rows, device=dev) for layer, rows in plan.hidden_rows.items()}
         final = None if final_rows is None else torch.tensor(final_rows, device=dev)
         h, captured = self.model.trunk(input_ids.to(dev), batch, capture, depth=depth, final_rows=final)
-        vocab = self._vocab_outputs(h, plan, specs) if plan.vocab_rows else {}
+        vocab = self._vocab_outputs(h, plan, specs) if plan.vocab_rows else None
         captured_cpu = {layer: t.cpu() for layer, t in captured.items()}
 
         outputs = []
@@ -259,14 +193,15 @@ class ModelRunner:
             seq = SequenceOutput(positions=positions)
             start, count = plan.vocab_slices[b]
             if count:
+                scores = vocab.scores
                 if spec.logits:
-                    first = int(vocab["logits_row_index"][start])
-                    seq.logits = vocab["logits"][first : first + count]
+                    first = int(vocab.logits_row_index[start])
+                    seq.logits = vocab.logits[first : first + count]
                 if spec.target_logprobs:
-                    seq.target_logprobs = vocab["target_logprobs"][start : start + count]
+                    seq.target_logprobs = scores.target_logprobs[start : start + count]
                 if spec.top_k:
-                    seq.top_k_ids = vocab["top_k_ids"][start : start + count, : spec.top_k]
-                    seq.top_k_logprobs = vocab["top_k_logprobs"][start : start + count, : spec.top_k]
+                    seq.top_k_ids = scores.top_k_ids[start : start + count, : spec.top_k]
+                    seq.top_k_logprobs = scores.top_k_logprobs[start : start + count, : spec.top_k]
             if plan.hidden_slices[b]:
                 stacked = torch.stack([captured_cpu[layer][s : s + c] for layer, s, c in plan.hidden_slices[b]])
                 if spec.return_hidden_states.normalized:

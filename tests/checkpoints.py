@@ -1,7 +1,8 @@
-"""Tiny random checkpoints made with transformers, one per supported architecture, for tests and benches."""
+"""Tiny random checkpoints made with transformers, keyed like model/architectures.py, for tests and benches."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,22 +33,33 @@ def make_tokenizer(vocab_size: int = 300):
     return tok
 
 
-ARCH_CONFIGS = {
-    "llama": dict(cls="LlamaConfig", extra=dict(rope_theta=10000.0)),
-    "llama3": dict(
-        cls="LlamaConfig",
-        extra=dict(
+@dataclass(frozen=True)
+class Recipe:
+    """A tiny checkpoint of one registered architecture (model.architectures.ARCHITECTURES): its config.json is
+    transformers' config class of that architecture, with the shared tiny shape and these values."""
+
+    architecture: str
+    config: dict = field(default_factory=dict)
+
+
+# Every registered architecture has at least one recipe (tests/model/test_architectures.py); a second recipe of
+# an architecture covers a variant every model test should see (llama3: a scaled rope).
+RECIPES: dict[str, Recipe] = {
+    "llama": Recipe("LlamaForCausalLM", dict(rope_theta=10000.0)),
+    "llama3": Recipe(
+        "LlamaForCausalLM",
+        dict(
             rope_theta=500000.0,
             rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                               original_max_position_embeddings=64),
         ),
     ),
-    "mistral": dict(cls="MistralConfig", extra=dict(sliding_window=16)),
-    "qwen2": dict(cls="Qwen2Config", extra=dict()),
-    "qwen3": dict(cls="Qwen3Config", extra=dict(head_dim=24)),
-    "granite": dict(
-        cls="GraniteConfig",
-        extra=dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=8.0),
+    "mistral": Recipe("MistralForCausalLM", dict(sliding_window=16)),
+    "qwen2": Recipe("Qwen2ForCausalLM"),
+    "qwen3": Recipe("Qwen3ForCausalLM", dict(head_dim=24)),
+    "granite": Recipe(
+        "GraniteForCausalLM",
+        dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=8.0),
     ),
 }
 
@@ -68,7 +80,7 @@ def make_checkpoint(
     dtype: torch.dtype = torch.float32,
     **extra,
 ) -> Path:
-    """Write a random checkpoint (config.json, model.safetensors, tokenizer.json) and return its folder."""
+    """Write a random checkpoint of recipe `arch` (config.json, model.safetensors, tokenizer.json); its folder."""
     import transformers
 
     path = Path(path)
@@ -76,7 +88,7 @@ def make_checkpoint(
     tokenizer = make_tokenizer() if with_tokenizer else None
     if vocab_size is None:
         vocab_size = tokenizer.get_vocab_size() if tokenizer else 300
-    spec = ARCH_CONFIGS[arch]
+    recipe = RECIPES[arch]
     kwargs = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -90,9 +102,9 @@ def make_checkpoint(
         eos_token_id=2,
         rms_norm_eps=1e-5,
     )
-    kwargs.update(spec["extra"])
+    kwargs.update(recipe.config)
     kwargs.update(extra)
-    config = getattr(transformers, spec["cls"])(**kwargs)
+    config = getattr(transformers, recipe.architecture).config_class(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init with std 0.02 leaves logits nearly flat; widen it so that tests see real differences.

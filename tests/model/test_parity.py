@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import ModelRunner, OutputSpec, ReturnHiddenStates, ReturnLogits
-from tests.checkpoints import ARCH_CONFIGS, load_reference, make_checkpoint
+from tests.checkpoints import RECIPES, load_reference, make_checkpoint
 from tests.model.helpers import ragged, reference
 
 ATOL = 1e-4
@@ -40,7 +40,7 @@ def check_parity(path, lengths=LENGTHS):
         assert torch.equal(out.positions, torch.arange(len(seq)))
 
 
-@pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
+@pytest.mark.parametrize("arch", sorted(RECIPES))
 def test_architecture_parity(arch, checkpoint_factory):
     check_parity(checkpoint_factory(arch))
 

@@ -218,14 +218,15 @@ def test_scores_logsumexp_without_shift_falls_back_on_extreme_rows(llama, monkey
         redone.append(idx.tolist())
         return table[idx].clone()
 
-    monkeypatch.setattr(runner, "_logits", fake_logits)
+    monkeypatch.setattr(runner.scores, "compute_logits", fake_logits)
+    assert runner.scores.in_place  # one process, float32: the unshifted in-place path
     rows_h = torch.arange(6.0)[:, None]
     targets = torch.tensor([3, 5, 9, 7, 11, -1])
-    got = runner._reduce_inplace(rows_h, targets, k_max=3)
+    got = runner.scores(rows_h, targets, top_k=3)
     assert redone == [list(range(6)), [1, 2, 3]]
     logprobs = torch.log_softmax(table.double(), dim=-1)
     expected = logprobs.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
-    torch.testing.assert_close(got["target_logprobs"][:5].double(), expected[:5], atol=1e-5, rtol=0)
-    assert torch.isnan(got["target_logprobs"][5])
-    torch.testing.assert_close(got["top_k_logprobs"].double(), logprobs.topk(3, dim=-1).values, atol=1e-5, rtol=0)
-    assert torch.isfinite(got["top_k_logprobs"]).all()
+    torch.testing.assert_close(got.target_logprobs[:5].double(), expected[:5], atol=1e-5, rtol=0)
+    assert torch.isnan(got.target_logprobs[5])
+    torch.testing.assert_close(got.top_k_logprobs.double(), logprobs.topk(3, dim=-1).values, atol=1e-5, rtol=0)
+    assert torch.isfinite(got.top_k_logprobs).all()

@@ -4,7 +4,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import model.tp as tp
 from model import ModelRunner, OutputSpec, ReturnLogits
 from model.rope import apply_rotary, apply_rotary_pairs, pair_order, to_pair_order
 from tests.model.helpers import ragged
@@ -52,7 +51,7 @@ def test_pairs_real_formula_for_half_precision():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # plain, q/k/v bias
-def test_float32_load_stores_qk_heads_in_pair_order(arch, checkpoint_factory, monkeypatch):
+def test_float32_load_stores_qk_heads_in_pair_order(arch, checkpoint_factory):
     path = checkpoint_factory(arch)
     runner = ModelRunner.load(path, dtype="float32")
     cfg, attn = runner.config, runner.model.layers[0].self_attn
@@ -68,8 +67,7 @@ def test_float32_load_stores_qk_heads_in_pair_order(arch, checkpoint_factory, mo
         assert torch.equal(attn.qkv_proj.bias[:q], to_pair_order(ckpt[p + "q_proj.bias"], d))
 
     # The same bits as the checkpoint's order with rotate-half: q and k leave the rotary in that order.
-    monkeypatch.setattr(tp, "use_rotary_pairs", lambda model, config: None)
-    plain = ModelRunner.load(path, dtype="float32")
+    plain = ModelRunner.load(path, dtype="float32", rotary_pairs=False)
     assert not plain.model.layers[0].self_attn.rotary_pairs
     _, ids, offsets = ragged([7, 300, 1], cfg.vocab_size)
     spec = [OutputSpec(return_logits=ReturnLogits.ALL)] * 3

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from model import ModelRunner, OutputSpec, ReturnHiddenStates, ReturnLogits, launch_local
 from model.tp import HeadLayout
 from model.config import ModelConfig
-from tests.checkpoints import ARCH_CONFIGS, make_checkpoint
+from tests.checkpoints import RECIPES, make_checkpoint
 from tests.model.helpers import ragged
 
 SPEC = OutputSpec(return_logits=ReturnLogits.ALL, target_logprobs=True, top_k=6,
@@ -48,7 +48,7 @@ def cases(tmp_path_factory):
     """Every architecture, plus the hard shapes: kv heads fewer than ranks, odd vocab/intermediate, tied head."""
     root = tmp_path_factory.mktemp("tp")
     paths = [make_checkpoint(root / arch, arch, with_tokenizer=False, num_heads=4, num_kv_heads=2, vocab_size=300)
-             for arch in sorted(ARCH_CONFIGS)]
+             for arch in sorted(RECIPES)]
     paths.append(make_checkpoint(root / "odd", "qwen2", with_tokenizer=False, num_heads=8, num_kv_heads=2,
                                  vocab_size=301, intermediate_size=101, tie_word_embeddings=True))
     # 6 heads over 3 kv heads at tp=2: kv head 1 is on both ranks and the groups are irregular ([0,0,1], [0,1,1])

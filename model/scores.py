@@ -1,0 +1,133 @@
+"""Per-row scores of logits (target log-probabilities, top-k) reduced across the vocabulary shards.
+
+One reducer serves every caller: a chunk of hidden rows comes in, its float32 logits [R, V_local] are the only
+vocabulary-wide tensor, and each score leaves as a per-row tensor. Scores that read the raw logits (a target's
+logit, the local top-k) are taken first, then the log-sum-exp over the whole vocabulary (maximum and sum merged
+across ranks), then what is relative to it. A new score is one more field of ``RowScores``, computed in
+``ScoreReducer.__call__`` at the stage it needs, with its cross-rank reduction (sum, max, or a gather of k
+candidates as top-k does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as dist
+
+from .distributed import ParallelContext
+
+
+@dataclass
+class RowScores:
+    """Scores of logit rows; None where not asked for."""
+
+    target_logprobs: torch.Tensor | None = None  # float32 [R], NaN where the row has no target (-1)
+    top_k_ids: torch.Tensor | None = None  # int64 [R, k]
+    top_k_logprobs: torch.Tensor | None = None  # float32 [R, k]
+
+    @classmethod
+    def cat(cls, chunks: Sequence[RowScores]) -> RowScores:
+        """The chunks' rows in order, on the CPU."""
+        joined = {}
+        for f in fields(cls):
+            parts = [getattr(c, f.name) for c in chunks]
+            joined[f.name] = None if parts[0] is None else torch.cat(parts).cpu()
+        return cls(**joined)
+
+
+class ScoreReducer:
+    """Scores of hidden rows from their vocab-parallel logits.
+
+    compute_logits: hidden rows [R, hidden] -> this rank's float32 logits [R, V_local], a fresh tensor;
+    vocab_start: the first vocabulary id of this rank's columns; vocab_size: the whole vocabulary.
+
+    The fast path: on one process, with float32 weights, logits this reducer computed itself are exponentiated in
+    place for the log-sum-exp (no second [R, V] tensor, two passes over it instead of four); see _log_sum_exp."""
+
+    def __init__(
+        self,
+        compute_logits: Callable[[torch.Tensor], torch.Tensor],
+        vocab_start: int,
+        vocab_size: int,
+        parallel: ParallelContext,
+        float32_weights: bool,
+    ) -> None:
+        self.compute_logits = compute_logits
+        self.vocab_start = vocab_start
+        self.vocab_size = vocab_size
+        self.parallel = parallel
+        self.in_place = not parallel.is_distributed and float32_weights
+
+    def __call__(
+        self,
+        rows_h: torch.Tensor,
+        targets: torch.Tensor | None,
+        top_k: int,
+        logits: torch.Tensor | None = None,
+    ) -> RowScores:
+        """rows_h [R, hidden]; targets int64 [R] (-1: none) or None; top_k 0 for none. `logits`: the rows' local
+        logits when the caller keeps them (full logits were asked for too): read, never overwritten."""
+        owned = logits is None
+        if owned:
+            logits = self.compute_logits(rows_h)  # [R, V_local]
+        # What reads the raw logits, before the log-sum-exp may overwrite them.
+        target_logit = self._target_logit(logits, targets) if targets is not None else None
+        top_values, top_ids = self._top_k(logits, top_k) if top_k else (None, None)
+        lse = self._log_sum_exp(logits, rows_h if owned and self.in_place else None)  # [R]
+        scores = RowScores()
+        if target_logit is not None:
+            logprobs = target_logit - lse
+            scores.target_logprobs = torch.where(targets >= 0, logprobs, torch.full_like(logprobs, float("nan")))
+        if top_k:
+            scores.top_k_ids = top_ids
+            scores.top_k_logprobs = top_values - lse[:, None]
+        return scores
+
+    def _target_logit(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """[R]: the logit of each row's target, from the rank whose columns hold it (0 for rows without one)."""
+        width = logits.shape[1]
+        local = targets - self.vocab_start
+        mine = (local >= 0) & (local < width)
+        picked = logits.gather(1, local.clamp(0, width - 1)[:, None]).squeeze(1)
+        return self.parallel.all_reduce(torch.where(mine, picked, torch.zeros_like(picked)))
+
+    def _top_k(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values and vocabulary ids [R, k] of the k largest logits: each rank's own k, merged across ranks."""
+        ctx = self.parallel
+        values, ids = logits.topk(min(k, logits.shape[1]), dim=-1)
+        ids = ids + self.vocab_start
+        if not ctx.is_distributed:
+            return values, ids
+        if values.shape[1] < k:  # pad so that every rank sends [R, k]
+            pad = k - values.shape[1]
+            values = torch.cat([values, values.new_full((values.shape[0], pad), float("-inf"))], 1)
+            ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], 1)
+        values = ctx.all_gather_uneven(values, [k] * ctx.world_size, dim=1)
+        ids = ctx.all_gather_uneven(ids, [k] * ctx.world_size, dim=1)
+        values, order = values.topk(min(k, self.vocab_size), dim=-1)
+        return values, ids.gather(1, order)
+
+    def _log_sum_exp(self, logits: torch.Tensor, rows_h: torch.Tensor | None) -> torch.Tensor:
+        """[R]: log sum_v exp(logit_v) over the whole vocabulary. With `rows_h` (the fast path) `logits` is
+        overwritten by its exp."""
+        ctx = self.parallel
+        if ctx.is_distributed:
+            m = logits.max(dim=-1).values
+            ctx.all_reduce(m, dist.ReduceOp.MAX)
+            sum_exp = torch.exp(logits - m[:, None]).sum(dim=-1)
+            ctx.all_reduce(sum_exp)
+            return m + torch.log(sum_exp)
+        if rows_h is None:
+            return torch.logsumexp(logits, dim=-1)
+        # Without the max shift. Logits stay far inside exp's float32 range in practice; a row whose sum overflows
+        # (a logit above ~88) or falls so low that denormal terms could matter (below 2^-60, so the largest term
+        # is under 2^-78) is redone with the shift, from its recomputed logits.
+        sums = logits.exp_().sum(dim=-1)
+        unsafe = ~(torch.isfinite(sums) & (sums >= 2.0**-60))
+        lse = sums.log_()
+        if unsafe.any():
+            redo = unsafe.nonzero().squeeze(1)
+            lse[redo] = torch.logsumexp(self.compute_logits(rows_h.index_select(0, redo)), dim=-1)
+        return lse
