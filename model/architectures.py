@@ -1,49 +1,65 @@
 """The registry: one entry per supported ``architectures[0]``, holding what that family changes.
 
-An entry says which config.json keys the family reads beyond the shared ones (``read``), which pieces its model is
-built from (``norm``, ``mlp``, ``head``), how its checkpoint names their tensors (``weights``) and how tensor
-parallelism shards them (``tp_plan``). Everything an entry does not name is shared: model/config.py reads the
-common fields, model/loader.py assembles and loads any entry's model. A new family is one entry here plus what is
-genuinely new (a module, a config field, a TP style), and a tiny checkpoint recipe in tests/checkpoints.py (a test
-requires one for every entry).
+An entry says which config.json keys the family reads beyond the shared ones (``read``, into the
+``ArchitectureFields`` of its ``ModelConfig``), how its checkpoint names our modules' tensors (``weights``), how
+tensor parallelism shards them (``tp_plan``), and which kind of MLP and head it is built with (model/loader.py
+builds each kind). Everything an entry does not name is shared: model/config.py reads the common fields,
+model/loader.py assembles and loads any entry's model. A new family is one entry here plus what is genuinely new
+(a field, a module kind, a TP style), and a tiny checkpoint recipe in tests/checkpoints.py (a test requires one
+for every entry).
+
+This module is plain data and config.json reading: everything else imports it, it imports nothing of the model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
-
-from torch import nn
-
-from .layers import RMSNorm
-from .modules import MLP
-from .tp import TP_PLAN
-
-if TYPE_CHECKING:
-    from .config import ModelConfig
+from typing import Any
 
 HFConfig = Mapping[str, Any]  # a parsed config.json
+
+
+@dataclass(frozen=True)
+class ArchitectureFields:
+    """The ModelConfig fields an entry's ``read`` sets; the defaults are Llama's."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # an RMSNorm on every q and k head before the rotary embedding
+    # One entry per layer: the sliding window in tokens, or None for full causal attention.
+    sliding_windows: tuple[int | None, ...] = ()
+    # Granite's multipliers; 1.0 (None: 1/sqrt(head_dim)) elsewhere.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
 
 
 # ------------------------------------------------------------------------------------ what a family reads
 
 
-def read_llama(hf: HFConfig, config: ModelConfig) -> ModelConfig:
+def read_llama(hf: HFConfig) -> ArchitectureFields:
     """Llama's keys, which the other families here read too: `attention_bias` (q, k, v and o), `mlp_bias`."""
     bias = bool(hf.get("attention_bias", False))
-    return replace(config, qkv_bias=bias, o_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)))
+    return ArchitectureFields(
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        sliding_windows=(None,) * hf["num_hidden_layers"],
+    )
 
 
-def read_mistral(hf: HFConfig, config: ModelConfig) -> ModelConfig:
+def read_mistral(hf: HFConfig) -> ArchitectureFields:
     """`sliding_window` on every layer."""
     window = hf.get("sliding_window") or None
-    return replace(read_llama(hf, config), sliding_windows=(window,) * config.num_layers)
+    return replace(read_llama(hf), sliding_windows=(window,) * hf["num_hidden_layers"])
 
 
-def _qwen_sliding_windows(hf: HFConfig, num_layers: int) -> tuple[int | None, ...]:
+def _qwen_sliding_windows(hf: HFConfig) -> tuple[int | None, ...]:
     """The layers `layer_types` marks as sliding, or (older configs) those from `max_window_layers` on."""
-    window = hf.get("sliding_window")
+    window, num_layers = hf.get("sliding_window"), hf["num_hidden_layers"]
     if layer_types := hf.get("layer_types"):
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
     if hf.get("use_sliding_window") and window:
@@ -52,22 +68,19 @@ def _qwen_sliding_windows(hf: HFConfig, num_layers: int) -> tuple[int | None, ..
     return (None,) * num_layers
 
 
-def read_qwen2(hf: HFConfig, config: ModelConfig) -> ModelConfig:
+def read_qwen2(hf: HFConfig) -> ArchitectureFields:
     """q, k and v always carry a bias, o never."""
-    windows = _qwen_sliding_windows(hf, config.num_layers)
-    return replace(read_llama(hf, config), qkv_bias=True, o_bias=False, sliding_windows=windows)
+    return replace(read_llama(hf), qkv_bias=True, o_bias=False, sliding_windows=_qwen_sliding_windows(hf))
 
 
-def read_qwen3(hf: HFConfig, config: ModelConfig) -> ModelConfig:
-    """An RMSNorm on every q and k head before the rotary embedding."""
-    windows = _qwen_sliding_windows(hf, config.num_layers)
-    return replace(read_llama(hf, config), qk_norm=True, sliding_windows=windows)
+def read_qwen3(hf: HFConfig) -> ArchitectureFields:
+    return replace(read_llama(hf), qk_norm=True, sliding_windows=_qwen_sliding_windows(hf))
 
 
-def read_granite(hf: HFConfig, config: ModelConfig) -> ModelConfig:
+def read_granite(hf: HFConfig) -> ArchitectureFields:
     """Multipliers on the embeddings, the residual branches and the attention scores; logits divided by a scale."""
     return replace(
-        read_llama(hf, config),
+        read_llama(hf),
         embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
         residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
         attention_multiplier=float(hf["attention_multiplier"]) if "attention_multiplier" in hf else None,
@@ -75,17 +88,7 @@ def read_granite(hf: HFConfig, config: ModelConfig) -> ModelConfig:
     )
 
 
-# ------------------------------------------------------------------------------- what a model is built from
-
-
-def dense_mlp(config: ModelConfig, layer_idx: int) -> nn.Module:
-    """Every layer's MLP: gated, of `intermediate_size` (an MoE family builds its own per layer)."""
-    return MLP(config.hidden_size, config.intermediate_size, config.mlp_bias, config.hidden_act)
-
-
-def lm_head(config: ModelConfig) -> nn.Module:
-    """Final hidden state -> vocabulary logits (a classifier's head would map to its labels instead)."""
-    return nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+# ---------------------------------------------------------------------------- checkpoint names, TP plan
 
 
 # Our fused modules and the separate checkpoint tensors they join.
@@ -118,16 +121,29 @@ class WeightNames:
         return self.fused.get(module_path.rpartition(".")[2], ())
 
 
+# Module path pattern -> sharding style (model/tp.py implements the styles); unnamed modules are replicated.
+DECODER_TP_PLAN: Mapping[str, str] = {
+    "embed_tokens": "vocab_embedding",
+    "layers.*.self_attn.qkv_proj": "colwise_qkv",
+    "layers.*.self_attn.o_proj": "rowwise_heads",
+    "layers.*.mlp.gate_up_proj": "colwise_gate_up",
+    "layers.*.mlp.down_proj": "rowwise_intermediate",
+    "lm_head": "vocab_lm_head",
+}
+
+
+# ------------------------------------------------------------------------------------------ the registry
+
+
 @dataclass(frozen=True)
 class Architecture:
     """What one architecture changes; the defaults are Llama's."""
 
-    read: Callable[[HFConfig, ModelConfig], ModelConfig] = read_llama  # the shared config + this family's fields
-    norm: Callable[[int, float], nn.Module] = RMSNorm  # (width, eps): every norm of the model
-    mlp: Callable[[ModelConfig, int], nn.Module] = dense_mlp  # (config, layer index)
-    head: Callable[[ModelConfig], nn.Module] = lm_head
+    read: Callable[[HFConfig], ArchitectureFields] = read_llama
     weights: WeightNames = field(default_factory=WeightNames)
-    tp_plan: Mapping[str, str] = field(default_factory=lambda: TP_PLAN)  # module path pattern -> style (model/tp.py)
+    tp_plan: Mapping[str, str] = field(default_factory=lambda: DECODER_TP_PLAN)
+    mlp: str = "gated"  # each layer's MLP, a key of loader.MLPS (an MoE family adds its kind)
+    head: str = "lm_head"  # on the final hidden states, a key of loader.HEADS (a classifier adds its `score`)
 
 
 ARCHITECTURES: dict[str, Architecture] = {

@@ -1,22 +1,21 @@
 """The configuration every supported decoder shares, built from a Hugging Face ``config.json``.
 
-``ModelConfig.from_hf_config`` reads the fields every family names alike, then hands the config to the entry of
-its ``architectures[0]`` (model/architectures.py), which adds what that family reads on its own (biases, q/k norm,
-sliding windows, multipliers...). Fields read from the checkpoint are stored as they are; derived values
-(``q_size``, ``attention_scale``...) are properties, so nothing read from the checkpoint is ever silently
-overwritten.
+``ModelConfig.from_hf_config`` reads the fields every family names alike; the entry of its ``architectures[0]``
+(model/architectures.py) reads what that family adds (its ``ArchitectureFields``: biases, q/k norm, sliding
+windows, multipliers...). Fields read from the checkpoint are stored as they are; derived values (``q_size``,
+``attention_scale``...) are properties, so nothing read from the checkpoint is ever silently overwritten.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .architectures import ARCHITECTURES
-from .modules import ACTIVATIONS
+from .architectures import ARCHITECTURES, ArchitectureFields
+from .layers import ACTIVATIONS
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -84,8 +83,10 @@ class RopeConfig:
         )
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig(ArchitectureFields):
+    """The fields every family shares, read here, and those its architecture's entry reads (ArchitectureFields)."""
+
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -104,18 +105,6 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
-    # Set by the architecture's entry (model/architectures.py); these defaults are Llama's.
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False
-    # One entry per layer: the sliding window in tokens, or None for full causal attention.
-    sliding_windows: tuple[int | None, ...] = ()
-    # Granite's multipliers; 1.0 (None: 1/sqrt(head_dim)) elsewhere.
-    embedding_multiplier: float = 1.0
-    residual_multiplier: float = 1.0
-    attention_multiplier: float | None = None
-    logits_scaling: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -158,21 +147,23 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
-        """The shared fields, then what the architecture's entry reads (``Architecture.read``)."""
+        """The shared fields, and what the architecture's entry reads (``Architecture.read``)."""
         archs = hf.get("architectures") or []
         arch = archs[0] if archs else None
         if arch not in ARCHITECTURES:
             raise UnsupportedModelError(f"unsupported architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
-        num_heads, num_layers = hf["num_attention_heads"], hf["num_hidden_layers"]
+        num_heads = hf["num_attention_heads"]
         rope = RopeConfig.from_hf(hf)
         if rope.partial_rotary_factor != 1.0:
             raise UnsupportedModelError("partial rotary embeddings are not supported")
-        shared = cls(
+        family = ARCHITECTURES[arch].read(hf)
+        return cls(
+            **{f.name: getattr(family, f.name) for f in fields(ArchitectureFields)},
             architecture=arch,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],
-            num_layers=num_layers,
+            num_layers=hf["num_hidden_layers"],
             num_heads=num_heads,
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
@@ -186,9 +177,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
-            sliding_windows=(None,) * num_layers,
         )
-        return ARCHITECTURES[arch].read(hf, shared)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:

@@ -1,4 +1,5 @@
-"""Building blocks: RMSNorm and the sharded linear / embedding layers that the tensor-parallel plan swaps in.
+"""Building blocks: activations, RMSNorm and the sharded linear / embedding layers that the tensor-parallel plan
+swaps in.
 
 Each sharded layer is allocated at shard size (vLLM's way) and knows which slice of the full tensor it holds
 (a ``Part``), so loading reads only a rank's bytes; the loader hands it the tensor's checkpoint name. A fused layer
@@ -8,7 +9,7 @@ checkpoints, from the slices of the fused tensor given by the layout of its part
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,9 @@ from torch import nn
 from .distributed import ParallelContext, split_evenly
 from .weights import CheckpointReader
 
+
+# config.json's hidden_act values and the functions they name.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu}
 
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 

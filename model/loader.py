@@ -3,6 +3,8 @@ TP plan (model/tp.py), then filled from this rank's slices of the safetensors fi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -10,11 +12,24 @@ from .architectures import ARCHITECTURES, WeightNames
 from .config import ModelConfig
 from .distributed import ParallelContext
 from .distributed_transformer import DistributedTransformer, DistributedTransformerBlock
-from .layers import ColumnParallelLinear
-from .modules import Attention
+from .layers import ACTIVATIONS, ColumnParallelLinear, RMSNorm
+from .modules import MLP, Attention
 from .rope import RotaryEmbedding
 from .tp import HeadLayout, shard_model
 from .weights import CheckpointReader
+
+
+def gated_mlp(config: ModelConfig, layer_idx: int) -> nn.Module:
+    return MLP(config.hidden_size, config.intermediate_size, config.mlp_bias, ACTIVATIONS[config.hidden_act])
+
+
+def lm_head(config: ModelConfig) -> nn.Module:
+    return nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+
+# The kinds an Architecture names: each layer's MLP (config, layer index), the head on the final hidden states.
+MLPS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {"gated": gated_mlp}
+HEADS: dict[str, Callable[[ModelConfig], nn.Module]] = {"lm_head": lm_head}
 
 
 def build_model(
@@ -38,23 +53,22 @@ def build_model(
             num_kv_heads=heads.kv_count,
             kv_head_index=heads.kv_head_index,
             rotary_pairs=rotary_pairs,
-            norm=arch.norm,
         )
 
     layers = [
         DistributedTransformerBlock(
             attention=attention(i),
-            mlp=arch.mlp(config, i),
-            attention_norm=arch.norm(h, eps),
-            mlp_norm=arch.norm(h, eps),
+            mlp=MLPS[arch.mlp](config, i),
+            attention_norm=RMSNorm(h, eps),
+            mlp_norm=RMSNorm(h, eps),
             residual_multiplier=config.residual_multiplier,
         )
         for i in range(config.num_layers)
     ]
     return DistributedTransformer(
         layers=layers,
-        norm=arch.norm(h, eps),
-        output=arch.head(config),
+        norm=RMSNorm(h, eps),
+        output=HEADS[arch.head](config),
         embedding=nn.Embedding(config.vocab_size, h),
         parallel=parallel,
         rope=rope or RotaryEmbedding(config, parallel.device),

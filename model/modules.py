@@ -6,20 +6,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ModelConfig
 from .layers import RMSNorm
 from .rope import apply_rotary, apply_rotary_pairs, to_pair_order
-
-if TYPE_CHECKING:
-    from .config import ModelConfig
-
-# hidden_act values of config.json and the functions they name.
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu}
 
 _flash_adapter = None
 
@@ -217,7 +211,6 @@ class Attention(nn.Module):
         num_kv_heads: int,
         kv_head_index: torch.Tensor | None = None,
         rotary_pairs: bool = False,
-        norm: Callable[[int, float], nn.Module] = RMSNorm,
     ) -> None:
         super().__init__()
         if rotary_pairs and config.qk_norm:  # the norm would sum each head's squares in another order
@@ -232,8 +225,8 @@ class Attention(nn.Module):
         self.window = config.sliding_windows[layer_idx]
         self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias)
-        self.q_norm = norm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = norm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         # Regional compilation swaps in a compiler-disabled copy: the host-driven loop over sequences stays eager.
         self.attention_fn = ragged_attention
 
@@ -273,9 +266,15 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """down(act(gate(x)) * up(x)), with gate and up fused in one matmul."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, activation: str = "silu") -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool = False,
+        act: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    ) -> None:
         super().__init__()
-        self.act = ACTIVATIONS[activation]
+        self.act = act
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 

@@ -7,12 +7,10 @@ sequence: a ragged batch gives each sequence exactly what it gets alone.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .config import ModelConfig, RopeConfig
+from .config import ModelConfig, RopeConfig
 
 
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """Tensor parallelism as a plan applied to the plain model: which heads each rank holds, and the sharded layers.
 
-The plan (torchtitan style) names each sharded module by a path pattern and gives its style. ``shard_model`` swaps
-the plain ``nn.Linear`` / ``nn.Embedding`` for sharded layers allocated at shard size (on the meta device, so
-nothing is allocated twice); model/loader.py then fills them from this rank's slices of the checkpoint. At tp=1 the
-same path runs with one shard. Shard sizes follow the plain modules' shapes, so a style serves every module of its
-kind (an MoE family's experts too).
+The plan (torchtitan style; each architecture's is in model/architectures.py) names each sharded module by a path
+pattern and gives its style. ``shard_model`` swaps the plain ``nn.Linear`` / ``nn.Embedding`` for sharded layers
+allocated at shard size (on the meta device, so nothing is allocated twice); model/loader.py then fills them from
+this rank's slices of the checkpoint. At tp=1 the same path runs with one shard. Shard sizes follow the plain
+modules' shapes, so a style serves every module of its kind (an MoE family's experts too).
 
 Query heads are split evenly (tp must divide n_heads). A rank takes the kv heads its query heads use; when
 tp exceeds the kv heads, kv heads are replicated on the ranks that share them (MAX cannot do this).
@@ -15,26 +15,13 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .distributed import split_evenly
+from .config import ModelConfig
+from .distributed import ParallelContext, split_evenly
 from .layers import ColumnParallelLinear, Part, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
-
-if TYPE_CHECKING:
-    from .config import ModelConfig
-    from .distributed import ParallelContext
-
-TP_PLAN: dict[str, str] = {
-    "embed_tokens": "vocab_embedding",
-    "layers.*.self_attn.qkv_proj": "colwise_qkv",
-    "layers.*.self_attn.o_proj": "rowwise_heads",
-    "layers.*.mlp.gate_up_proj": "colwise_gate_up",
-    "layers.*.mlp.down_proj": "rowwise_intermediate",
-    "lm_head": "vocab_lm_head",
-}
 
 
 class HeadLayout:
@@ -84,7 +71,7 @@ def _sharded(style: str, module: nn.Module, ctx: ParallelContext, heads: HeadLay
     raise ValueError(f"unknown tp style {style!r}")
 
 
-def shard_model(model: nn.Module, config: ModelConfig, plan: Mapping[str, str] = TP_PLAN) -> nn.Module:
+def shard_model(model: nn.Module, config: ModelConfig, plan: Mapping[str, str]) -> nn.Module:
     """Apply `plan` to the plain model for model.parallel's rank (also at tp=1: one shard, same loading)."""
     ctx = model.parallel
     heads = HeadLayout(config, ctx.rank, ctx.world_size)

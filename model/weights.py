@@ -48,15 +48,6 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def shape(self, name: str) -> list[int]:
-        return list(self._handles[self._where[name]].get_slice(name).get_shape())
-
-    def dtype_name(self, name: str) -> str:
-        return self._handles[self._where[name]].get_slice(name).get_dtype()
-
     def read(self, name: str, dim: int | None = None, start: int = 0, size: int | None = None) -> torch.Tensor:
         """The whole tensor, or `size` entries from `start` along `dim` (0 or 1), copied out of the map."""
         if name not in self._where:
