@@ -13,7 +13,8 @@ per-device lists ``xs``         a sequence holding this rank's tensor (length 1)
                                 hold theirs in their own processes
 ``signal_buffers``, Allreduce   ``torch.distributed`` collectives on ``parallel.group`` (NCCL/gloo),
                                 issued inside ``RowParallelLinear`` and the vocab-parallel layers
-``ShardingStrategy`` / shard()  the plan in ``model/tp.py`` (module name -> colwise / rowwise / vocab)
+``ShardingStrategy`` / shard()  each architecture's TP plan (module name -> colwise / rowwise / vocab
+                                style, model/architectures.py), applied by ``model/tp.py``
 ``*_shards`` of replicated      the replicated module itself (norms are replicated)
 norms
 ``VocabParallelEmbedding``,     ``layers.VocabParallelEmbedding``; ``VocabParallelLMHead`` whose
