@@ -40,7 +40,8 @@ def build_model(
     **kwargs,
 ) -> DistributedTransformer:
     """The plain model of config.architecture (nn.Linear / nn.Embedding, full size), each attention built for this
-    rank's heads. Call on the meta device, then `shard_model`. kwargs: DistributedTransformer's options."""
+    rank's heads. Call on the meta device with `rope` built outside it (its tables are real tensors), then
+    `shard_model`. kwargs: DistributedTransformer's options."""
     arch = ARCHITECTURES[config.architecture]
     heads = HeadLayout(config, parallel.rank, parallel.world_size, parallel.device)
     h, eps = config.hidden_size, config.rms_norm_eps
