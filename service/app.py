@@ -17,7 +17,15 @@ from starlette.responses import Response
 
 from . import __version__
 from .engine import Engine
-from .errors import InternalError, InvalidInput, MethodNotAllowed, NotFound, ServiceError, error_response, format_validation_errors
+from .errors import (
+    InternalError,
+    InvalidInput,
+    MethodNotAllowed,
+    NotFound,
+    ServiceError,
+    error_response,
+    format_validation_errors,
+)
 from .metrics import Metrics
 from .routes import ROUTERS
 from .served import ServedModel

@@ -59,9 +59,9 @@ def settings_from(overrides: dict[str, str]):
         problems = []
         for err in exc.errors(include_url=False):
             name = str(err["loc"][0]) if err["loc"] else ""
-            source = _option(name) if name in overrides else _env(name)
+            given = f"{_option(name)} {err['input']!r}" if name in overrides else f"{_env(name)}={err['input']!r}"
             message = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{source} {err['input']!r}: {message}" if name else message)
+            problems.append(f"{given}: {message}" if name else message)
         raise InvalidSettings("; ".join(problems)) from None
 
 

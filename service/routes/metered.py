@@ -10,7 +10,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.responses import Response
 
-from ..errors import ClientDisconnected, InternalError, InvalidInput, ServiceError, error_response, format_validation_errors
+from ..errors import (
+    ClientDisconnected,
+    InternalError,
+    InvalidInput,
+    ServiceError,
+    error_response,
+    format_validation_errors,
+)
 
 logger = logging.getLogger("logitserve.app")
 

@@ -90,9 +90,7 @@ class TokenTexts:
 # ------------------------------------------------------------------------------------------------ completions
 
 
-def completion_spec(req: CompletionRequest, vocab_size: int):
-    from model.outputs import OutputSpec, ReturnLogits
-
+def completion_spec(req: CompletionRequest, vocab_size: int) -> OutputSpec | None:
     k = req.logprobs if req.logprobs is not None else 0
     greedy = req.max_tokens == 1
     top_k = min(max(k, 1 if greedy else 0), vocab_size)
