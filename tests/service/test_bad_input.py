@@ -184,8 +184,8 @@ def test_non_finite_logprobs_never_break_json(server):
 
 
 def test_api_key_compared_in_constant_time():
-    src = (REPO / "service" / "app.py").read_text()
-    check = src[src.index("def check_auth") : src.index("def not_ready_reason")]
+    src = (REPO / "service" / "deps.py").read_text()
+    check = src[src.index("def require_api_key") : src.index("def require_workers")]
     assert "hmac.compare_digest(" in check
     assert not re.search(r"(token|key)\s*(==|!=)", check), check
 
