@@ -113,7 +113,8 @@ def _top_dict(cands: list[tuple[str, int, float]], actual_text: str, actual: int
     return top
 
 
-def build_choices(tokenizer, req: CompletionRequest, inputs: PackedInputs, outputs: RequestOutputs | None) -> list[dict]:
+def build_choices(tokenizer, req: CompletionRequest, inputs: PackedInputs,
+                  outputs: RequestOutputs | None) -> list[dict]:
     """One choice per prompt, from its tokens and (when anything was computed) its outputs."""
     k = req.logprobs if req.logprobs is not None else 0
     greedy = req.max_tokens == 1
