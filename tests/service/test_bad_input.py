@@ -9,6 +9,7 @@ refused, the container's non-root user.
 from __future__ import annotations
 
 import math
+import os
 import re
 import subprocess
 import sys
@@ -257,3 +258,32 @@ def test_container_runs_as_non_root():
     assert users and len(users) >= len(targets), (users, targets)
     for u in users:
         assert u.split(":")[0] not in ("root", "0"), u
+
+
+@pytest.mark.parametrize(("args", "env", "named"), [
+    (["--tp", "0"], {}, "--tp '0'"),
+    (["--dtype", "float8"], {}, "--dtype 'float8'"),
+    (["--port", "http"], {}, "--port 'http'"),
+    ([], {"LOGITSERVE_MAX_BATCH_TOKENS": "many"}, "LOGITSERVE_MAX_BATCH_TOKENS='many'"),
+])
+def test_bad_setting_is_one_line_naming_it(args, env, named):
+    r = subprocess.run([sys.executable, "-m", "service", "serve", *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=60, env={**{k: v for k, v in os.environ.items() if not k.startswith("LOGITSERVE_")},
+                                        **env})
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("logitserve: ") and named in lines[0], r.stderr[-2000:]
+    assert "validation error" not in r.stderr and "pydantic" not in r.stderr
+
+
+def test_help_shows_every_flag_with_its_default_and_variable():
+    from service.settings import Settings
+
+    r = subprocess.run([sys.executable, "-m", "service", "serve", "--help"], cwd=REPO, capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "COLUMNS": "1000"})
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    for name, field in Settings.flags().items():
+        default = "" if field.default is None else f" (default: {field.default})"
+        assert f"--{name.replace('_', '-')} " in text, name
+        assert f"{field.description}{default} [env LOGITSERVE_{name.upper()}]" in text, name
