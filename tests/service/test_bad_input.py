@@ -287,3 +287,9 @@ def test_help_shows_every_flag_with_its_default_and_variable():
         default = "" if field.default is None else f" (default: {field.default})"
         assert f"--{name.replace('_', '-')} " in text, name
         assert f"{field.description}{default} [env LOGITSERVE_{name.upper()}]" in text, name
+
+
+def test_server_logs_when_its_workers_are_ready(start_server, tiny_checkpoint):
+    """`Uvicorn running` comes before the model is loaded; this line says when requests are answered."""
+    server = shared_server(start_server, tiny_checkpoint)
+    assert "all 1 replica(s) ready: accepting requests" in server.log()
