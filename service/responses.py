@@ -17,8 +17,8 @@ from model.outputs import OUTPUT_KINDS, Rows
 
 from .engine import Scored
 from .packing import row_offsets
+from .schemas import SAFETENSORS_MEDIA as SAFETENSORS
 
-SAFETENSORS = "application/x-safetensors"
 STREAM_BYTES = 1 << 20  # binary bodies above this are streamed in slices of this size
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
