@@ -1,9 +1,8 @@
 """Pieces shared by the benchmarks: model choice, machine description, FLOP counts, the in-run matmul roofline,
-and an F32 GGUF of a checkpoint for llama.cpp."""
+an F32 GGUF of a checkpoint for llama.cpp (written by service.default_model.write_gguf) and a server to measure."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -118,85 +117,15 @@ class Roofline:
         return sum(seconds), flops
 
 
-def _permute(w, n_head: int):
-    """llama.cpp's q/k permutation (convert_hf_to_gguf.LlamaModel.permute)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def write_f32_gguf(hf_dir: Path, out: Path) -> Path:
-    """The HF Llama checkpoint in ``hf_dir`` (with its tokenizer.json) as an all-F32 GGUF, the way llama.cpp's
-    converter writes a Llama: llama tensor names, q/k rows permuted for its rotary layout, gpt2-style BPE vocab."""
-    import gguf
-    import numpy as np
-    from safetensors.numpy import load_file
-
-    hf_dir, out = Path(hf_dir), Path(out)
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    tok = json.loads((hf_dir / "tokenizer.json").read_text())
-    tensors = load_file(str(hf_dir / "model.safetensors"))
-    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    rope_theta = cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0)
-    tmp = out.with_suffix(".partial")
-    w = gguf.GGUFWriter(str(tmp), "llama")
-    w.add_name(hf_dir.name)
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // n_head)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base(float(rope_theta))
-    w.add_vocab_size(cfg["vocab_size"])
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    vocab = tok["model"]["vocab"]
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    tokens += [f"[PAD{i}]" for i in range(cfg["vocab_size"] - len(tokens))]
-    special = {a["content"] for a in tok["added_tokens"]}
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(cfg["bos_token_id"])
-    w.add_eos_token_id(cfg["eos_token_id"])
-    w.add_add_bos_token(False)
-
-    def add(name: str, data) -> None:
-        w.add_tensor(name, np.ascontiguousarray(data.astype(np.float32)))
-
-    add("token_embd.weight", tensors["model.embed_tokens.weight"])
-    add("output_norm.weight", tensors["model.norm.weight"])
-    if "lm_head.weight" in tensors and not cfg.get("tie_word_embeddings"):
-        add("output.weight", tensors["lm_head.weight"])
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        add(f"blk.{i}.attn_norm.weight", tensors[p + "input_layernorm.weight"])
-        add(f"blk.{i}.ffn_norm.weight", tensors[p + "post_attention_layernorm.weight"])
-        add(f"blk.{i}.attn_q.weight", _permute(tensors[p + "self_attn.q_proj.weight"], n_head))
-        add(f"blk.{i}.attn_k.weight", _permute(tensors[p + "self_attn.k_proj.weight"], n_kv))
-        add(f"blk.{i}.attn_v.weight", tensors[p + "self_attn.v_proj.weight"])
-        add(f"blk.{i}.attn_output.weight", tensors[p + "self_attn.o_proj.weight"])
-        add(f"blk.{i}.ffn_gate.weight", tensors[p + "mlp.gate_proj.weight"])
-        add(f"blk.{i}.ffn_up.weight", tensors[p + "mlp.up_proj.weight"])
-        add(f"blk.{i}.ffn_down.weight", tensors[p + "mlp.down_proj.weight"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tmp.replace(out)
-    return out
-
-
 def f32_gguf(hf_dir: Path) -> Path:
     """An F32 GGUF of ``hf_dir``, cached next to the temporary folder (rewritten when the checkpoint is newer)."""
     hf_dir = Path(hf_dir)
     out = Path(tempfile.gettempdir()) / f"logitserve-bench-{hf_dir.name}-f32.gguf"
     src = hf_dir / "model.safetensors"
     if not out.is_file() or out.stat().st_mtime < src.stat().st_mtime:
-        write_f32_gguf(hf_dir, out)
+        from service.default_model import write_gguf
+
+        write_gguf(hf_dir, out)
     return out
 
 

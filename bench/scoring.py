@@ -50,6 +50,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cpu_name, f32_gguf, model_path, real_flops, start_server  # noqa: E402
+from service.packing import budget_batches, pack_ids  # noqa: E402  (the server's packing rule)
 
 HF_BATCH = 8
 CASES = ("last", "ppl", "all")
@@ -58,20 +59,6 @@ SYSTEMS = ("transformers", "llama.cpp", "ours in-process", "ours HTTP")
 # of MKL and oneDNN (our lm_head uses oneDNN, so only this one shows overhead without a kernel choice's credit).
 ROOFLINES = {"roofline": "mkl", "roofline best": "best"}
 LABEL = {"last": "last-token logits", "ppl": "perplexity (target log-probs, all positions)", "all": "all-rows logits (binary)"}
-
-
-def pack(lens: list[int], budget: int) -> list[list[int]]:
-    """Indices packed in arrival order into batches of at most `budget` tokens (a longer sequence runs alone)."""
-    batches, cur, tokens = [], [], 0
-    for i, n in enumerate(lens):
-        if cur and tokens + n > budget:
-            batches.append(cur)
-            cur, tokens = [], 0
-        cur.append(i)
-        tokens += n
-    if cur:
-        batches.append(cur)
-    return batches
 
 
 # ------------------------------------------------------------------------------------------ system workers
@@ -106,10 +93,9 @@ def _make_system(system: str, path: str, gguf: str, budget: int):
         def run(case, seqs):
             done, check = [0.0] * len(seqs), []
             t0 = time.perf_counter()
-            for batch in pack([len(s) for s in seqs], budget):
-                ids = torch.tensor([t for i in batch for t in seqs[i]], dtype=torch.int64)
-                offsets = torch.tensor([0] + [len(seqs[i]) for i in batch]).cumsum(0)
-                outs = runner.run(ids, offsets, [specs[case]] * len(batch))
+            for batch in budget_batches([len(s) for s in seqs], budget):
+                ids, offsets = pack_ids([seqs[i] for i in batch])
+                outs = runner.run(torch.from_numpy(ids), torch.from_numpy(offsets), [specs[case]] * len(batch))
                 now = time.perf_counter() - t0
                 for i, o in zip(batch, outs):
                     done[i] = now
@@ -197,7 +183,7 @@ def _make_system(system: str, path: str, gguf: str, budget: int):
 
         def run(case, seqs):
             seconds = flops = 0.0
-            for batch in pack([len(s) for s in seqs], budget):
+            for batch in budget_batches([len(s) for s in seqs], budget):
                 tokens = sum(len(seqs[i]) for i in batch)
                 s, f = roof(tokens, len(batch) if case == "last" else tokens)
                 seconds, flops = seconds + s, flops + f
@@ -228,8 +214,7 @@ def _decode(case: str, r):
 
     if case == "all":
         # service.client's decoder: numpy views of the body, no second copy (safetensors.numpy.load copies
-        # every tensor out of the body: ~1.7 s of the client's CPU per slice of 837 MB of logits, on the
-        # cores the server needs).
+        # every tensor out of the body, on the cores the server needs; docs/benchmarks.md has its cost).
         from service.client import read_safetensors
 
         t, _ = read_safetensors(r.content)
@@ -324,7 +309,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--cases", default="last,ppl,all")
-    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of: " + ", ".join(SYSTEMS))
     p.add_argument("--max-batch-tokens", type=int, default=8192, help="server flag; also the in-process packing budget")
     p.add_argument("--json", help="write the raw results here")
     p.add_argument("--plot", help="write a PNG plot here")
@@ -345,7 +330,7 @@ def main() -> None:
 
     path, label = model_path(args.model)
     cfg = ModelConfig.from_pretrained(path)
-    gguf = str(f32_gguf(path))
+    gguf = str(f32_gguf(path)) if "llama.cpp" in args.systems.split(",") else ""
     n = args.sequences or (32 if args.quick else 128)
     rng = np.random.default_rng(args.seed)
     lens = rng.integers(16, 513, n).tolist()
@@ -355,8 +340,8 @@ def main() -> None:
     systems = [s for s in args.systems.split(",") if s]
     meta = dict(model=label, path=str(path), machine=cpu_name(), cores=os.cpu_count(), date=str(datetime.date.today()),
                 torch=torch.__version__, transformers=__import__("transformers").__version__,
-                llama_cpp=__import__("llama_cpp").__version__, sequences=n, tokens=sum(lens), seed=args.seed,
-                clients=args.clients, max_batch_tokens=args.max_batch_tokens)
+                llama_cpp=__import__("llama_cpp").__version__ if gguf else "-", sequences=n, tokens=sum(lens),
+                seed=args.seed, clients=args.clients, max_batch_tokens=args.max_batch_tokens)
     print(json.dumps(meta), file=sys.stderr)
 
     ctx = mp.get_context("spawn")

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import start_server  # noqa: E402
+from service.packing import budget_batches, pack_ids  # noqa: E402  (the server's packing rule)
 
 WORKLOADS = {
     "last-token, JSON": ({"return_logits": "last_token"}, {}),
@@ -48,20 +49,11 @@ def in_process(model: str, requests, options: dict, max_batch_tokens: int) -> fl
     torch.set_num_threads(os.cpu_count() or 1)
     runner = ModelRunner.load(model, device="cpu", dtype="float32")
     spec = OutputSpec(return_logits=ReturnLogits(options["return_logits"]))
-    batches, cur, tokens = [], [], 0
-    for r in requests:
-        if cur and tokens + len(r) > max_batch_tokens:
-            batches.append(cur)
-            cur, tokens = [], 0
-        cur.append(r)
-        tokens += len(r)
-    if cur:
-        batches.append(cur)
+    batches = [[requests[i] for i in b] for b in budget_batches(map(len, requests), max_batch_tokens)]
 
     def run(batch):
-        ids = torch.tensor([t for r in batch for t in r], dtype=torch.int64)
-        offsets = torch.tensor([0] + list(__import__("itertools").accumulate(len(r) for r in batch)), dtype=torch.int64)
-        return runner.run(ids, offsets, [spec] * len(batch))
+        ids, offsets = pack_ids(batch)
+        return runner.run(torch.from_numpy(ids), torch.from_numpy(offsets), [spec] * len(batch))
 
     run(batches[0])  # warm-up
     t0 = time.perf_counter()

@@ -3,6 +3,11 @@
 ``ReturnLogits`` and ``ReturnHiddenStates`` carry MAX's names and values. ``OutputSpec`` is the per-sequence
 request used by the serving path: sequences in one batch may each ask for different rows and outputs, and one
 forward pass of the trunk serves them all.
+
+``OUTPUT_KINDS`` declares every output tensor once: its name (the ``SequenceOutput`` field, the safetensors tensor,
+the client's attribute), which rows it has, its element type on the wire, how sequences concatenate and where the
+JSON response puts it. The worker's packing, both response encoders and the Python client loop over it, so a new
+output is one row here, the reducer that computes it (``model/runner.py``) and the request field that asks for it.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ class OutputSpec:
     layers: tuple[int, ...] = (-1,)  # hidden-state layers: 0 = embeddings, i = output of block i, negative from end
 
     def __post_init__(self) -> None:
+        # The modes may come as their string values (a request's fields): hold them as the enums.
+        object.__setattr__(self, "return_logits", ReturnLogits(self.return_logits))
+        object.__setattr__(self, "return_hidden_states", ReturnHiddenStates(self.return_hidden_states))
         if self.return_n_logits < 1:
             raise ValueError("return_n_logits must be >= 1")
         if self.top_k < 0:
@@ -87,3 +95,42 @@ class SequenceOutput:
     hidden_states: torch.Tensor | None = None  # [L, Rh, hidden] in the model's dtype
     hidden_positions: torch.Tensor | None = None  # int64 [Rh]
     layers: tuple[int, ...] = field(default_factory=tuple)  # resolved layer indices of hidden_states
+
+
+class Rows(str, Enum):
+    """Which rows an output has, and so which offsets split it into sequences."""
+
+    LOGIT = "logit"  # the rows chosen by return_logits: `positions`, split by `logit_offsets`
+    HIDDEN = "hidden"  # the rows chosen by return_hidden_states: `hidden_positions`, split by `hidden_offsets`
+
+    @property
+    def offsets(self) -> str:
+        """Name of the int64 [B+1] tensor of the binary response that splits these rows into sequences."""
+        return f"{self.value}_offsets"
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """One output tensor of a sequence, as every layer after the runner sees it."""
+
+    name: str  # SequenceOutput field = safetensors tensor = client attribute
+    rows: Rows
+    dtype: str  # element type on the wire (numpy / torch name), before a request's `dtype` applies
+    row_dim: int = 0  # the dimension that holds rows: sequences concatenate along it
+    json: tuple[str, ...] | None = None  # key path in a /v1/logits JSON item; None: binary only
+    json_null: int | None = None  # an integer that JSON writes as null (float NaN is null already)
+    follows_dtype: bool = False  # the request's `dtype` (float32 / float16 / bfloat16) applies
+
+
+# Table order is the order of the JSON keys and of the binary body's tensors (each row set's offsets right after
+# its first tensor).
+OUTPUT_KINDS: tuple[OutputKind, ...] = (
+    OutputKind("positions", Rows.LOGIT, "int64", json=("positions",)),  # [R]
+    OutputKind("logits", Rows.LOGIT, "float32", json=("logits",), follows_dtype=True),  # [R, vocab]
+    OutputKind("target_logprobs", Rows.LOGIT, "float32", json=("target_logprobs",)),  # [R], NaN: no next token
+    OutputKind("top_k_ids", Rows.LOGIT, "int64", json=("top_k", "ids")),  # [R, k]
+    OutputKind("top_k_logprobs", Rows.LOGIT, "float32", json=("top_k", "logprobs")),  # [R, k]
+    OutputKind("hidden_states", Rows.HIDDEN, "float32", row_dim=1, json=("hidden_states",),
+               follows_dtype=True),  # [L, Rh, hidden]
+    OutputKind("hidden_positions", Rows.HIDDEN, "int64"),  # [Rh]
+)

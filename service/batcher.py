@@ -2,9 +2,9 @@
 
 Requests carry futures. Admission (`submit`) only appends to the queue and wakes the owner; the owner task alone
 takes work out of it: it skips requests whose future is already done (timed out, client gone), packs whole
-requests up to `max_batch_tokens` (a request larger than the budget runs alone) and sends a batch to the
-least-loaded group as soon as one has a free slot: every group holds one running and one prefetched batch, so a
-worker never idles while work is queued, and nothing waits for a batch to fill.
+requests by the token budget (`packing.fits`) and sends a batch to the least-loaded replica as soon as one has a
+free slot: every replica holds one running and one prefetched batch, so a worker never idles while work is
+queued, and nothing waits for a batch to fill.
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from model.outputs import OutputSpec
+
 from .errors import InternalError, NotReady, OutOfMemory, QueueFull, ServiceError
-from .workers import Batch, BatchResult, Requeue, WorkerPool
+from .packing import fits, row_offsets
+from .workers import Batch, MappedBatch, Replica, RequestOutputs, RequestSpan, Requeue, WorkerPool
 
 logger = logging.getLogger("logitserve.batcher")
 
@@ -27,10 +30,10 @@ logger = logging.getLogger("logitserve.batcher")
 class Work:
     """One request: its sequences packed, one OutputSpec shared by all of them."""
 
-    input_ids: np.ndarray  # int64, all sequences of the request packed
+    input_ids: np.ndarray  # int64 [T], all sequences of the request packed
     lengths: list[int]
-    spec: object  # OutputSpec
-    future: asyncio.Future
+    spec: OutputSpec
+    future: asyncio.Future  # of a WorkResult
     enqueued_at: float = field(default_factory=time.perf_counter)
     dispatched_at: float = 0.0
     queued: bool = False
@@ -42,14 +45,13 @@ class Work:
 
 @dataclass
 class WorkResult:
-    batch: BatchResult
-    group: int  # index of this request in the batch's groups
+    outputs: RequestOutputs
     queue_s: float
     inference_s: float
 
 
 class Batcher:
-    def __init__(self, pool: WorkerPool, max_batch_tokens: int, max_queue_tokens: int, metrics):
+    def __init__(self, pool: WorkerPool | None, max_batch_tokens: int, max_queue_tokens: int, metrics):
         self.pool = pool
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_tokens = max_queue_tokens
@@ -98,15 +100,15 @@ class Batcher:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                group = self.pool.pick()
-                if group is None:
+                replica = self.pool.pick()
+                if replica is None:
                     break
                 works = self._take()
                 if not works:
                     break
-                # Submitted here, synchronously, so that the group's slots are taken before the next pick.
-                batch, fut = self._send(group, works)
-                task = asyncio.get_running_loop().create_task(self._complete(group, works, batch, fut))
+                # Submitted here, synchronously, so that the replica's slots are taken before the next pick.
+                batch, fut = self._send(replica, works)
+                task = asyncio.get_running_loop().create_task(self._complete(replica, works, batch, fut))
                 self._dispatches.add(task)
                 task.add_done_callback(self._dispatches.discard)
 
@@ -118,7 +120,7 @@ class Batcher:
             if w.future.done():
                 self._queue.popleft()
                 continue
-            if works and tokens + w.num_tokens > self.max_batch_tokens:
+            if not fits(tokens, w.num_tokens, self.max_batch_tokens):
                 break
             self._queue.popleft()
             works.append(w)
@@ -127,27 +129,25 @@ class Batcher:
             self._add_tokens(-w.num_tokens)
         return works
 
-    def _send(self, group, works: list[Work]):
+    def _send(self, replica: Replica, works: list[Work]):
         now = time.perf_counter()
         ids = np.concatenate([w.input_ids for w in works]) if len(works) > 1 else works[0].input_ids
         lengths = [n for w in works for n in w.lengths]
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        specs, groups = [], []
+        specs, spans = [], []
         for w in works:
-            groups.append((len(specs), len(specs) + len(w.lengths)))
+            spans.append(RequestSpan(len(specs), len(specs) + len(w.lengths)))
             specs.extend([w.spec] * len(w.lengths))
             w.dispatched_at = now
             self.metrics.queue_duration.observe(now - w.enqueued_at)
-        batch = Batch(ids, offsets, specs, groups)
+        batch = Batch(ids, row_offsets(lengths), specs, spans)
         self.metrics.batch_tokens.observe(batch.num_tokens)
         self.metrics.batch_sequences.observe(len(lengths))
-        return batch, group.submit(batch)
+        return batch, replica.submit(batch)
 
-    async def _complete(self, group, works: list[Work], batch: Batch, fut) -> None:
-        replica = str(group.index)
+    async def _complete(self, replica: Replica, works: list[Work], batch: Batch, fut) -> None:
+        label = str(replica.index)
         try:
-            result = await fut
+            result: MappedBatch = await fut
         except Requeue:
             for w in reversed(works):
                 if not w.future.done():
@@ -164,19 +164,21 @@ class Batcher:
                 if not w.future.done():
                     w.future.set_exception(InternalError(f"{type(exc).__name__}: {exc}"))
         else:
-            self.metrics.inference_duration.observe(result.forward_s)
-            if getattr(result, "oom_retries", 0):
-                self.metrics.oom_retries.inc(result.oom_retries)
-            groups = getattr(result, "groups", None) or []
-            self.metrics.replica_batches.labels(replica).inc()
-            self.metrics.replica_batch_tokens.labels(replica).inc(batch.num_tokens)
-            self.metrics.replica_busy_seconds.labels(replica).inc(result.forward_s)
+            done = result.done
+            self.metrics.inference_duration.observe(done.forward_s)
+            if done.oom_retries:
+                self.metrics.oom_retries.inc(done.oom_retries)
+            self.metrics.replica_batches.labels(label).inc()
+            self.metrics.replica_batch_tokens.labels(label).inc(batch.num_tokens)
+            self.metrics.replica_busy_seconds.labels(label).inc(done.forward_s)
             for i, w in enumerate(works):
                 if not w.future.done():
-                    if i < len(groups) and "error" in groups[i]:  # out of memory even alone: this request fails alone
-                        w.future.set_exception(OutOfMemory(result.groups[i]["error"]))
+                    error = done.results[i].error
+                    if error is not None:  # out of memory even alone: this request fails alone
+                        w.future.set_exception(OutOfMemory(error))
                     else:
-                        w.future.set_result(WorkResult(result, i, w.dispatched_at - w.enqueued_at, result.forward_s))
+                        queue_s = w.dispatched_at - w.enqueued_at
+                        w.future.set_result(WorkResult(result.outputs(i), queue_s, done.forward_s))
         finally:
             self._wake.set()
 

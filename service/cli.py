@@ -8,37 +8,65 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import get_args
 
 logger = logging.getLogger("logitserve")
 
-SERVE_FLAGS = [
-    ("--model", str, "checkpoint folder or .gguf file (default: the embedded default model)"),
-    ("--tp", int, "tensor-parallel degree (processes per replica)"),
-    ("--replicas", int, "independent model groups"),
-    ("--device", str, "cpu or cuda"),
-    ("--dtype", str, "auto, float32, bfloat16 or float16"),
-    ("--host", str, "bind address"),
-    ("--port", int, "port"),
-    ("--max-batch-tokens", int, "token budget of one batch"),
-    ("--max-seq-len", int, "longest sequence accepted (default: the model's max_position_embeddings)"),
-    ("--max-queue-tokens", int, "tokens the queue may hold before 429 (default: 16 x max-batch-tokens)"),
-    ("--request-timeout", float, "seconds a request may wait for its result before 504"),
-    ("--api-key", str, "require Authorization: Bearer KEY"),
-    ("--pooling", str, "embedding pooling: last or mean"),
-    ("--max-request-bytes", int, "largest request body (413 above)"),
-]
+def _metavar(name: str, field) -> str:
+    extra = field.json_schema_extra or {}
+    if extra.get("metavar"):
+        return extra["metavar"]
+    choices = get_args(field.annotation)
+    return "|".join(map(str, choices)) if choices else name.upper()
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env(name: str) -> str:
+    return "LOGITSERVE_" + name.upper()
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """`serve`'s flags come from Settings: names, help text and defaults are declared once, there. Values are
+    taken as text and validated by Settings, so a bad value of a flag or of its variable reads the same."""
+    from service.settings import Settings
+
     parser = argparse.ArgumentParser(prog="logitserve", description="Serve logits, log-probabilities and hidden states.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP server")
-    for flag, typ, help_ in SERVE_FLAGS:
-        serve.add_argument(flag, type=typ, default=None, help=help_ + " [env LOGITSERVE_" + flag[2:].upper().replace("-", "_") + "]")
+    for name, field in Settings.flags().items():
+        default = "" if field.default is None else f" (default: {field.default})"
+        serve.add_argument(_option(name), dest=name, default=None, metavar=_metavar(name, field),
+                           help=f"{field.description}{default} [env {_env(name)}]")
     convert = sub.add_parser("convert-gguf", help="convert a .gguf file into a checkpoint folder")
     convert.add_argument("file")
     convert.add_argument("outdir")
     return parser
+
+
+def settings_from(overrides: dict[str, str]):
+    """Settings from the flags given (over LOGITSERVE_* variables); a bad value raises InvalidSettings with one
+    line that names the flag or variable, its value and what is wrong."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            name = str(err["loc"][0]) if err["loc"] else ""
+            given = f"{_option(name)} {err['input']!r}" if name in overrides else f"{_env(name)}={err['input']!r}"
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{given}: {message}" if name else message)
+        raise InvalidSettings("; ".join(problems)) from None
+
+
+class InvalidSettings(ValueError):
+    pass
 
 
 def resolve_model(model: str | None) -> str:
@@ -49,11 +77,11 @@ def resolve_model(model: str | None) -> str:
         return str(ensure_default_model())
     path = Path(model).expanduser()
     if path.suffix == ".gguf" and path.is_file():
-        from service.default_model import convert_gguf
+        from service.default_model import cache_root, convert_gguf
 
         stat = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-        out = Path.home() / ".cache" / "logitserve" / "gguf" / f"{path.stem}-{key}"
+        out = cache_root() / "gguf" / f"{path.stem}-{key}"
         if not (out / "config.json").is_file():
             convert_gguf(path, out)
         return str(out)
@@ -89,11 +117,11 @@ def serve(settings) -> int:
 
     settings = settings.model_copy(update={"model": resolve_model(settings.model)})
     app = create_app(settings)
-    service = app.state.service
+    engine = app.state.engine
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: refuse new work, finish what is in flight
-            service.draining = True
+            engine.draining = True
             super().handle_exit(sig, frame)
             if sig == signal.SIGTERM:
                 # A drained SIGTERM is a clean exit (0), not a re-raised signal.
@@ -132,17 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         out = convert_gguf(args.file, args.outdir)
         print(out)
         return 0
-    from service.settings import Settings
-
     overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
     try:
-        settings = Settings(**overrides)
-    except Exception as exc:
-        print(f"logitserve: invalid settings: {exc}", file=sys.stderr)
-        return 2
-    try:
+        settings = settings_from(overrides)
         settings = settings.model_copy(update={"model": resolve_model(settings.model)})
-    except NotACheckpoint as exc:
+    except (InvalidSettings, NotACheckpoint) as exc:
         print(f"logitserve: {exc}", file=sys.stderr)
         return 2
     return serve(settings)

@@ -19,11 +19,13 @@ from __future__ import annotations
 import base64
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import field, make_dataclass
 from typing import Any
 
 import httpx
 import numpy as np
+
+from model.outputs import OUTPUT_KINDS, Rows
 
 SAFETENSORS = "application/x-safetensors"
 
@@ -36,20 +38,16 @@ class LogitserveError(Exception):
         self.status, self.type, self.message, self.param = status, type, message, param
 
 
-@dataclass
-class SequenceResult:
-    """The outputs of one sequence; fields the request did not ask for are None."""
-
-    index: int
-    num_tokens: int
-    positions: Any = None  # int64 [R]: positions of the logit rows (hidden-state rows for /v1/hidden_states)
-    logits: Any = None  # [R, vocab]
-    target_logprobs: Any = None  # float32 [R], NaN where there is no next token
-    top_k_ids: Any = None  # int64 [R, k]
-    top_k_logprobs: Any = None  # float32 [R, k]
-    hidden_states: Any = None  # [L, Rh, hidden]
-    hidden_positions: Any = None  # int64 [Rh]
-    layers: list[int] = field(default_factory=list)
+# The outputs of one sequence: one field per output kind (model.outputs.OUTPUT_KINDS: positions [R] (hidden-state
+# rows for /v1/hidden_states), logits [R, vocab], target_logprobs float32 [R] (NaN where there is no next token),
+# top_k_ids / top_k_logprobs [R, k], hidden_states [L, Rh, hidden], hidden_positions [Rh], ...); fields the request
+# did not ask for are None.
+SequenceResult = make_dataclass(
+    "SequenceResult",
+    [("index", int), ("num_tokens", int)] + [(k.name, Any, None) for k in OUTPUT_KINDS]
+    + [("layers", list, field(default_factory=list))],
+    namespace={"__module__": __name__},
+)
 
 
 class Result(list):
@@ -122,17 +120,14 @@ def parse_binary(data: bytes, tensors: str = "np") -> Result:
     res = Result(SequenceResult(index=i, num_tokens=offsets[i + 1] - offsets[i]) for i in range(b))
     res.model = meta.get("model", "")
     layers = json.loads(meta.get("layers", "[]"))
-    if "logit_offsets" in t:
-        lo = t["logit_offsets"]
-        for name in ("positions", "logits", "target_logprobs", "top_k_ids", "top_k_logprobs"):
-            if name in t:
-                for seq, part in zip(res, _split(t[name], lo)):
-                    setattr(seq, name, _to(part, tensors))
-    if "hidden_states" in t:
-        ho = t["hidden_offsets"]
-        for seq, hs, hp in zip(res, _split(t["hidden_states"], ho, 1), _split(t["hidden_positions"], ho)):
-            seq.hidden_states, seq.hidden_positions, seq.layers = _to(hs, tensors), _to(hp, tensors), layers
-            if "logit_offsets" not in t:
+    for kind in OUTPUT_KINDS:
+        if kind.name in t:
+            for seq, part in zip(res, _split(t[kind.name], t[kind.rows.offsets], kind.row_dim)):
+                setattr(seq, kind.name, _to(part, tensors))
+    if Rows.HIDDEN.offsets in t:
+        for seq in res:
+            seq.layers = layers
+            if Rows.LOGIT.offsets not in t:  # /v1/hidden_states: its positions are the hidden rows'
                 seq.positions = seq.hidden_positions
     return res
 
@@ -145,18 +140,14 @@ def parse_json(obj: dict, tensors: str = "np", body: dict | None = None) -> Resu
     for item in obj["data"]:
         n = item["num_tokens"]
         seq = SequenceResult(index=item["index"], num_tokens=n)
-        seq.positions = _to(np.array(item["positions"], dtype=np.int64), tensors)
-        if "logits" in item:
-            seq.logits = _to(np.array(item["logits"], dtype=np.float32).reshape(len(item["positions"]), -1), tensors)
-        if "target_logprobs" in item:
-            seq.target_logprobs = _to(np.array([np.nan if v is None else v for v in item["target_logprobs"]],
-                                               dtype=np.float32), tensors)
-        if "top_k" in item:
-            k = body.get("top_k", 0)
-            seq.top_k_ids = _to(np.array(item["top_k"]["ids"], dtype=np.int64).reshape(-1, k), tensors)
-            seq.top_k_logprobs = _to(np.array(item["top_k"]["logprobs"], dtype=np.float32).reshape(-1, k), tensors)
+        for kind in OUTPUT_KINDS:
+            value = _at(item, kind.json) if kind.json is not None else None
+            if value is None:
+                continue
+            if kind.json_null is not None:  # numpy reads a null as NaN for floats only
+                value = _fill_nulls(value, kind.json_null)
+            setattr(seq, kind.name, _to(np.array(value, dtype=kind.dtype), tensors))
         if "hidden_states" in item:
-            seq.hidden_states = _to(np.array(item["hidden_states"], dtype=np.float32), tensors)
             if hidden_endpoint:
                 seq.hidden_positions, seq.layers = seq.positions, list(item["layers"])
             else:
@@ -166,6 +157,21 @@ def parse_json(obj: dict, tensors: str = "np", body: dict | None = None) -> Resu
                 seq.layers = []  # the JSON of /v1/logits does not name them (the binary metadata does)
         res.append(seq)
     return res
+
+
+def _at(item: dict, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(item, dict) or key not in item:
+            return None
+        item = item[key]
+    return item
+
+
+def _fill_nulls(value, null):
+    """JSON nulls (no next token) of an integer output as its missing value."""
+    if isinstance(value, list):
+        return [_fill_nulls(v, null) for v in value]
+    return null if value is None else value
 
 
 def decode_embeddings(obj: dict, tensors: str = "np"):

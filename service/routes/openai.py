@@ -1,7 +1,7 @@
 """OpenAI-compatible endpoints: `POST /v1/completions` (a scoring subset) and `POST /v1/embeddings`.
 
-Both go through the same batcher and worker pool as `/v1/logits`: a request becomes one `Work` with one
-`OutputSpec`, and the response is built from the worker's tensors.
+Both go through the same engine as `/v1/logits`: a request becomes packed inputs and one `OutputSpec`, and the
+response is built from the worker's tensors.
 
 Completions score, they do not generate: `max_tokens` is 0 (default) or 1, and the one token of `max_tokens: 1` is
 the greedy next token (the argmax of the last row). With `echo` and `logprobs` every prompt token gets its
@@ -15,105 +15,39 @@ leading space (SentencePiece) still give " word"; a checkpoint without tokenizer
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import logging
 import time
 import uuid
-from types import SimpleNamespace
-from typing import Literal
 
 import numpy as np
-from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from .batcher import Work
-from .errors import InvalidInput, ServiceError, UnsupportedOption
-from .schemas import SCORING_ERRORS, CompletionResponse, EmbeddingResponse, responses
-from .serialize import to_json
+from model.outputs import OutputSpec, ReturnHiddenStates, ReturnLogits
 
-logger = logging.getLogger("logitserve.openai")
+from ..deps import Authorized, EngineDep, ServedDep, SettingsDep, WorkersAccepting, json_body, request_body
+from ..errors import UnsupportedOption
+from ..inputs import InputFields, PackedInputs, pack_inputs, prompt_inputs
+from ..responses import json_response
+from ..schemas import (
+    SCORING_ERRORS,
+    CompletionRequest,
+    CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    responses,
+)
+from ..workers import RequestOutputs
+from .metered import WorkRoute
 
-Prompt = str | list[str] | list[list[StrictInt]] | list[StrictInt]
+router = APIRouter(route_class=WorkRoute, dependencies=[Authorized, WorkersAccepting])
+
+CompletionBody = json_body(CompletionRequest)
+EmbeddingBody = json_body(EmbeddingRequest)
 
 # Tokens of context used to decode a token's text (enough for SentencePiece's leading space and most multi-byte
 # characters split over byte tokens).
 CONTEXT_WINDOW = 4
-
-
-class CompletionRequest(BaseModel):
-    """OpenAI legacy completions; fields it does not use (seed, stop, user, ...) are ignored."""
-
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
-
-    model: str | None = None
-    prompt: Prompt
-    max_tokens: StrictInt | None = Field(0, ge=0)
-    echo: StrictBool | None = False
-    logprobs: StrictInt | None = Field(None, ge=0, le=20)
-    temperature: float | None = None
-    n: StrictInt | None = Field(1, ge=1)
-    best_of: StrictInt | None = Field(None, ge=1)
-    stream: StrictBool | None = False
-    suffix: str | None = None
-    add_special_tokens: StrictBool = True  # an extension (vLLM's name): BOS for string prompts
-
-
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
-
-    model: str | None = None
-    input: Prompt
-    encoding_format: Literal["float", "base64"] | None = "float"
-    dimensions: StrictInt | None = Field(None, ge=1)
-    add_special_tokens: StrictBool = True
-
-
-# --------------------------------------------------------------------------------------------------- plumbing
-
-
-def prompt_ids(service, prompt, param: str, add_special_tokens: bool):
-    """(packed ids, lengths, per-sequence id lists, per-sequence string or None, per-sequence offsets or None)."""
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    if prompt and isinstance(prompt[0], int):
-        prompt = [prompt]
-    texts: list[str | None]
-    offsets: list | None
-    if prompt and isinstance(prompt[0], str):
-        if service.tokenizer is None:
-            raise UnsupportedOption(f"this model has no tokenizer.json: send {param} as token ids", param=param)
-        encs = service.tokenizer.encode_batch(list(prompt), add_special_tokens=add_special_tokens)
-        lists = [e.ids for e in encs]
-        texts = list(prompt)
-        offsets = [e.offsets for e in encs]
-    else:
-        lists = list(prompt)
-        texts = [None] * len(lists)
-        offsets = None
-    try:
-        ids, lengths = service.sequences(SimpleNamespace(input_ids=lists, inputs=None, add_special_tokens=True))
-    except ServiceError as exc:
-        exc.param = param
-        exc.message = exc.message.replace("input_ids", param)
-        raise
-    return ids, lengths, lists, texts, offsets
-
-
-async def run_work(service, request: Request, ids: np.ndarray, lengths: list[int], spec):
-    work = Work(ids, lengths, spec, asyncio.get_running_loop().create_future())
-    service.batcher.submit(work)
-    service.metrics.prompt_tokens.inc(work.num_tokens)
-    result = await service.await_result(request, work)
-    t = result.batch.tensors(result.group)
-    group = result.batch.groups[result.group]
-    headers = {"x-queue-time": f"{result.queue_s * 1000:.3f}", "x-inference-time": f"{result.inference_s * 1000:.3f}"}
-    return t, group, headers
-
-
-def _json(obj, headers: dict | None = None) -> Response:
-    return Response(to_json(obj), media_type="application/json", headers=headers)
 
 
 # ------------------------------------------------------------------------------------------------ token texts
@@ -156,9 +90,7 @@ class TokenTexts:
 # ------------------------------------------------------------------------------------------------ completions
 
 
-def completion_spec(req: CompletionRequest, vocab_size: int):
-    from model.outputs import OutputSpec, ReturnLogits
-
+def completion_spec(req: CompletionRequest, vocab_size: int) -> OutputSpec | None:
     k = req.logprobs if req.logprobs is not None else 0
     greedy = req.max_tokens == 1
     top_k = min(max(k, 1 if greedy else 0), vocab_size)
@@ -181,13 +113,17 @@ def _top_dict(cands: list[tuple[str, int, float]], actual_text: str, actual: int
     return top
 
 
-def build_choices(service, req: CompletionRequest, lists, texts, offsets, t, group) -> list[dict]:
+def build_choices(tokenizer, req: CompletionRequest, inputs: PackedInputs,
+                  outputs: RequestOutputs | None) -> list[dict]:
+    """One choice per prompt, from its tokens and (when anything was computed) its outputs."""
     k = req.logprobs if req.logprobs is not None else 0
     greedy = req.max_tokens == 1
     echo = bool(req.echo)
     want_lp = req.logprobs is not None
-    tt = TokenTexts(service.tokenizer)
-    rows = group["rows"] if group else [0] * len(lists)
+    tt = TokenTexts(tokenizer)
+    lists, texts, offsets = inputs.token_lists, inputs.texts or [None] * len(inputs.lengths), inputs.char_offsets
+    t = outputs.arrays if outputs is not None else {}
+    rows = outputs.logit_rows if outputs is not None else [0] * len(lists)
     r = 0
     choices = []
     for i, ids in enumerate(lists):
@@ -199,7 +135,7 @@ def build_choices(service, req: CompletionRequest, lists, texts, offsets, t, gro
         if need_prompt_texts:
             queries += [(p, ids[p]) for p in range(n)]
         top_ids = top_vals = None
-        if group and "top_k_ids" in t:
+        if "top_k_ids" in t:
             top_ids = t["top_k_ids"][r : r + nrows]
             top_vals = t["top_k_logprobs"][r : r + nrows]
         gen_id = gen_lp = None
@@ -261,8 +197,9 @@ def build_choices(service, req: CompletionRequest, lists, texts, offsets, t, gro
     return choices
 
 
-async def completions(service, request: Request, body: bytes) -> Response:
-    req = service.parse(CompletionRequest, body)
+@router.post("/v1/completions", openapi_extra=request_body(CompletionRequest),
+             responses=responses(CompletionResponse, *SCORING_ERRORS))
+async def completions(req: CompletionBody, request: Request, served: ServedDep, engine: EngineDep) -> Response:
     if req.max_tokens is None:
         req.max_tokens = 0
     if req.max_tokens > 1:
@@ -275,41 +212,41 @@ async def completions(service, request: Request, body: bytes) -> Response:
         raise UnsupportedOption("n and best_of must be 1: scoring is deterministic", param="n")
     if req.suffix:
         raise UnsupportedOption("suffix is not supported", param="suffix")
-    ids, lengths, lists, texts, offsets = prompt_ids(service, req.prompt, "prompt", req.add_special_tokens)
-    spec = completion_spec(req, service.config.vocab_size)
-    headers = None
-    t, group = {}, None
+    inputs = pack_inputs(served, prompt_inputs(req.prompt, req.add_special_tokens), InputFields("prompt", "prompt"))
+    spec = completion_spec(req, served.config.vocab_size)
+    outputs = headers = None
     if spec is not None:
-        t, group, headers = await run_work(service, request, ids, lengths, spec)
-    choices = build_choices(service, req, lists, texts, offsets, t, group)
-    n = int(ids.shape[0])
-    gen = req.max_tokens * len(lists)
-    obj = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-           "model": service.model_name, "choices": choices,
-           "usage": {"prompt_tokens": n, "completion_tokens": gen, "total_tokens": n + gen}}
-    return _json(obj, headers)
+        scored = await engine.score(inputs, spec, request.receive)
+        outputs, headers = scored.outputs, scored.timing_headers
+    choices = build_choices(served.tokenizer, req, inputs, outputs)
+    n = inputs.num_tokens
+    gen = req.max_tokens * len(inputs.lengths)
+    return json_response({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                          "model": served.name, "choices": choices,
+                          "usage": {"prompt_tokens": n, "completion_tokens": gen, "total_tokens": n + gen}},
+                         headers=headers)
 
 
 # ------------------------------------------------------------------------------------------------- embeddings
 
 
-async def embeddings(service, request: Request, body: bytes) -> Response:
-    from model.outputs import OutputSpec, ReturnHiddenStates
-
-    req = service.parse(EmbeddingRequest, body)
-    hidden = service.config.hidden_size
+@router.post("/v1/embeddings", openapi_extra=request_body(EmbeddingRequest),
+             responses=responses(EmbeddingResponse, *SCORING_ERRORS))
+async def embeddings(req: EmbeddingBody, request: Request, served: ServedDep, engine: EngineDep,
+                     settings: SettingsDep) -> Response:
+    hidden = served.config.hidden_size
     if req.dimensions is not None and req.dimensions != hidden:
         raise UnsupportedOption(f"dimensions {req.dimensions}: this model's embeddings have {hidden}",
                                 param="dimensions")
-    ids, lengths, lists, _, _ = prompt_ids(service, req.input, "input", req.add_special_tokens)
-    mean = service.settings.pooling == "mean"
+    inputs = pack_inputs(served, prompt_inputs(req.input, req.add_special_tokens), InputFields("input", "input"))
+    mean = settings.pooling == "mean"
     mode = ReturnHiddenStates.ALL_NORMALIZED if mean else ReturnHiddenStates.LAST_NORMALIZED
-    spec = OutputSpec(logits=False, return_hidden_states=mode, layers=(service.config.num_layers,))
-    t, group, headers = await run_work(service, request, ids, lengths, spec)
-    hs = t["hidden_states"][0]  # [rows, hidden] of the last layer, final norm applied
+    spec = OutputSpec(logits=False, return_hidden_states=mode, layers=(served.config.num_layers,))
+    scored = await engine.score(inputs, spec, request.receive)
+    hs = scored.outputs.arrays["hidden_states"][0]  # [rows, hidden] of the last layer, final norm applied
     data = []
     h = 0
-    for i, k in enumerate(group["hidden_rows"]):
+    for i, k in enumerate(scored.outputs.hidden_rows):
         rows = hs[h : h + k].astype(np.float64)
         h += k
         vec = rows.mean(axis=0) if mean else rows[-1]
@@ -317,28 +254,6 @@ async def embeddings(service, request: Request, body: bytes) -> Response:
         vec = (vec / norm if norm > 0 else vec).astype("<f4")
         emb = base64.b64encode(vec.tobytes()).decode("ascii") if req.encoding_format == "base64" else vec
         data.append({"object": "embedding", "index": i, "embedding": emb})
-    n = int(ids.shape[0])
-    obj = {"object": "list", "data": data, "model": service.model_name,
-           "usage": {"prompt_tokens": n, "total_tokens": n}}
-    return _json(obj, headers)
-
-
-# ------------------------------------------------------------------------------------------------- the routes
-
-
-def register(app: FastAPI, service) -> None:
-    def _doc(model) -> dict:
-        return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
-
-    @app.post("/v1/completions", openapi_extra=_doc(CompletionRequest),
-              responses=responses(CompletionResponse, *SCORING_ERRORS))
-    async def _completions(request: Request):
-        return await service.handle(request, "/v1/completions", lambda body: completions(service, request, body))
-
-    @app.post("/v1/embeddings", openapi_extra=_doc(EmbeddingRequest),
-              responses=responses(EmbeddingResponse, *SCORING_ERRORS))
-    async def _embeddings(request: Request):
-        return await service.handle(request, "/v1/embeddings", lambda body: embeddings(service, request, body))
-
-
-__all__ = ["register", "CompletionRequest", "EmbeddingRequest", "InvalidInput"]
+    n = inputs.num_tokens
+    return json_response({"object": "list", "data": data, "model": served.name,
+                          "usage": {"prompt_tokens": n, "total_tokens": n}}, headers=scored.timing_headers)

@@ -1,0 +1,170 @@
+"""Response bodies: JSON through orjson (numpy arrays serialized natively) and safetensors, both built from a
+`Scored` result by looping over the output kinds (`model.outputs.OUTPUT_KINDS`)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+from model.outputs import OUTPUT_KINDS, Rows
+
+from .engine import Scored
+from .packing import row_offsets
+from .schemas import SAFETENSORS_MEDIA as SAFETENSORS
+
+STREAM_BYTES = 1 << 20  # binary bodies above this are streamed in slices of this size
+JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def to_json(obj: Any) -> bytes:
+    """NaN (a missing next token's log-probability) becomes null."""
+    return orjson.dumps(obj, option=JSON_OPTIONS)
+
+
+def json_response(obj: Any, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(to_json(obj), status_code=status, media_type="application/json", headers=headers)
+
+
+# ---------------------------------------------------------------------------------------------------- JSON
+
+
+def _nullable(arr: np.ndarray, null: int) -> list:
+    """The array as nested lists with `null` written as None."""
+    if arr.ndim == 1:
+        return [None if v == null else v for v in arr.tolist()]
+    return [_nullable(a, null) for a in arr]
+
+
+def _put(item: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        item = item.setdefault(key, {})
+    item[path[-1]] = value
+
+
+def logits_json(scored: Scored, model_name: str) -> bytes:
+    """/v1/logits: per sequence, every output the request asked for at its key path (OutputKind.json)."""
+    out = scored.outputs
+    kinds = [k for k in OUTPUT_KINDS if k.json is not None and k.name in out.arrays]
+    starts = {rows: out.offsets(rows) for rows in Rows}
+    data = []
+    for i, n in enumerate(scored.inputs.lengths):
+        item: dict = {"index": i, "num_tokens": n}
+        for kind in kinds:
+            a, b = starts[kind.rows][i : i + 2]
+            value = np.ascontiguousarray(out.arrays[kind.name][(slice(None),) * kind.row_dim + (slice(a, b),)])
+            _put(item, kind.json, value if kind.json_null is None else _nullable(value, kind.json_null))
+        data.append(item)
+    n = scored.inputs.num_tokens
+    return to_json({"object": "logits", "model": model_name, "data": data,
+                    "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+
+def hidden_states_json(scored: Scored, model_name: str) -> bytes:
+    out = scored.outputs
+    offsets = out.offsets(Rows.HIDDEN)
+    data = []
+    for i, n in enumerate(scored.inputs.lengths):
+        a, b = offsets[i : i + 2]
+        data.append({"index": i, "num_tokens": n, "positions": out.arrays["hidden_positions"][a:b],
+                     "layers": list(out.layers),
+                     "hidden_states": np.ascontiguousarray(out.arrays["hidden_states"][:, a:b])})
+    n = scored.inputs.num_tokens
+    return to_json({"object": "hidden_states", "model": model_name, "data": data,
+                    "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+
+# ---------------------------------------------------------------------------------------------- safetensors
+
+_ST_DTYPES = {
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.float64): "F64",
+}
+
+
+def cast(arr: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
+    """float32 array -> (array of the wire bytes, safetensors dtype code)."""
+    if dtype == "float32":
+        return arr, "F32"
+    if dtype == "float16":
+        return arr.astype(np.float16), "F16"
+    if dtype == "bfloat16":
+        import torch
+
+        # torch's rounding (what a client's .to(torch.bfloat16) gives); it only reads the array, which is a
+        # read-only view of the workers' shared memory, so its warning about writing to one does not apply.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.from_numpy(np.ascontiguousarray(arr)).to(torch.bfloat16)
+        return t.view(torch.int16).numpy(), "BF16"
+    raise ValueError(dtype)
+
+
+def safetensors_parts(tensors: list[tuple[str, np.ndarray, str | None]], metadata: dict[str, str]) -> list:
+    """A safetensors file as [header bytes, then each tensor's bytes as a memoryview of the array itself]: the data
+    is not copied here (large responses are streamed from these views, straight from the workers' shared memory)."""
+    header: dict[str, Any] = {}
+    chunks = []
+    offset = 0
+    for name, arr, code in tensors:
+        arr = np.ascontiguousarray(arr)
+        code = code or _ST_DTYPES[arr.dtype]
+        n = arr.nbytes
+        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+        if n:
+            chunks.append(memoryview(arr.reshape(-1).view(np.uint8)))
+    header["__metadata__"] = metadata
+    head = orjson.dumps(header)
+    head += b" " * (-len(head) % 8)
+    return [struct.pack("<Q", len(head)) + head, *chunks]
+
+
+def scoring_safetensors(scored: Scored, rows: tuple[Rows, ...], dtype: str, metadata: dict[str, str]) -> list:
+    """The binary body: input_row_offsets, then every output of these row sets in table order, each row set's
+    offsets right after its first tensor; `dtype` applies to the kinds that follow it."""
+    out = scored.outputs
+    tensors: list = [("input_row_offsets", row_offsets(scored.inputs.lengths), None)]
+    for kind in OUTPUT_KINDS:
+        if kind.rows not in rows or kind.name not in out.arrays:
+            continue
+        arr = out.arrays[kind.name]
+        tensors.append((kind.name, *cast(arr, dtype)) if kind.follows_dtype else (kind.name, arr, None))
+        if not any(name == kind.rows.offsets for name, _, _ in tensors):
+            tensors.append((kind.rows.offsets, out.offsets(kind.rows), None))
+    return safetensors_parts(tensors, {**metadata, "layers": json.dumps(list(out.layers)), "dtype": dtype})
+
+
+async def _slices(parts: list, step: int):
+    for part in parts:
+        for i in range(0, len(part), step):
+            yield part[i : i + step]
+
+
+def scored_response(scored: Scored, accept: str, metrics, *, json_body: Callable[[], bytes],
+                    binary_parts: Callable[[], list]) -> Response:
+    """The safetensors body when the client accepts it, else JSON; with the timing headers."""
+    t0 = time.perf_counter()
+    headers = scored.timing_headers
+    if SAFETENSORS in accept:
+        parts = binary_parts()
+        metrics.serialization_duration.labels("safetensors").observe(time.perf_counter() - t0)
+        size = sum(len(p) for p in parts)
+        if size > STREAM_BYTES:
+            # Streamed from views of the batch's shared memory, with the socket's backpressure: no copy of the
+            # whole body in this process (full-vocabulary logits are ~200 KB per row).
+            headers["content-length"] = str(size)
+            return StreamingResponse(_slices(parts, STREAM_BYTES), media_type=SAFETENSORS, headers=headers)
+        return Response(b"".join(parts), media_type=SAFETENSORS, headers=headers)
+    body = json_body()
+    metrics.serialization_duration.labels("json").observe(time.perf_counter() - t0)
+    return Response(body, media_type="application/json", headers=headers)

@@ -1,0 +1,67 @@
+"""Probes, scrapes and descriptions: `/health`, `/ready`, `/metrics`, `/info`, `/v1/models`. None needs a worker;
+`/info` and `/v1/models` need the API key."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fastapi import APIRouter
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import PlainTextResponse, Response
+
+from .. import __version__
+from ..deps import Authorized, EngineDep, MetricsDep, ServedDep, SettingsDep
+from ..errors import NotReady, error_response
+from ..responses import json_response
+from ..schemas import InfoResponse, ModelsResponse, StatusResponse, responses
+from .metered import MeteredRoute
+
+router = APIRouter(route_class=MeteredRoute)
+
+
+@router.get("/health", responses=responses(StatusResponse))
+async def health() -> Response:
+    return json_response({"status": "ok"})
+
+
+@router.get("/ready", responses=responses(StatusResponse, 503))
+async def ready(engine: EngineDep) -> Response:
+    reason = engine.not_ready_reason()
+    return json_response({"status": "ready"}) if reason is None else error_response(NotReady(reason))
+
+
+@router.get("/metrics", response_class=PlainTextResponse, responses=responses(None, text=True))
+async def metrics_text(metrics: MetricsDep) -> Response:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/info", dependencies=[Authorized], responses=responses(InfoResponse, 401))
+async def info(served: ServedDep, engine: EngineDep, settings: SettingsDep) -> Response:
+    s = settings
+    return json_response({
+        "model": served.name,
+        "model_path": served.checkpoint,
+        "version": __version__,
+        "config": dataclasses.asdict(served.config),
+        "tokenizer": served.tokenizer is not None,
+        "tp": s.tp,
+        "replicas": s.replicas,
+        "device": s.device,
+        "dtype": engine.dtype or s.dtype,  # as the workers loaded the weights; the requested one until they have
+        "limits": {
+            "max_batch_tokens": s.max_batch_tokens,
+            "max_seq_len": served.max_seq_len,
+            "max_queue_tokens": s.effective_max_queue_tokens,
+            "request_timeout": s.request_timeout,
+            "max_request_bytes": s.max_request_bytes,
+        },
+        "pooling": s.pooling,
+        "workers": engine.describe_workers(),
+    })
+
+
+@router.get("/v1/models", dependencies=[Authorized], responses=responses(ModelsResponse, 401))
+async def models(served: ServedDep) -> Response:
+    return json_response({"object": "list", "data": [{
+        "id": served.name, "object": "model", "created": served.created, "owned_by": "logitserve",
+        "max_model_len": served.max_seq_len}]})

@@ -1,0 +1,109 @@
+"""A worker process: one rank of one replica. It loads its shard, then runs every `Job` it receives; rank 0 writes
+the results (wire.py) and answers. Out of memory splits a batch in halves down to single sequences."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+
+from .protocol import Batch, BatchDone, BatchFailed, Job, WorkerReady
+from .wire import OutOfMemoryAlone, segment_name, write_results
+
+logger = logging.getLogger("logitserve.workers")
+
+# Fault injection for tests (off by default): a forward over >= N tokens raises torch.OutOfMemoryError.
+FAULT_OOM_TOKENS_ENV = "LOGITSERVE_FAULT_OOM_TOKENS"
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+def run_splitting(runner, batch: Batch, fault_oom_tokens: int = 0) -> tuple[list, int]:
+    """Outputs of every sequence of the batch, and how many sub-batches were retried after out-of-memory.
+
+    On out-of-memory the sequences are split in halves and each half is retried, down to single sequences; a
+    sequence that runs out of memory alone gets an `OutOfMemoryAlone` in place of its outputs (its request fails
+    alone). Every rank of a replica takes the same splits when the error is symmetric (the injected fault, a batch
+    too large for every shard); an error on one rank only leaves the replica's collectives out of step, which the
+    front end sees as a hung replica (worker_timeout) and restarts.
+    """
+    import torch
+
+    retries = 0
+
+    def forward(a: int, b: int) -> list:
+        nonlocal retries
+        lo, hi = int(batch.offsets[a]), int(batch.offsets[b])
+        ids = torch.from_numpy(batch.input_ids[lo:hi])
+        offsets = torch.from_numpy(batch.offsets[a : b + 1] - lo)
+        try:
+            if fault_oom_tokens and hi - lo >= fault_oom_tokens:
+                oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+                raise oom(f"injected out-of-memory: {hi - lo} tokens >= {FAULT_OOM_TOKENS_ENV}={fault_oom_tokens}")
+            return list(runner.run(ids, offsets, batch.specs[a:b]))
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        # Out of memory: release what the failed attempt cached, then retry in halves.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if b - a == 1:
+            return [OutOfMemoryAlone(f"out of memory on a sequence of {hi - lo} tokens even alone ({message})")]
+        retries += 2
+        mid = (a + b) // 2
+        return forward(a, mid) + forward(mid, b)
+
+    outs = forward(0, len(batch.offsets) - 1)
+    return outs, retries
+
+
+def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, device: str, dtype: str,
+                threads: int, conn) -> None:
+    import torch
+
+    from model.distributed import destroy, init_process_group
+    from model.runner import ModelRunner
+
+    torch.set_num_threads(threads)
+    if device.startswith("cuda") and ":" not in device:
+        count = max(1, torch.cuda.device_count())
+        device = f"cuda:{(replica * tp + rank) % count}"
+    try:
+        ctx = init_process_group(rank, tp, master_port=port, device=device)
+        runner = ModelRunner.load(checkpoint, device=ctx.device, dtype=dtype, parallel=ctx)
+        conn.send(WorkerReady(rank, os.getpid(), str(runner.dtype).removeprefix("torch.")))
+        counter = itertools.count()
+        fault_oom_tokens = int(os.environ.get(FAULT_OOM_TOKENS_ENV) or 0)
+        while True:
+            try:
+                job: Job | None = conn.recv()
+            except EOFError:
+                break
+            if job is None:
+                break
+            t0 = time.perf_counter()
+            try:
+                outs, retries = run_splitting(runner, job.batch, fault_oom_tokens)
+                forward_s = time.perf_counter() - t0
+                if rank == 0:
+                    name = segment_name(os.getpid(), next(counter))
+                    nbytes, results = write_results(outs, job.batch.spans, name)
+                    conn.send(BatchDone(job.batch_id, name, nbytes, results, forward_s, retries))
+                del outs
+            except Exception as exc:  # a bug or a device error: report it for this batch
+                logger.exception("batch %s failed on rank %d", job.batch_id, rank)
+                if rank == 0:
+                    conn.send(BatchFailed(job.batch_id, f"{type(exc).__name__}: {exc}"))
+                if tp > 1:
+                    raise  # collectives of the replica may be out of step: let the front end restart it
+    finally:
+        destroy()
+    conn.close()
+    os._exit(0)  # skip interpreter teardown of torch: the front end waits for this exit on shutdown

@@ -1,0 +1,89 @@
+"""The contract between the front end and its worker processes: every message either way is one of these.
+
+A `Batch` goes to every rank of one replica (pickled through its pipe: both ends are this service's own
+processes). Rank 0 answers with a `BatchDone`, whose result tensors lie in one shared-memory segment (see
+`wire.py`) described by one `RequestResult` per request, or a `BatchFailed`. Each rank says `WorkerReady` once its
+shard is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model.outputs import OutputSpec
+
+
+@dataclass(frozen=True)
+class RequestSpan:
+    """The sequences [start, stop) of a batch that belong to one request (they share its OutputSpec)."""
+
+    start: int
+    stop: int
+
+
+@dataclass
+class Batch:
+    input_ids: np.ndarray  # int64 [T], every sequence packed
+    offsets: np.ndarray  # int64 [B+1]
+    specs: list[OutputSpec]  # one per sequence
+    spans: list[RequestSpan]  # one per request, in order
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+
+@dataclass(frozen=True)
+class Job:
+    """A batch as sent to a replica, with the id its answer carries."""
+
+    batch_id: int
+    batch: Batch
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one output tensor of one request lies in the batch's shared-memory segment."""
+
+    offset: int  # bytes from the segment's start
+    dtype: str  # numpy name
+    shape: tuple[int, ...]
+
+
+@dataclass
+class RequestResult:
+    """What rank 0 computed for one request: its tensors (by output kind name) and how their rows split."""
+
+    tensors: dict[str, TensorSlot] = field(default_factory=dict)
+    logit_rows: list[int] = field(default_factory=list)  # rows of each sequence in the LOGIT-row tensors
+    hidden_rows: list[int] = field(default_factory=list)  # rows of each sequence in the HIDDEN-row tensors
+    layers: tuple[int, ...] = ()  # resolved layers of hidden_states
+    error: str | None = None  # out of memory even alone: this request fails alone, its batch is answered
+
+
+@dataclass
+class BatchDone:
+    batch_id: int
+    segment: str  # shared-memory name; the front end maps and unlinks it
+    nbytes: int
+    results: list[RequestResult]  # one per RequestSpan of the batch
+    forward_s: float
+    oom_retries: int  # sub-batches re-run after the device ran out of memory
+
+
+@dataclass
+class BatchFailed:
+    batch_id: int
+    message: str
+
+
+@dataclass
+class WorkerReady:
+    rank: int
+    pid: int
+    dtype: str  # the dtype the weights were loaded in (torch name without "torch."), what /info reports
+
+
+WorkerMessage = WorkerReady | BatchDone | BatchFailed

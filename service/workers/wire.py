@@ -1,0 +1,158 @@
+"""The result segment: how rank 0 lays a batch's output tensors into one shared-memory segment, and how the front
+end maps them back as numpy views.
+
+Each request's tensors are its sequences' outputs concatenated along their row dimension, one tensor per output
+kind (`model.outputs.OUTPUT_KINDS`), each 64-byte aligned. The front end maps the segment read-only and unlinks it at
+once: the mapping lives as long as the numpy views over it, and responses are serialized straight from them.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.outputs import OUTPUT_KINDS, Rows
+
+from ..packing import row_offsets
+from .protocol import BatchDone, RequestResult, RequestSpan, TensorSlot
+
+SHM_PREFIX = "logitserve_"
+_ALIGN = 64
+
+
+@dataclass
+class OutOfMemoryAlone:
+    """Stands for the outputs of a sequence that ran out of memory even in a batch of its own."""
+
+    message: str
+
+
+# ----------------------------------------------------------------------------------------------- worker side
+
+
+def write_results(outs: list, spans: list[RequestSpan], name: str) -> tuple[int, list[RequestResult]]:
+    """Write every request's tensors into a new shared-memory segment `name`; (its size, one result per span).
+
+    `outs` holds a SequenceOutput (or an OutOfMemoryAlone) per sequence of the batch."""
+    import torch
+    from multiprocessing import resource_tracker, shared_memory
+
+    plan = []  # (offset, dtype, shape, parts, dim)
+    offset = 0
+    results = []
+    for span in spans:
+        seqs = outs[span.start : span.stop]
+        failed = next((o for o in seqs if isinstance(o, OutOfMemoryAlone)), None)
+        if failed is not None:
+            results.append(RequestResult(error=failed.message))
+            continue
+        result = RequestResult(logit_rows=[len(s.positions) for s in seqs],
+                               hidden_rows=[0 if s.hidden_positions is None else len(s.hidden_positions) for s in seqs],
+                               layers=tuple(seqs[0].layers))
+        for kind in OUTPUT_KINDS:
+            if getattr(seqs[0], kind.name) is None:  # one spec per request: absent for one, absent for all
+                continue
+            parts = [getattr(s, kind.name) for s in seqs]
+            shape = list(parts[0].shape)
+            shape[kind.row_dim] = sum(p.shape[kind.row_dim] for p in parts)
+            nbytes = int(np.prod(shape)) * np.dtype(kind.dtype).itemsize
+            result.tensors[kind.name] = TensorSlot(offset, kind.dtype, tuple(shape))
+            plan.append((offset, getattr(torch, kind.dtype), shape, parts, kind.row_dim))
+            offset += nbytes + (-nbytes % _ALIGN)
+        results.append(result)
+    size = max(offset, 1)
+    shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+    # The front end unlinks the segment; this process must not (its resource tracker would at exit).
+    try:
+        resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
+    except Exception:  # pragma: no cover
+        pass
+    _fill(torch.frombuffer(shm.buf, dtype=torch.uint8, count=size), plan)  # no view may outlive close()
+    shm.close()
+    return size, results
+
+
+def _fill(buf, plan: list) -> None:
+    for off, dtype, shape, parts, dim in plan:
+        n = int(np.prod(shape)) * dtype.itemsize
+        if n == 0:
+            continue
+        dest = buf[off : off + n].view(dtype).view(shape)
+        pos = 0
+        for p in parts:  # converts to the wire dtype (hidden states of a half-precision model become float32)
+            k = p.shape[dim]
+            dest.narrow(dim, pos, k).copy_(p)
+            pos += k
+
+
+# ------------------------------------------------------------------------------------------- front-end side
+
+
+@dataclass
+class RequestOutputs:
+    """One request's result as the encoders read it: numpy arrays by output kind name, and how rows split."""
+
+    arrays: dict[str, np.ndarray]
+    logit_rows: list[int]  # per sequence
+    hidden_rows: list[int]
+    layers: tuple[int, ...]
+
+    def rows(self, rows: Rows) -> list[int]:
+        return self.logit_rows if rows == Rows.LOGIT else self.hidden_rows
+
+    def offsets(self, rows: Rows) -> np.ndarray:
+        """int64 [B+1]: where each sequence's rows start in the tensors of this row set."""
+        return row_offsets(self.rows(rows))
+
+
+class MappedBatch:
+    """A batch's results mapped from shared memory; numpy views keep the mapping alive, nothing to release."""
+
+    def __init__(self, done: BatchDone):
+        self.done = done
+        self._buf = _attach(done.segment, done.nbytes)
+
+    def outputs(self, index: int) -> RequestOutputs:
+        result = self.done.results[index]
+        arrays = {name: np.frombuffer(self._buf, dtype=slot.dtype, count=int(np.prod(slot.shape)),
+                                      offset=slot.offset).reshape(slot.shape)
+                  for name, slot in result.tensors.items()}
+        return RequestOutputs(arrays, result.logit_rows, result.hidden_rows, result.layers)
+
+
+def _attach(name: str, nbytes: int):
+    path = f"/dev/shm/{name}"
+    if sys.platform.startswith("linux") and os.path.exists(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            buf = mmap.mmap(fd, nbytes, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+            os.unlink(path)
+        return buf
+    from multiprocessing import shared_memory  # pragma: no cover - non-Linux fallback
+
+    shm = shared_memory.SharedMemory(name=name)
+    data = bytes(shm.buf[:nbytes])
+    shm.close()
+    shm.unlink()
+    return data
+
+
+def remove_segments(pid: int) -> None:
+    """Unlink the segments a dead rank 0 may have left behind."""
+    import glob
+
+    for path in glob.glob(f"/dev/shm/{SHM_PREFIX}{pid}_*"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def segment_name(pid: int, counter: int) -> str:
+    return f"{SHM_PREFIX}{pid}_{counter}"
