@@ -78,7 +78,11 @@ def _added_token(value: Any) -> AddedToken | None:
     if isinstance(value, str):
         return AddedToken(value, special=True)
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
-        flags = {key: bool(value[key]) for key in ("single_word", "lstrip", "rstrip", "normalized", "special") if key in value}
+        flags = {
+            key: bool(value[key])
+            for key in ("single_word", "lstrip", "rstrip", "normalized", "special")
+            if key in value
+        }
         flags.setdefault("special", True)
         return AddedToken(value["content"], **flags)
     return None
@@ -155,13 +159,10 @@ def prepare_tokenizer(tokenizer: Tokenizer, special_tokens: SpecialTokens) -> To
             present.add(token.content)
             missing.append(token)
     if missing:
-        logger.info("adding %d special tokens that tokenizer.json lacks: %s", len(missing), [t.content for t in missing])
-        # transformers adds the special ones with add_special_tokens and the others with add_tokens, in one order
-        for token in missing:
-            if token.special:
-                tokenizer.add_special_tokens([token])
-            else:
-                tokenizer.add_tokens([token])
+        logger.info(
+            "adding %d special tokens that tokenizer.json lacks: %s", len(missing), [t.content for t in missing]
+        )
+        tokenizer.add_tokens(missing)  # as transformers does: one call, each token keeping its special flag
     return tokenizer
 
 
@@ -230,7 +231,9 @@ def _environment():
                     f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}."
                 )
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
@@ -284,7 +287,9 @@ class ChatTemplate:
     special_tokens: SpecialTokens
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, special_tokens: SpecialTokens | None = None) -> ChatTemplate | None:
+    def from_checkpoint(
+        cls, checkpoint: str | Path, special_tokens: SpecialTokens | None = None
+    ) -> ChatTemplate | None:
         """The checkpoint's template, or None when it has none. Raises ValueError when its templates are named
         but none is "default", or when one does not compile (a broken checkpoint, refused at load)."""
         folder = Path(checkpoint)
@@ -313,7 +318,9 @@ class ChatTemplate:
             try:
                 _compile(source)
             except jinja2.TemplateSyntaxError as error:
-                raise ValueError(f"{folder}: chat template {name!r} does not compile: line {error.lineno}: {error.message}") from error
+                raise ValueError(
+                    f"{folder}: chat template {name!r} does not compile: line {error.lineno}: {error.message}"
+                ) from error
         return cls(templates=templates, special_tokens=special_tokens or SpecialTokens.from_checkpoint(folder))
 
     def source(self, tools: list | None = None) -> str:
@@ -344,11 +351,14 @@ class ChatTemplate:
                 **self.special_tokens.by_name,
             )
         except jinja2.TemplateError as error:  # raise_exception, undefined values, the sandbox's refusals
-            raise ChatTemplateError(f"conversation {index}: the chat template refused it: {error}", param="messages") from error
+            raise ChatTemplateError(
+                f"conversation {index}: the chat template refused it: {error}", param="messages"
+            ) from error
         except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as error:
             # what an operation of the template raised on this input, e.g. a list content concatenated to a string
             raise ChatTemplateError(
-                f"conversation {index}: the chat template failed on it: {type(error).__name__}: {error}", param="messages"
+                f"conversation {index}: the chat template failed on it: {type(error).__name__}: {error}",
+                param="messages",
             ) from error
 
     def render_all(self, conversations: Sequence[Conversation], add_generation_prompt: bool = False) -> list[str]:

@@ -1,12 +1,13 @@
 """Chat templates: rendered text and ids equal to transformers' ``apply_chat_template`` on the same folder.
 
 The templates below are written for these tests in the manner of each model family (their constructs, not their
-files): Llama 3 (BOS and header tokens, ``trim``), Llama 3.2 (``strftime_now``, ``is defined``, ``tojson(indent=4)``),
-Gemma (``raise_exception`` on a system turn, alternating roles), Qwen (tools through ``tojson``, tool calls, a
-``namespace``, reasoning), content given as a list of parts (``loopcontrols``, ``generation``), Zephyr (indented block tags, where the
-whitespace settings decide the text), and SmolLM2-135M-Instruct's own
-template (the default model's, as its GGUF file carries it). Each lives in a tiny tokenizer folder whose tokenizer
-adds a BOS in its post-processor, so that a tokenization that added special tokens would show.
+files): Llama 3 (BOS and header tokens, ``trim``), Llama 3.2 (``strftime_now``, ``is defined``,
+``tojson(indent=4)``), Gemma (``raise_exception`` on a system turn, alternating roles), Qwen (tools through
+``tojson``, tool calls, a ``namespace``, reasoning), content given as a list of parts (``loopcontrols``,
+``generation``), Zephyr (indented block tags, where the whitespace settings decide the text), and
+SmolLM2-135M-Instruct's own template (the default model's, as its GGUF file carries it). Each lives in a tiny
+tokenizer folder whose tokenizer adds a BOS in its post-processor, so that a tokenization that added special tokens
+would show.
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ from tests.checkpoints import TRAINING_TEXT
 
 transformers = pytest.importorskip("transformers")
 
-CHAT_TEXT = TRAINING_TEXT + (
-    "user assistant system model tool Hello there! How are you? I am fine, thanks. What is the weather in Paris? "
-    "It is sunny. get_weather city unit celsius The answer is yes. Today Date: Cutting Knowledge "
-) * 3
+CHAT_TEXT = (
+    TRAINING_TEXT
+    + (
+        "user assistant system model tool Hello there! How are you? I am fine, thanks. What is the weather in Paris? "
+        "It is sunny. get_weather city unit celsius The answer is yes. Today Date: Cutting Knowledge "
+    )
+    * 3
+)
 
 LLAMA3 = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"
@@ -62,7 +67,8 @@ LLAMA32_DATED = """{{- bos_token }}
 {{- system_message }}
 {{- "<|eot_id|>" }}
 {%- for message in messages %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}
+    {{- message['content'] | trim + '<|eot_id|>' }}
 {%- endfor %}
 {%- if add_generation_prompt %}
     {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
@@ -182,7 +188,12 @@ SMOLLM2 = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-CHATML_TOKENS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>"}
+CHATML_TOKENS = {
+    "bos_token": "<|im_start|>",
+    "eos_token": "<|im_end|>",
+    "pad_token": "<|im_end|>",
+    "unk_token": "<|endoftext|>",
+}
 FAMILIES = {
     "llama3": dict(
         template=LLAMA3,
@@ -205,8 +216,14 @@ FAMILIES = {
         plain=["<tool_call>", "</tool_call>", "<think>", "</think>", "<tool_response>", "</tool_response>"],
         names={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None},
     ),
-    "parts": dict(template=PARTS, special=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"], names=CHATML_TOKENS),
-    "zephyr": dict(template=ZEPHYR, special=["<unk>", "<s>", "</s>"], names={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}),
+    "parts": dict(
+        template=PARTS, special=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"], names=CHATML_TOKENS
+    ),
+    "zephyr": dict(
+        template=ZEPHYR,
+        special=["<unk>", "<s>", "</s>"],
+        names={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    ),
     "smollm2": dict(template=SMOLLM2, special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], names=CHATML_TOKENS),
 }
 
@@ -239,14 +256,22 @@ TOOL_EXCHANGE = [
         "role": "assistant",
         "content": None,  # dropped before rendering, so that `content is defined` is false
         "reasoning": "The user wants Paris.\n",  # given to the template as reasoning_content too
-        "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "n": 1.5}}}],
+        "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "n": 1.5}}}
+        ],
     },
     {"role": "tool", "content": '{"celsius": 21}'},
     {"role": "tool", "content": '{"wind": "none"}'},
 ]
 PARTS_CONVERSATION = [
-    {"role": "user", "content": [{"type": "text", "text": "Look at "}, {"type": "image"}, {"type": "text", "text": "this."}]},
-    {"role": "assistant", "content": [{"type": "text", "text": "It is"}, {"type": "stop"}, {"type": "text", "text": "unseen"}]},
+    {
+        "role": "user",
+        "content": [{"type": "text", "text": "Look at "}, {"type": "image"}, {"type": "text", "text": "this."}],
+    },
+    {
+        "role": "assistant",
+        "content": [{"type": "text", "text": "It is"}, {"type": "stop"}, {"type": "text", "text": "unseen"}],
+    },
     {"role": "user", "content": "Thanks"},
 ]
 
@@ -260,17 +285,24 @@ def make_chat_tokenizer(special: list[str], plain: list[str] = ()) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=420, special_tokens=list(special), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=420,
+        special_tokens=list(special),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator([CHAT_TEXT], trainer=trainer)
     if plain:
         tok.add_tokens([AddedToken(text, special=False, normalized=False) for text in plain])
     first = special[0]
-    tok.post_processor = processors.TemplateProcessing(single=f"{first} $A", pair=f"{first} $A $B", special_tokens=[(first, tok.token_to_id(first))])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{first} $A", pair=f"{first} $A $B", special_tokens=[(first, tok.token_to_id(first))]
+    )
     return tok
 
 
-def write_tokenizer_folder(folder: Path, special: list[str], names: dict, template=None, plain=(), config_extra=None) -> Path:
+def write_tokenizer_folder(
+    folder: Path, special: list[str], names: dict, template=None, plain=(), config_extra=None
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     make_chat_tokenizer(special, list(plain)).save(str(folder / "tokenizer.json"))
     config = {"tokenizer_class": "TokenizersBackend", **names, **(config_extra or {})}
@@ -310,7 +342,9 @@ def assert_like_transformers(folder: Path, conversations: list, tools=None) -> N
         texts = []
         for conversation in conversations:
             text = template.render(conversation, add_generation_prompt, tools=tools)
-            expected = reference.apply_chat_template(conversation, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
+            expected = reference.apply_chat_template(
+                conversation, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
             assert text == expected
             texts.append(text)
         expected_ids = reference.apply_chat_template(
@@ -378,7 +412,10 @@ def test_system_role_refused_as_transformers_refuses_it(family_folder):
     folder = family_folder("gemma")
     reference = transformers.AutoTokenizer.from_pretrained(str(folder))
     template, tokenizer = ours(folder)
-    for conversation, words in ((EXCHANGE, "System role not supported"), (HELLO * 2, "Conversation roles must alternate")):
+    for conversation, words in (
+        (EXCHANGE, "System role not supported"),
+        (HELLO * 2, "Conversation roles must alternate"),
+    ):
         with pytest.raises(jinja2.TemplateError, match=words):
             reference.apply_chat_template(conversation, tokenize=False)
         with pytest.raises(ChatTemplateError, match=words) as refused:
@@ -399,7 +436,11 @@ def test_content_parts_where_the_template_reads_strings_only(family_folder):
 
 @pytest.mark.parametrize(
     "conversation, words",
-    [([], "conversation 0 is empty"), (["hello"], "message 0: a message is an object"), ("hello", "a list of messages")],
+    [
+        ([], "conversation 0 is empty"),
+        (["hello"], "message 0: a message is an object"),
+        ("hello", "a list of messages"),
+    ],
 )
 def test_malformed_conversations_are_refused(family_folder, conversation, words):
     with pytest.raises(ChatTemplateError, match=words):
@@ -411,7 +452,9 @@ def test_sandbox_refusals_are_client_errors(tmp_path):
     refusal of that request, not a server failure; transformers refuses the same."""
     import jinja2
 
-    for number, source in enumerate(("{% set ns = namespace(_private=1) %}{{ ns }}", "{{ messages.__class__.__subclasses__() }}")):
+    for number, source in enumerate(
+        ("{% set ns = namespace(_private=1) %}{{ ns }}", "{{ messages.__class__.__subclasses__() }}")
+    ):
         folder = write_tokenizer_folder(tmp_path / str(number), ["<s>", "</s>"], {"bos_token": "<s>"}, source)
         with pytest.raises(jinja2.exceptions.TemplateError):
             transformers.AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(HELLO, tokenize=False)
@@ -420,8 +463,12 @@ def test_sandbox_refusals_are_client_errors(tmp_path):
 
 
 def test_chat_template_jinja_wins_over_the_config(tmp_path):
-    folder = write_tokenizer_folder(tmp_path, ["<s>", "</s>"], {"bos_token": "<s>", "eos_token": "</s>"}, "{{ 'from the config' }}")
-    (folder / "chat_template.jinja").write_text("{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}\r\n{% endfor %}")
+    folder = write_tokenizer_folder(
+        tmp_path, ["<s>", "</s>"], {"bos_token": "<s>", "eos_token": "</s>"}, "{{ 'from the config' }}"
+    )
+    (folder / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}\r\n{% endfor %}"
+    )
     assert_like_transformers(folder, [HELLO, NO_SYSTEM])
     assert ours(folder)[0].render(HELLO).startswith("<s>user: Hello")
 
@@ -430,7 +477,10 @@ def test_named_templates_use_default_and_tool_use(tmp_path):
     """A list of named templates: "default", or "tool_use" when tools are given, as transformers picks."""
     templates = [
         {"name": "default", "template": "{{ bos_token }}default{% for m in messages %} {{ m.content }}{% endfor %}"},
-        {"name": "tool_use", "template": "{{ bos_token }}tools {{ tools | tojson }}{% for m in messages %} {{ m.content }}{% endfor %}"},
+        {
+            "name": "tool_use",
+            "template": "{{ bos_token }}tools {{ tools | tojson }}{% for m in messages %} {{ m.content }}{% endfor %}",
+        },
     ]
     folder = write_tokenizer_folder(tmp_path, ["<s>", "</s>"], {"bos_token": "<s>"}, templates)
     assert_like_transformers(folder, [HELLO])
@@ -441,11 +491,22 @@ def test_named_templates_use_default_and_tool_use(tmp_path):
 def test_special_tokens_as_added_token_dicts_and_model_specific_names(tmp_path):
     """Special tokens written as AddedToken dicts, a model-specific *_token and an extra_special_tokens dict: the
     template sees each as its text, as transformers passes them."""
-    added = lambda text: {"__type": "AddedToken", "content": text, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False, "special": True}  # noqa: E731
+
+    def added(text: str) -> dict:
+        flags = dict.fromkeys(("lstrip", "rstrip", "normalized", "single_word"), False)
+        return {"__type": "AddedToken", "content": text, **flags, "special": True}
+
     names = {"bos_token": added("<s>"), "eos_token": added("</s>"), "image_token": "<img>"}
-    template = "{{ bos_token }}{% for m in messages %}{{ image_token }}{{ boi_token }}{{ m.content }}{{ eos_token }}{% endfor %}"
+    template = (
+        "{{ bos_token }}{% for m in messages %}{{ image_token }}{{ boi_token }}{{ m.content }}{{ eos_token }}"
+        "{% endfor %}"
+    )
     folder = write_tokenizer_folder(
-        tmp_path, ["<s>", "</s>", "<img>", "<boi>"], names, template, config_extra={"extra_special_tokens": {"boi_token": "<boi>"}}
+        tmp_path,
+        ["<s>", "</s>", "<img>", "<boi>"],
+        names,
+        template,
+        config_extra={"extra_special_tokens": {"boi_token": "<boi>"}},
     )
     assert_like_transformers(folder, [HELLO, NO_SYSTEM])
     special = SpecialTokens.from_checkpoint(folder)
@@ -455,8 +516,25 @@ def test_special_tokens_as_added_token_dicts_and_model_specific_names(tmp_path):
 
 def test_legacy_special_tokens_map(tmp_path):
     """Without added_tokens_decoder in the config, special_tokens_map.json overrides its named tokens."""
-    folder = write_tokenizer_folder(tmp_path, ["<s>", "</s>", "<eot>"], {"bos_token": "<s>", "eos_token": "</s>"}, "{{ bos_token }}{{ messages[0].content }}{{ eos_token }}")
-    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "<eot>", "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}}))
+    folder = write_tokenizer_folder(
+        tmp_path,
+        ["<s>", "</s>", "<eot>"],
+        {"bos_token": "<s>", "eos_token": "</s>"},
+        "{{ bos_token }}{{ messages[0].content }}{{ eos_token }}",
+    )
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "eos_token": {
+                    "content": "<eot>",
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "single_word": False,
+                }
+            }
+        )
+    )
     assert_like_transformers(folder, [HELLO])
     assert ours(folder)[0].render(HELLO).endswith("<eot>")
 
@@ -480,7 +558,9 @@ def test_no_template_is_none_and_broken_templates_are_refused_at_load(tmp_path):
     plain = write_tokenizer_folder(tmp_path / "plain", ["<s>"], {"bos_token": "<s>"})
     assert ChatTemplate.from_checkpoint(plain) is None
     assert ChatTemplate.from_checkpoint(tmp_path / "nothing-here") is None
-    broken = write_tokenizer_folder(tmp_path / "broken", ["<s>"], {"bos_token": "<s>"}, "{% for m in messages %}{{ m }}")
+    broken = write_tokenizer_folder(
+        tmp_path / "broken", ["<s>"], {"bos_token": "<s>"}, "{% for m in messages %}{{ m }}"
+    )
     with pytest.raises(ValueError, match="does not compile: line 1"):
         ChatTemplate.from_checkpoint(broken)
     nameless = write_tokenizer_folder(tmp_path / "nameless", ["<s>"], {}, [{"name": "rag", "template": "{{ 1 }}"}])
@@ -508,4 +588,6 @@ def test_default_model_chat_matches_transformers(default_checkpoint):
     template, _ = ours(default_checkpoint)
     assert template.source() == SMOLLM2
     assert template.special_tokens.by_name["bos_token"] == "<|im_start|>"
-    assert_like_transformers(default_checkpoint, [HELLO, EXCHANGE, NO_SYSTEM, [{"role": "user", "content": "数字 12345 <|endoftext|>"}]])
+    assert_like_transformers(
+        default_checkpoint, [HELLO, EXCHANGE, NO_SYSTEM, [{"role": "user", "content": "数字 12345 <|endoftext|>"}]]
+    )
