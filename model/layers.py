@@ -172,3 +172,91 @@ class VocabParallelLMHead(nn.Module):
 
     def load(self, reader: CheckpointReader, name: str) -> None:
         self.weight.data.copy_(reader.read(f"{name}.weight", 0, self.vocab.start, self.vocab.size))
+
+
+# --- Norms, activations and scales of the Gemma, OLMo 2 and Phi-3 families (transformers' bits) ---
+
+
+def _upcast_rms_norm(x: torch.Tensor, eps: float, scale: torch.Tensor) -> torch.Tensor:
+    """normalize(x.float()) * scale, cast back to x's dtype: the order of transformers' Gemma and OLMo 2 norms
+    (scale in float32, then cast; Llama's casts first). x: [..., dim]; scale: float32 [dim]."""
+    xf = x.float()
+    if xf.device.type == "cpu":
+        # RMSNorm's four CPU ops: transformers' x * rsqrt(x.pow(2).mean(-1) + eps) bits, fewer passes
+        inv = torch.mul(xf, xf).sum(-1, keepdim=True).div_(xf.shape[-1]).add_(eps).rsqrt_()
+    else:
+        inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * inv * scale).to(x.dtype)
+
+
+class UpcastRMSNorm(nn.Module):
+    """RMSNorm that multiplies by its weight in float32 and casts last.
+
+    ``weight_offset=1.0`` is Gemma's norm (Gemma, Gemma 2, Gemma 3, their q/k norms): the checkpoint stores w and
+    the norm scales by (1 + w), computed in float32 as transformers does (``1.0 + weight.float()``), zeros at init.
+    ``weight_offset=0.0`` is OLMo 2's (``(weight * normed).to(dtype)``). In float32 OLMo 2's equals ``RMSNorm``;
+    in half precision the two differ by where the cast happens."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, weight_offset: float = 0.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim) if weight_offset else torch.ones(dim))
+        self.eps = eps
+        self.weight_offset = weight_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight.float() + self.weight_offset if self.weight_offset else self.weight.float()
+        return _upcast_rms_norm(x, self.eps, scale)
+
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        self.weight.data.copy_(reader.read(f"{name}.weight"))
+
+
+class ShardedRMSNorm(nn.Module):
+    """OLMo 2's q/k norm: one RMSNorm over a whole projection (all heads, q_norm of size heads x head_dim, applied
+    before the heads are split), whose features tensor parallelism splits across ranks.
+
+    Each rank holds the `part` of the weight that matches its rows of the projection. The mean of squares needs
+    every rank's rows: one all-reduce of the per-token float32 sum of squares [T, 1], then each rank scales its own
+    rows. Rows a rank holds as replicas of another rank's (kv heads replicated when tp exceeds them) must count
+    once: `replicated_rows` leading local rows are left out of this rank's sum (the ranks holding a kv head are
+    consecutive, so a rank's replicas are the heads it shares with the rank before it).
+
+    On one rank this is ``UpcastRMSNorm(weight_offset=0)``: transformers' bits. Across ranks the sum of squares is
+    added in another order (each rank's partial sum, then the all-reduce): within float32 rounding of it."""
+
+    def __init__(self, part: Part, eps: float, parallel: ParallelContext, replicated_rows: int = 0) -> None:
+        super().__init__()
+        self.part = part
+        self.eps = eps
+        self.parallel = parallel
+        self.replicated_rows = replicated_rows
+        self.weight = nn.Parameter(torch.ones(part.size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, part.size] (this rank's rows of the projection) -> same shape and dtype."""
+        if not self.parallel.is_distributed:
+            return _upcast_rms_norm(x, self.eps, self.weight.float())
+        xf = x.float()
+        counted = xf[:, self.replicated_rows :]
+        sum_sq = self.parallel.all_reduce(torch.mul(counted, counted).sum(-1, keepdim=True))  # [T, 1]
+        inv = sum_sq.div_(self.part.full).add_(self.eps).rsqrt_()
+        return (xf * inv * self.weight.float()).to(x.dtype)
+
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        self.weight.data.copy_(reader.read(f"{name}.weight", 0, self.part.start, self.part.size))
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """transformers' ``gelu_pytorch_tanh`` (Gemma's MLP activation)."""
+    return F.gelu(x, approximate="tanh")
+
+
+# transformers' activation names (config `hidden_act` / `hidden_activation`) -> the function of a gated MLP's gate
+GATED_ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": gelu_tanh}
+
+
+def embedding_scale(hidden_size: int, dtype: torch.dtype) -> float:
+    """Gemma's embedding multiplier sqrt(hidden_size) with transformers' rounding: a float32 tensor cast to the
+    model's dtype (in bfloat16 sqrt(3072) = 55.43 becomes 55.5). The returned Python float is exact in `dtype`, so
+    ``h * embedding_scale(...)`` gives transformers' ``h * embed_scale.to(dtype)`` bits."""
+    return torch.tensor(hidden_size**0.5).to(dtype).item()

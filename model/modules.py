@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import RMSNorm
+from .layers import GATED_ACTIVATIONS, RMSNorm
 from .rope import apply_rotary, apply_rotary_pairs, to_pair_order
 
 _flash_adapter = None
@@ -281,3 +281,86 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, intermediate] each
         return self.down_proj(self.act(gate).mul_(up))  # in place: one [T, intermediate] buffer fewer
+
+
+# --- Eager attention with soft-capping (Gemma 2), the gated MLP by activation name, classifier pooling ---
+
+# Largest attention-score tensor one eager call builds, in bytes: longer sequences split their heads across calls
+# (each head's scores are [n, n]; splitting heads keeps the bits, splitting query rows does not).
+EAGER_SCORES_BYTES = 1 << 30
+
+
+def eager_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: RaggedBatch,
+    scale: float,
+    window: int | None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Causal attention as transformers' ``eager_attention_forward`` of Gemma 2 computes it, with its bits, one
+    sequence at a time (never across a boundary): scores = q k^T * scale, soft-capped (tanh(s / cap) * cap) when
+    `softcap` is set, masked (causal, and the sliding window: a token sees itself and window-1 earlier ones) with
+    the dtype's minimum, softmax in float32, cast back, times v. q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D].
+
+    SDPA has no soft-cap and neither has torch's flash varlen (torch 2.13), so this is the path of soft-capped
+    models on every device; transformers itself runs Gemma 2 eagerly (its SDPA support is off). Its cost is the full
+    [H, n, n] score matrix per sequence, as in transformers; above ``EAGER_SCORES_BYTES`` the heads are split
+    across calls. Same signature as ``ragged_attention`` plus `softcap` (bind it with functools.partial)."""
+    out = q.new_empty(q.shape)
+    group = q.shape[1] // k.shape[1]
+    min_value = torch.finfo(q.dtype).min
+    for s, e in zip(batch.bounds[:-1], batch.bounds[1:]):
+        n = e - s
+        qs, ks, vs = (t[s:e].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, n, D] views
+        if group > 1:  # transformers' repeat_kv: each kv head copied for its query heads, [1, Hq, n, D]
+            ks, vs = (t[:, :, None].expand(-1, -1, group, -1, -1).flatten(1, 2) for t in (ks, vs))
+        i = torch.arange(n, device=q.device)[:, None]
+        j = torch.arange(n, device=q.device)[None, :]
+        hidden = j > i if not window else (j > i) | (j <= i - window)  # [n, n]
+        heads_per_call = max(1, EAGER_SCORES_BYTES // (n * n * 4))
+        o = out[s:e].transpose(0, 1)  # [Hq, n, D] view of this sequence's output rows
+        for h in range(0, q.shape[1], heads_per_call):
+            heads = slice(h, h + heads_per_call)
+            scores = torch.matmul(qs[:, heads], ks[:, heads].transpose(2, 3)).mul_(scale)  # [1, h, n, n]
+            if softcap is not None:
+                scores.div_(softcap).tanh_().mul_(softcap)
+            scores.masked_fill_(hidden, min_value)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            o[heads] = torch.matmul(probs, vs[:, heads])[0]
+    return out
+
+
+class GatedMLP(nn.Module):
+    """``MLP`` with the gate's activation named as transformers names it (`hidden_act` / `hidden_activation`):
+    down(act(gate(x)) * up(x)) from one fused gate_up projection. "gelu_pytorch_tanh" is Gemma's."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, activation: str) -> None:
+        super().__init__()
+        if activation not in GATED_ACTIVATIONS:
+            raise ValueError(f"unsupported activation {activation!r}; supported: {', '.join(GATED_ACTIVATIONS)}")
+        self.activation = GATED_ACTIVATIONS[activation]
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, intermediate] views
+        return self.down_proj(self.activation(gate).mul_(up))
+
+
+def classifier_rows(tokens: torch.Tensor, batch: RaggedBatch, pad_token_id: int | None) -> torch.Tensor:
+    """int64 [B]: the packed row whose hidden state a *ForSequenceClassification head scores, per sequence, as
+    transformers' ``GenericForSequenceClassification`` picks it for that sequence alone: the last token that is not
+    `pad_token_id` (its argmax over position * (token != pad)), hence the first token when every token is padding;
+    the last token when the config has no pad_token_id (transformers allows that for a batch of one only; a ragged
+    batch never pads, so every sequence is such a batch). tokens: int64 [T]."""
+    last = batch.offsets[1:] - 1
+    if pad_token_id is None:
+        return last
+    positions = batch.positions()
+    keyed = torch.where(tokens.to(positions.device) != pad_token_id, positions, torch.zeros_like(positions))
+    lens = torch.tensor(batch.seq_lens, device=positions.device)
+    seq = torch.repeat_interleave(torch.arange(len(lens), device=positions.device), lens)  # [T]: its sequence
+    best = torch.zeros(len(lens), dtype=positions.dtype, device=positions.device).scatter_reduce_(0, seq, keyed, "amax")
+    return batch.offsets[:-1] + best

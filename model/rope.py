@@ -7,6 +7,8 @@ sequence: a ragged batch gives each sequence exactly what it gets alone.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -144,3 +146,122 @@ def apply_rotary_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     x1, x2 = pairs[..., 0], pairs[..., 1]
     c, s = cos[:, None], sin[:, None]
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+# --- LongRoPE and partial rotary (Phi-3, Phi-3.5, Phi-4-mini); per-layer-type tables (Gemma 3) ---
+
+
+@dataclass(frozen=True)
+class LongRope:
+    """LongRoPE as transformers 5 computes it for Phi3ForCausalLM: inverse frequencies 1 / (factor_i * theta^(2i/d))
+    with one set of factors for sequences of up to ``original_max_position_embeddings`` tokens (`short_factor`) and
+    another for longer ones (`long_factor`), and one attention factor multiplying cos and sin.
+
+    transformers picks the set per forward from the largest position in the batch (``longrope_frequency_update``),
+    so in a padded batch one long sequence switches every sequence to the long factors. Here each sequence of a
+    ragged batch gets the set its own length picks: what transformers computes for that sequence alone."""
+
+    theta: float
+    rotary_dim: int  # head_dim * partial_rotary_factor: rotary turns the first rotary_dim dims of each head
+    short_factor: tuple[float, ...]
+    long_factor: tuple[float, ...]
+    original_max_position_embeddings: int
+    attention_factor: float
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], head_dim: int) -> LongRope:
+        """From a Phi-3 config.json (transformers-4 `rope_scaling` + `rope_theta`, or transformers-5
+        `rope_parameters`), with Phi3Config's rules: the top-level ``original_max_position_embeddings`` (default
+        4096) wins over the one in the rope dict; `factor`, when absent, is max_position_embeddings / original;
+        `attention_factor`, when absent, is sqrt(1 + ln(factor) / ln(original)) (1 when factor <= 1)."""
+        params = {**(hf.get("rope_scaling") or hf.get("rope_parameters") or {})}
+        rope_type = params.get("rope_type", params.get("type"))
+        if rope_type not in ("longrope", "su", "yarn"):  # Phi3Config renames the legacy "su" and "yarn"
+            raise ValueError(f"not a longrope config: rope type {rope_type!r}")
+        original = int(hf.get("original_max_position_embeddings", 4096))
+        factor = params.get("factor")
+        if factor is None:
+            factor = hf.get("max_position_embeddings", 4096) / original
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        rotary_dim = int(head_dim * partial)
+        short, long = tuple(params["short_factor"]), tuple(params["long_factor"])
+        if len(short) != rotary_dim // 2 or len(long) != rotary_dim // 2:
+            raise ValueError(f"longrope factors need {rotary_dim // 2} entries, got {len(short)} and {len(long)}")
+        return cls(
+            theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            rotary_dim=rotary_dim,
+            short_factor=short,
+            long_factor=long,
+            original_max_position_embeddings=original,
+            attention_factor=float(attention_factor),
+        )
+
+    def inv_freq(self, long: bool) -> torch.Tensor:
+        """float32 [rotary_dim / 2], with transformers' ops (``_compute_longrope_parameters``)."""
+        factors = torch.tensor(self.long_factor if long else self.short_factor, dtype=torch.float32)
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64).float() / self.rotary_dim
+        return 1.0 / (factors * self.theta**exponents)
+
+
+class LongRopeEmbedding:
+    """cos/sin tables [T, rotary_dim] for packed positions under LongRoPE, each sequence with the factors its own
+    length picks (longer than original_max_position_embeddings: long). Called like ``RotaryEmbedding``."""
+
+    def __init__(self, rope: LongRope, device: torch.device | str = "cpu") -> None:
+        self.rope = rope
+        self.device = torch.device(device)
+        self.short_inv_freq = rope.inv_freq(long=False).to(self.device)
+        self.long_inv_freq = rope.inv_freq(long=True).to(self.device)
+
+    def __call__(
+        self, positions: torch.Tensor, seq_lens: list[int], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: int64 [T] (restarting per sequence) -> cos, sin: [T, rotary_dim] in `dtype`."""
+        original = self.rope.original_max_position_embeddings
+        longs = [n > original for n in seq_lens]
+        if not any(longs) or all(longs):
+            inv = self.long_inv_freq if longs[0] else self.short_inv_freq  # [rotary_dim / 2]
+        else:  # per sequence: [T, rotary_dim / 2]
+            per_sequence = [self.long_inv_freq if lg else self.short_inv_freq for lg in longs]
+            inv = torch.cat([f.expand(n, -1) for f, n in zip(per_sequence, seq_lens)])
+        freqs = positions.float()[:, None] * inv  # [T, rotary_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * self.rope.attention_factor, emb.sin() * self.rope.attention_factor
+        return cos.to(dtype), sin.to(dtype)
+
+
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary=apply_rotary) -> torch.Tensor:
+    """Rotary on the first rotary_dim = cos.shape[-1] dims of each head; the rest pass unchanged (Phi-4-mini:
+    partial_rotary_factor 0.75). x: [T, heads, head_dim]; cos/sin: [T, rotary_dim] -> a new [T, heads, head_dim].
+
+    `rotary` is the full-width function to apply to the rotated dims (``apply_rotary``, or ``modules.rotate`` with
+    the same bits and fewer temporaries); both give transformers' rotate-half bits, as its
+    ``cat([q_rot * cos + rotate_half(q_rot) * sin, q_pass])``. Checkpoint order only: pair order
+    (``to_pair_order``) would also have to leave the pass-through dims in place."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == x.shape[-1]:
+        return rotary(x, cos, sin)
+    out = x.new_empty(x.shape)
+    out[..., :rotary_dim] = rotary(x[..., :rotary_dim], cos, sin)
+    out[..., rotary_dim:] = x[..., rotary_dim:]
+    return out
+
+
+def rope_configs_by_layer_type(hf: dict[str, Any], default_theta: dict[str, float]) -> dict[str, RopeConfig]:
+    """One RopeConfig per layer type ("full_attention", "sliding_attention"), as Gemma3TextConfig reads them:
+    transformers-5 `rope_parameters` nested by layer type, or transformers-4 keys, where `rope_theta` and
+    `rope_scaling` are the full layers' and `rope_local_base_freq` the sliding layers' theta. `default_theta` gives
+    each type's theta when the config names none (Gemma 3: 1e6 full, 1e4 sliding)."""
+    params = hf.get("rope_parameters")
+    nested = isinstance(params, dict) and bool(params) and all(isinstance(v, dict) or v is None for v in params.values())
+    by_type = {k: dict(v or {}) for k, v in params.items()} if nested else {}
+    full = by_type.setdefault("full_attention", {"rope_type": "default"})
+    if hf.get("rope_scaling"):
+        full.update(hf["rope_scaling"])
+    full.setdefault("rope_theta", hf.get("rope_theta", default_theta["full_attention"]))
+    sliding = by_type.setdefault("sliding_attention", {"rope_type": "default"})
+    sliding.setdefault("rope_theta", hf.get("rope_local_base_freq", default_theta["sliding_attention"]))
+    return {layer_type: RopeConfig.from_hf({"rope_parameters": p}) for layer_type, p in by_type.items()}
