@@ -91,6 +91,8 @@ class MoeConfig:
         # Mixtral's field is num_local_experts; Qwen3-MoE's is num_experts, which transformers 5 writes back
         # as num_local_experts (its attribute_map).
         num_experts = hf.get("num_local_experts", hf.get("num_experts"))
+        if arch in ("MixtralForCausalLM", "Qwen3MoeForCausalLM") and not num_experts:
+            raise UnsupportedModelError(f"{arch} config names no experts (num_local_experts / num_experts)")
         if arch == "MixtralForCausalLM":
             return cls(
                 num_experts=num_experts,
@@ -200,7 +202,7 @@ class Experts(nn.Module):
             y = y.index_select(0, dest)  # [S, H] in sorted pair order
         weighted = y * routing.weights.reshape(-1)[order].unsqueeze(-1)  # [S, H]
         in_token_order = torch.empty_like(weighted).index_copy_(0, order, weighted)  # row t*k + j: token t, choice j
-        return in_token_order.view(t, k, -1).sum(dim=1).to(x.dtype)  # [T, H]
+        return in_token_order.view(t, k, x.shape[1]).sum(dim=1).to(x.dtype)  # [T, H]
 
     def load(self, reader: CheckpointReader, block: str, names: ExpertWeightNames) -> None:
         """Read this rank's slice of every expert under `block` (e.g. ``model.layers.3.mlp``): the stacked tensors

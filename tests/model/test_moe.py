@@ -172,6 +172,11 @@ def test_grouped_matmul_and_per_expert_calls_give_the_same_bits(checkpoints, mon
     assert all(torch.equal(a, b) for a, b in zip(grouped, looped))
 
 
+def test_empty_batch(checkpoints):
+    block = load_block(checkpoints["qwen3_moe"], 0)
+    assert block(torch.zeros(0, HIDDEN)).shape == (0, HIDDEN)
+
+
 def test_stacked_checkpoint_layout_loads_the_same_weights(checkpoints, tmp_path):
     """transformers 5's in-memory layout (mlp.experts.gate_up_proj / down_proj, Mixtral's block renamed to mlp)."""
     for family, path in checkpoints.items():
@@ -297,17 +302,17 @@ def test_activation_rows_do_not_depend_on_how_many_rows_there_are():
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("threads", "dtype"), [(1, torch.float32), (2, torch.float32), (2, torch.bfloat16)])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_token_output_does_not_depend_on_the_batch(family, threads, checkpoints):
+def test_token_output_does_not_depend_on_the_batch(family, threads, dtype, checkpoints):
     """A token's block output is the same bits alone and in batches where few or many other tokens share its
     experts, wherever it sits in the batch."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        block = load_block(checkpoints[family], 0)
+        block = load_block(checkpoints[family], 0).to(dtype)
         g = torch.Generator().manual_seed(7)
-        pool = torch.randn(3000, HIDDEN, generator=g)
+        pool = torch.randn(3000, HIDDEN, generator=g).to(dtype)
         with torch.no_grad():
             probe = pool[:1]
             alone = block(probe)
