@@ -259,12 +259,13 @@ def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_rows: list[int]
 def _silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[P, 2I] (gate | up) -> silu(gate) * up [P, I], transformers' ``act_fn(gate) * up``.
 
-    On CPU in row blocks that torch runs on one thread: a call it splits across threads may cut a row, and the
-    vectorised silu rounds the cut-off part of that row differently (the block's output would then depend on
-    how many rows were in the batch)."""
+    On CPU with several threads, in row blocks small enough for torch to run each on one thread: a call it
+    splits across threads may cut a row, and the vectorised silu rounds the cut-off part of that row differently
+    (the block's output would then depend on how many rows were in the batch). The blocks cost little beside the
+    expert matmuls (6 * hidden multiply-adds per activation element)."""
     gate, up = gate_up.chunk(2, dim=-1)
-    if gate_up.device.type != "cpu":
-        return F.silu(gate).mul_(up)
+    if gate_up.device.type != "cpu" or torch.get_num_threads() == 1 or gate.numel() < _PARALLEL_GRAIN:
+        return F.silu(gate).mul_(up)  # one thread: rows stay whole
     out = gate.new_empty(gate.shape)
     step = max(1, (_PARALLEL_GRAIN - 1) // gate.shape[1])
     for s in range(0, gate.shape[0], step):

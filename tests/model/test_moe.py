@@ -18,6 +18,7 @@ import model.moe as moe
 from model import ModelRunner, OutputSpec, ReturnLogits, launch_local
 from model.config import ModelConfig, UnsupportedModelError
 from model.distributed import ParallelContext
+from model.memory import retain_freed_memory
 from model.moe import QWEN3_MOE_WEIGHTS, MoeConfig, SparseMoeBlock
 from model.rope import RotaryEmbedding
 from model.tp import build_model, shard_model, use_rotary_pairs
@@ -347,10 +348,12 @@ def test_cost_follows_experts_per_token_not_number_of_experts():
     (the same rows through expert matmuls; 128 rows per expert keep the weights' reads small beside the compute),
     and top-8 costs several times top-2. A dense all-experts computation would make 64 experts 8x slower.
 
-    Robust to a busy machine: one thread, CPU time of this process, configurations interleaved, fastest of
-    repeats."""
+    Robust to a busy machine: one thread, CPU time of this process, freed memory kept as the server keeps it (no
+    page faults of fresh buffers), configurations interleaved, fastest of repeats (bench/moe_block.py has the
+    figures, with transformers beside them)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
+    retain_freed_memory()
     try:
         blocks = {(e, k): random_block(e, k, 32, 1024) for e, k in ((8, 2), (64, 2), (64, 8))}
         x = torch.randn(4096, 32, generator=torch.Generator().manual_seed(0))
