@@ -104,15 +104,14 @@ class MoeConfig:
                 weight_names=MIXTRAL_WEIGHTS,
             )
         if arch == "Qwen3MoeForCausalLM":
-            dense = set(hf.get("mlp_only_layers") or ())
-            step = hf.get("decoder_sparse_step", 1)
+            dense, step = set(hf.get("mlp_only_layers") or ()), hf.get("decoder_sparse_step", 1)
             return cls(
                 num_experts=num_experts,
                 experts_per_token=hf.get("num_experts_per_tok", 8),
                 expert_intermediate_size=hf["moe_intermediate_size"],
                 normalize_top_k=bool(hf.get("norm_topk_prob", False)),
                 float32_routing_weights=False,
-                sparse_layers=tuple(i not in dense and num_experts > 0 and (i + 1) % step == 0 for i in range(num_layers)),
+                sparse_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers)),
                 weight_names=QWEN3_MOE_WEIGHTS,
             )
         raise UnsupportedModelError(f"{arch!r} is not a mixture-of-experts architecture this server implements")

@@ -73,7 +73,8 @@ def hf_config(path: Path) -> dict:
 
 
 def load_block(path: Path, layer: int, parallel: ParallelContext | None = None, **kwargs) -> SparseMoeBlock:
-    block = SparseMoeBlock(MoeConfig.from_hf_config(hf_config(path)), HIDDEN, parallel or ParallelContext.single(), **kwargs)
+    config = MoeConfig.from_hf_config(hf_config(path))
+    block = SparseMoeBlock(config, HIDDEN, parallel or ParallelContext.single(), **kwargs)
     with CheckpointReader(path) as reader:
         block.load(reader, f"model.layers.{layer}")
     return block
@@ -226,7 +227,8 @@ def test_each_rank_reads_only_its_slices(checkpoints, monkeypatch):
         assert torch.equal(e.gate_up_proj[:, : e.local_size], full.experts.gate_up_proj[:, lo:hi])
         assert torch.equal(e.gate_up_proj[:, e.local_size :], full_up[:, lo:hi])
         assert torch.equal(e.down_proj, full.experts.down_proj[:, :, lo:hi])
-    assert shares == [15, 15, 14] and expert_elements == full.experts.gate_up_proj.numel() + full.experts.down_proj.numel()
+    assert shares == [15, 15, 14]
+    assert expert_elements == full.experts.gate_up_proj.numel() + full.experts.down_proj.numel()
 
 
 def run_sharded(ctx: ParallelContext, blocks: list[tuple[str, int]], models: list[tuple[str, list, torch.Tensor]]):
