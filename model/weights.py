@@ -49,11 +49,11 @@ class CheckpointReader:
         return name in self._where
 
     def read(self, name: str, dim: int | None = None, start: int = 0, size: int | None = None) -> torch.Tensor:
-        """The whole tensor, or `size` entries from `start` along `dim` (0 or 1), copied out of the map."""
+        """The whole tensor, or `size` entries from `start` along `dim`, copied out of the map."""
         if name not in self._where:
             raise CheckpointError(f"tensor {name!r} is missing from {self.folder}")
         sl = self._handles[self._where[name]].get_slice(name)
         if dim is None:
             return sl[:]
         stop = start + (size if size is not None else sl.get_shape()[dim] - start)
-        return sl[start:stop] if dim == 0 else sl[:, start:stop]
+        return sl[(slice(None),) * dim + (slice(start, stop),)]
