@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .moe import MoeConfig
 
 HFConfig = Mapping[str, Any]  # a parsed config.json
 
@@ -35,6 +38,8 @@ class ArchitectureFields:
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
+    # Mixture-of-experts families: the experts, and which layers are sparse (None: every layer's MLP is dense).
+    moe: MoeConfig | None = None
 
 
 # ------------------------------------------------------------------------------------ what a family reads
@@ -88,6 +93,27 @@ def read_granite(hf: HFConfig) -> ArchitectureFields:
     )
 
 
+def _moe_config(hf: HFConfig) -> MoeConfig:
+    # Imported here: model/moe.py imports model/config.py, which imports this module.
+    from .moe import MoeConfig
+
+    return MoeConfig.from_hf_config(dict(hf))
+
+
+def read_mixtral(hf: HFConfig) -> ArchitectureFields:
+    """Mistral's attention (`sliding_window` on every layer) and the experts."""
+    return replace(read_mistral(hf), moe=_moe_config(hf))
+
+
+def read_qwen3_moe(hf: HFConfig) -> ArchitectureFields:
+    """Qwen3's attention (q/k norm) and the experts. Its sliding window, unlike Qwen2/Qwen3's, is on every layer
+    when `use_sliding_window` is set (transformers' Qwen3MoeConfig ignores `max_window_layers` and `layer_types`)."""
+    window = (hf.get("sliding_window") or None) if hf.get("use_sliding_window") else None
+    return replace(
+        read_llama(hf), qk_norm=True, sliding_windows=(window,) * hf["num_hidden_layers"], moe=_moe_config(hf)
+    )
+
+
 # ---------------------------------------------------------------------------- checkpoint names, TP plan
 
 
@@ -122,6 +148,8 @@ class WeightNames:
 
 
 # Module path pattern -> sharding style (model/tp.py implements the styles); unnamed modules are replicated.
+# An MoE family's sparse layers (loader.MLPS["moe"]) are built at shard size and match no pattern here; its dense
+# layers (mlp_only_layers) are sharded as any dense MLP.
 DECODER_TP_PLAN: Mapping[str, str] = {
     "embed_tokens": "vocab_embedding",
     "layers.*.self_attn.qkv_proj": "colwise_qkv",
@@ -152,4 +180,6 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Qwen2ForCausalLM": Architecture(read=read_qwen2),
     "Qwen3ForCausalLM": Architecture(read=read_qwen3),
     "GraniteForCausalLM": Architecture(read=read_granite),
+    "MixtralForCausalLM": Architecture(read=read_mixtral, mlp="moe"),
+    "Qwen3MoeForCausalLM": Architecture(read=read_qwen3_moe, mlp="moe"),
 }
