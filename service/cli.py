@@ -12,7 +12,7 @@ from pathlib import Path
 logger = logging.getLogger("logitserve")
 
 SERVE_FLAGS = [
-    ("--model", str, "checkpoint folder or .gguf file (default: the embedded default model)"),
+    ("--model", str, "checkpoint folder, .gguf file or Hub id org/name (default: the embedded default model)"),
     ("--tp", int, "tensor-parallel degree (processes per replica)"),
     ("--replicas", int, "independent model groups"),
     ("--device", str, "cpu or cuda"),
@@ -26,6 +26,7 @@ SERVE_FLAGS = [
     ("--api-key", str, "require Authorization: Bearer KEY"),
     ("--pooling", str, "embedding pooling: last or mean"),
     ("--max-request-bytes", int, "largest request body (413 above)"),
+    ("--revision", str, "branch, tag or commit of a Hub id --model (default: the repository's default branch)"),
 ]
 
 
@@ -41,12 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_model(model: str | None) -> str:
-    """A checkpoint folder for --model: the default model when absent, a converted folder for a .gguf file."""
+def resolve_model(model: str | None, revision: str | None = None) -> str:
+    """A checkpoint folder for --model: the default model when absent, a converted folder for a .gguf file, the
+    Hub cache's snapshot for a Hub id (an existing local path wins)."""
     if not model:
         from service.default_model import ensure_default_model
 
         return str(ensure_default_model())
+    from service.hub import fetch_checkpoint, hub_id
+
+    if (repo_id := hub_id(model)) is not None:
+        return str(fetch_checkpoint(repo_id, revision))
     path = Path(model).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         from service.default_model import convert_gguf
@@ -140,9 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         print(f"logitserve: invalid settings: {exc}", file=sys.stderr)
         return 2
+    from service.hub import HubError, hub_id
+
     try:
-        settings = settings.model_copy(update={"model": resolve_model(settings.model)})
-    except NotACheckpoint as exc:
+        settings = settings.model_copy(update={"model": resolve_model(settings.model, settings.revision),
+                                               "served_model_name": settings.served_model_name or hub_id(settings.model)})
+    except (NotACheckpoint, HubError) as exc:
         print(f"logitserve: {exc}", file=sys.stderr)
         return 2
     return serve(settings)

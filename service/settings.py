@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     api_key: str | None = None
     pooling: Literal["last", "mean"] = "last"
     max_request_bytes: int = Field(33554432, ge=1)
+    revision: str | None = None  # branch, tag or commit of a Hub id --model
 
     # Operational knobs (environment only).
     served_model_name: str | None = None
@@ -40,7 +41,7 @@ class Settings(BaseSettings):
             raise ValueError("device must be cpu or cuda")
         return v
 
-    @field_validator("api_key", "model", "served_model_name", mode="before")
+    @field_validator("api_key", "model", "served_model_name", "revision", mode="before")
     @classmethod
     def _empty_is_none(cls, v):
         return None if v == "" else v
