@@ -505,7 +505,9 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
                       responses=responses(ModelsResponse, 401))
 
     from . import openai_compat, tokenizer_routes
+    from .playground import router as playground
 
     openai_compat.register(app, service)  # /v1/completions, /v1/embeddings
     tokenizer_routes.register(app, service)  # /tokenize, /detokenize, /tokenizer_info
+    app.include_router(playground)  # GET /: the playground page and its static files
     return app

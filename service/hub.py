@@ -140,8 +140,9 @@ def _explain(exc: Exception, repo_id: str, revision: str | None) -> str:
         if constants.HF_HUB_OFFLINE:
             return f"--model {where}: HF_HUB_OFFLINE is set and the Hub cache ({cache}) does not hold it"
         return f"--model {where}: the Hub at {endpoint} cannot be reached and the cache ({cache}) does not hold it"
-    if isinstance(exc, HfHubHTTPError) and exc.response is not None:
-        reason = exc.response.headers.get("X-Error-Message") or exc.response.reason_phrase
-        return f"--model {where}: the Hub at {endpoint} answered {exc.response.status_code} ({reason})"
+    response = getattr(exc, "response", None)
+    if isinstance(exc, HfHubHTTPError) and response is not None:
+        reason = response.headers.get("X-Error-Message") or getattr(response, "reason_phrase", "")
+        return f"--model {where}: the Hub at {endpoint} answered {response.status_code} ({reason})"
     first_line = (str(exc).strip().splitlines() or [""])[0]
     return f"--model {where}: {type(exc).__name__}: {first_line}"
