@@ -113,10 +113,10 @@ class LocalHub:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def fetched_files(self) -> set[str]:
-        """Repository paths that were downloaded (GET on resolve) since the start."""
+    def fetched_files(self, since: int = 0) -> set[str]:
+        """Repository paths downloaded (GET on resolve) by the requests from index `since` on."""
         out = set()
-        for method, path in self.requests:
+        for method, path in self.requests[since:]:
             parts = urlsplit(path).path.split("/")
             if method == "GET" and len(parts) > 5 and parts[3] == "resolve":
                 out.add("/".join(unquote(p) for p in parts[5:]))

@@ -123,10 +123,12 @@ def test_download_fetches_only_the_serving_files(hub, checkpoints, tmp_path):
     assert snapshot.parent.parent == tmp_path / "hf" / "hub" / "models--org--tiny"
     assert snapshot.name == hub.repos["org/tiny"].refs["main"]
     assert (snapshot.parent.parent / "refs" / "main").read_text() == snapshot.name
-    want = {k: v for k, v in serving_files(checkpoints["main"]).items()}
+    want = serving_files(checkpoints["main"])
     assert snapshot_files(snapshot) == want
-    fetched = {path for method, path in hub.requests[before:] if method == "GET" and "/resolve/" in path}
-    assert not any(name in path for path in fetched for name in NOT_SERVED), fetched
+    # Small files straight from resolve; weights from the "CDN" the resolve redirect named.
+    assert hub.fetched_files(since=before) == set(want) - {"model.safetensors"}
+    cdn = [path for method, path in hub.requests[before:] if method == "GET" and path.startswith("/cdn/")]
+    assert len(cdn) == 1
 
 
 def test_sharded_checkpoint_fetches_the_index_and_its_shards(hub, tmp_path):

@@ -138,13 +138,23 @@ def check_scored_text(driver, server, text: str, top_k_check: bool = True) -> di
     assert driver.find_element("id", "perplexity").text == f"{ppl:.2f}"
     assert driver.find_element("id", "token-count").text == str(len(ids))
     if top_k_check:
-        # Ranks against the full vocabulary: exact within the top k, ">k" below it.
+        # Ranks against the full vocabulary: exact where the server reports target_ranks, else exact within the
+        # top k and ">k" below it.
+        exact = server_reports_ranks(server)
         logits = _api(server, "/v1/logits", {"input_ids": [ids], "return_logits": "all"})["data"][0]["logits"]
         for i in range(1, len(ids)):
             scores = np.array(logits[i - 1])
             rank = 1 + int((scores > scores[ids[i]]).sum())
-            assert shown[i]["rank"] == (str(rank) if rank <= TOP_K else f">{TOP_K}"), i
+            assert shown[i]["rank"] == (str(rank) if exact or rank <= TOP_K else f">{TOP_K}"), i
     return row
+
+
+def server_reports_ranks(server) -> bool:
+    """Whether /v1/logits takes `target_ranks` (the page then shows exact ranks and GLTR's buckets)."""
+    r = httpx.post(server.url + "/v1/logits", json={"input_ids": [[1, 2]], "return_logits": "all", "logits": False,
+                                                    "target_ranks": True}, headers=server.headers, timeout=60)
+    assert r.status_code in (200, 422), r.text
+    return r.status_code == 200
 
 
 @pytest.mark.timeout(300)
@@ -190,11 +200,17 @@ def test_typed_text_is_scored_token_by_token(browser, server, tmp_path):
     shot = Path(os.environ.get("PLAYGROUND_SCREENSHOT") or tmp_path / "playground.png")
     assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
 
-    # Colour by rank: every token takes its bucket's colour (rank 1, 2..k, below k).
+    # Colour by rank: every token takes its bucket's colour: GLTR's (top 10, 100, 1000, beyond) with exact ranks,
+    # else rank 1, 2..k, below k.
     driver.find_element(By.CSS_SELECTOR, "input[name=colour][value=rank]").click()
-    green, yellow, red = "rgb(183, 239, 178)", "rgb(255, 242, 168)", "rgb(255, 193, 179)"
+    green, yellow, red, purple = "rgb(183, 239, 178)", "rgb(255, 242, 168)", "rgb(255, 193, 179)", "rgb(227, 200, 255)"
+    exact = server_reports_ranks(server)
     for t in _tokens(driver)[1:]:
-        want = green if t["rank"] == "1" else red if t["rank"].startswith(">") else yellow
+        if exact:
+            rank = int(t["rank"])
+            want = green if rank <= 10 else yellow if rank <= 100 else red if rank <= 1000 else purple
+        else:
+            want = green if t["rank"] == "1" else red if t["rank"].startswith(">") else yellow
         assert t["background"] == want, t
     driver.find_element(By.CSS_SELECTOR, "input[name=colour][value=logprob]").click()
 
