@@ -1,9 +1,10 @@
 """`--model org/name`: a checkpoint from the Hugging Face Hub, fetched with huggingface_hub into its usual cache.
 
-Only the files serving reads are fetched: the configuration, the tokenizer and chat-template files, and the
-safetensors weights the loader (`model.weights`) will open: the shards named by `model.safetensors.index.json`
-when there is one, else every `*.safetensors` at the top of the repository. Pickled weights (`*.bin`, `*.pt`),
-sub-folders (ONNX exports, original checkpoints) and duplicate consolidated files are never downloaded.
+Only the files serving reads are fetched: the configuration, the tokenizer and chat-template files (with
+transformers' named templates in `additional_chat_templates/`), and the safetensors weights the loader
+(`model.weights`) will open: the shards named by `model.safetensors.index.json` when there is one, else every
+`*.safetensors` at the top of the repository. Pickled weights (`*.bin`, `*.pt`),
+other sub-folders (ONNX exports, original checkpoints) and duplicate consolidated files are never downloaded.
 
 huggingface_hub reads `HF_TOKEN`, `HF_HOME` (or `HF_HUB_CACHE`), `HF_HUB_OFFLINE` and `HF_ENDPOINT` itself, shows
 its progress bars on a terminal, and serves a cached snapshot without the network when the Hub cannot be reached
@@ -21,7 +22,8 @@ from pathlib import Path
 
 logger = logging.getLogger("logitserve.hub")
 
-# Small files that serving reads besides the weights (config, tokenizer, chat template, generation defaults).
+# Small files that serving reads besides the weights (config, tokenizer, chat templates, generation defaults).
+# Exact names match at the top of the repository only; the one folder is transformers' named chat templates.
 METADATA_FILES = [
     "config.json",
     "generation_config.json",
@@ -30,11 +32,13 @@ METADATA_FILES = [
     "special_tokens_map.json",
     "chat_template.jinja",
     "chat_template.json",
+    "additional_chat_templates/*.jinja",
     "model.safetensors.index.json",
 ]
 INDEX_FILE = "model.safetensors.index.json"
-# fnmatch's `*` crosses "/": this keeps every pattern to the top level of the repository.
-IN_SUBFOLDER = ["*/*"]
+# fnmatch's `*` crosses "/": without this, "*.safetensors" would also fetch sub-folders' weights (ONNX exports,
+# original checkpoints).
+WEIGHTS_IN_SUBFOLDERS = ["*/*.safetensors"]
 
 # A Hub id as huggingface_hub validates it (`namespace/name`, word characters, "-" and "."), namespace required.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
@@ -81,8 +85,7 @@ def _fetch(repo_id: str, revision: str | None) -> Path:
     # First the small files (this resolves the revision to a commit and lists the repository once), then exactly
     # the weight files the loader will open, at that commit (no second resolution, and served from the cache
     # without the network when it is complete).
-    snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=METADATA_FILES,
-                                      ignore_patterns=IN_SUBFOLDER))
+    snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=METADATA_FILES))
     commit = snapshot.name
     index = snapshot / INDEX_FILE
     if index.is_file():
@@ -94,7 +97,7 @@ def _fetch(repo_id: str, revision: str | None) -> Path:
     else:
         weights = ["*.safetensors"]
     return Path(snapshot_download(repo_id, revision=commit, allow_patterns=METADATA_FILES + weights,
-                                  ignore_patterns=IN_SUBFOLDER))
+                                  ignore_patterns=WEIGHTS_IN_SUBFOLDERS))
 
 
 @contextlib.contextmanager

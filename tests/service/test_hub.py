@@ -26,6 +26,7 @@ NOT_SERVED = {
     "training_args.pt": b"\x80\x02pickled",
     "onnx/model.safetensors": b"not for serving",
     "original/consolidated.safetensors": b"not for serving",
+    "original/params.json": b"{}",
     "README.md": b"# a model card\n",
     ".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n",
 }
@@ -35,6 +36,8 @@ def serving_files(folder: Path) -> dict[str, bytes]:
     files = folder_files(folder)
     files["tokenizer_config.json"] = json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>"}).encode()
     files["chat_template.jinja"] = CHAT_TEMPLATE.encode()
+    # Not the same bytes as chat_template.jinja: the cache keeps one blob per content, fetched once.
+    files["additional_chat_templates/tool_use.jinja"] = (CHAT_TEMPLATE + "{# tools #}").encode()
     return files
 
 
