@@ -69,12 +69,17 @@ class InvalidSettings(ValueError):
     pass
 
 
-def resolve_model(model: str | None) -> str:
-    """A checkpoint folder for --model: the default model when absent, a converted folder for a .gguf file."""
+def resolve_model(model: str | None, revision: str | None = None) -> str:
+    """A checkpoint folder for --model: the default model when absent, a converted folder for a .gguf file, the
+    Hub cache's snapshot for a Hub id (an existing local path wins)."""
     if not model:
         from service.default_model import ensure_default_model
 
         return str(ensure_default_model())
+    from service.hub import fetch_checkpoint, hub_id
+
+    if (repo_id := hub_id(model)) is not None:
+        return str(fetch_checkpoint(repo_id, revision))
     path = Path(model).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         from service.default_model import cache_root, convert_gguf
@@ -162,9 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
     try:
+        from service.hub import HubError, hub_id
+
         settings = settings_from(overrides)
-        settings = settings.model_copy(update={"model": resolve_model(settings.model)})
-    except (InvalidSettings, NotACheckpoint) as exc:
+        settings = settings.model_copy(update={
+            "model": resolve_model(settings.model, settings.revision),
+            "served_model_name": settings.served_model_name or hub_id(settings.model),
+        })
+    except (InvalidSettings, NotACheckpoint, HubError) as exc:
         print(f"logitserve: {exc}", file=sys.stderr)
         return 2
     return serve(settings)

@@ -20,7 +20,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOGITSERVE_", extra="ignore", protected_namespaces=())
 
     # The public flags of API.md.
-    model: str | None = flag(None, "checkpoint folder or .gguf file (default: the embedded default model)", "PATH")
+    model: str | None = flag(None, "checkpoint folder, .gguf file or Hub id org/name (default: the embedded default "
+                                   "model)", "PATH")
     tp: int = flag(1, "tensor-parallel degree (processes per replica)", "N", ge=1)
     replicas: int = flag(1, "independent model replicas", "R", ge=1)
     device: str = flag("cpu", "cpu or cuda (cuda:N for one device)", "cpu|cuda")
@@ -38,6 +39,7 @@ class Settings(BaseSettings):
     api_key: str | None = flag(None, "require Authorization: Bearer KEY", "KEY")
     pooling: Literal["last", "mean"] = flag("last", "embedding pooling")
     max_request_bytes: int = flag(33554432, "largest request body (413 above)", "N", ge=1)
+    revision: str | None = flag(None, "branch, tag or commit of a Hub id --model (default: its default branch)", "REV")
 
     # Operational knobs (environment only).
     served_model_name: str | None = Field(None, description="the model id clients see (default: the folder's name)")

@@ -13,6 +13,9 @@ PROMQL_FUNCTIONS_AND_KEYWORDS = {
     "bottomk", "clamp_min", "clamp_max", "abs", "delta", "deriv", "vector", "scalar", "time",
 }
 METRIC_RE = re.compile(r"\b(logitserve_[a-zA-Z0-9_:]+)")
+# Series of the contract's /metrics list whose panels exist before the code that exposes them lands (prefix sharing,
+# result back-pressure); queried names outside this set must be exposed today.
+CONTRACT_METRICS_NOT_YET_EXPOSED = {"logitserve_prefix_shared_tokens_total", "logitserve_result_bytes"}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,7 @@ def exposed() -> set[str]:
 def test_every_queried_metric_is_exposed(dashboard, exposed):
     referenced = {name for _, expr in _exprs(dashboard) for name in METRIC_RE.findall(expr)}
     assert referenced, "the dashboard queries no logitserve metric"
-    missing = referenced - exposed
+    missing = referenced - exposed - CONTRACT_METRICS_NOT_YET_EXPOSED
     assert not missing, f"queried but not exposed by service.metrics.Metrics: {sorted(missing)}"
 
 
@@ -71,6 +74,9 @@ def test_required_panels(dashboard):
     assert "logitserve_worker_restarts_total" in joined
     assert "logitserve_requests_in_flight" in joined
     assert "logitserve_queue_tokens" in joined
+    assert "rate(logitserve_prefix_shared_tokens_total[1m])" in joined
+    assert any(re.fullmatch(r"(sum|max)( by \(instance\))? ?\(logitserve_result_bytes\)", e) for e in exprs)
+    assert "avg(logitserve_queue_tokens)" in joined  # the autoscaling signal, per pod
 
 
 def test_dashboard_is_well_formed(dashboard):
