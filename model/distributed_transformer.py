@@ -46,7 +46,7 @@ from torch import nn
 from .architectures import GLOBAL_ROPE
 from .distributed import ParallelContext
 from .layers import embedding_scale
-from .modules import RaggedBatch
+from .modules import RaggedBatch, classifier_rows
 from .outputs import ReturnHiddenStates, ReturnLogits
 from .rope import RotaryEmbedding
 
@@ -118,14 +118,17 @@ def distributed_logits_postprocess(
     return_hidden_states: ReturnHiddenStates = ReturnHiddenStates.NONE,
     logits_scaling: float = 1.0,
     logits_softcap: float | None = None,
+    last_token_indices: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """MAX's postprocessing of the final hidden states.
 
     h: per-device [T, hidden] (un-normalized); input_row_offsets: per-device int64 [B+1]; lm_head maps normalized
     per-device rows to full-vocabulary logits. Returns ``(last_logits [B, V] f32, [logits [R, V] f32, offsets
-    [B+1] i64], [hidden_states])``.
+    [B+1] i64], [hidden_states])``. last_token_indices: per-device int64 [B], the row of each sequence that
+    `last_logits` and the LAST hidden states read (default: its last token; a classifier's pooled row).
     """
-    last_token_indices = [offsets[1:] - 1 for offsets in input_row_offsets]
+    if last_token_indices is None:
+        last_token_indices = [offsets[1:] - 1 for offsets in input_row_offsets]
     last_token_h = [hd.index_select(0, idx) for hd, idx in zip(h, last_token_indices, strict=True)]
 
     def to_logits(rows_h: list[torch.Tensor]) -> torch.Tensor:
@@ -187,7 +190,11 @@ class DistributedLogitsPostprocessMixin:
         return [self.gather_logits(self.lm_head(x)) for x in xs]
 
     def _postprocess_logits(
-        self, h: Sequence[torch.Tensor], input_row_offsets: Sequence[torch.Tensor], return_n_logits: int | torch.Tensor
+        self,
+        h: Sequence[torch.Tensor],
+        input_row_offsets: Sequence[torch.Tensor],
+        return_n_logits: int | torch.Tensor,
+        last_token_indices: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, ...]:
         return distributed_logits_postprocess(
             h,
@@ -199,6 +206,7 @@ class DistributedLogitsPostprocessMixin:
             return_hidden_states=self.return_hidden_states,
             logits_scaling=self.logits_scaling,
             logits_softcap=self.logits_softcap,
+            last_token_indices=last_token_indices,
         )
 
 
@@ -285,11 +293,15 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         rotary_pairs: bool = False,
         layer_rope: Sequence[str | None] = (),
         scale_embeddings: bool = False,
+        classifier_pad_token_id: int | None = None,
+        classifier: bool = False,
     ) -> None:
         """rope: the rope table maker, or several by name (rope.build_ropes); layer_rope: each layer's table name, or
         None for a layer without rotary (() : every layer the global table). rotary_pairs: the attentions rotate
         q/k stored in pair order (modules.Attention), so the cos/sin tables are handed to them half-width.
-        scale_embeddings: embeddings times sqrt(hidden) rounded to their dtype (Gemma, layers.embedding_scale)."""
+        scale_embeddings: embeddings times sqrt(hidden) rounded to their dtype (Gemma, layers.embedding_scale).
+        classifier: the head is a sequence classifier's, whose last-token row is each sequence's last token that is
+        not `classifier_pad_token_id` (modules.classifier_rows)."""
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.norm = norm
@@ -300,6 +312,8 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         self.rope = self.ropes[GLOBAL_ROPE]
         self.layer_rope = tuple(layer_rope) or (GLOBAL_ROPE,) * len(layers)
         self.scale_embeddings = scale_embeddings
+        self.classifier = classifier
+        self.classifier_pad_token_id = classifier_pad_token_id
         self.return_logits = ReturnLogits(return_logits)
         self.return_hidden_states = ReturnHiddenStates(return_hidden_states)
         self.logits_scaling = logits_scaling
@@ -380,8 +394,10 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         """MAX's call: returns ``(last_logits, [logits, offsets], [hidden_states])``."""
         device = self.parallel.device
         batch = RaggedBatch.from_offsets(input_row_offsets, device)
-        h, _ = self.trunk(tokens.to(device), batch)
-        return self._postprocess_logits([h], [batch.offsets], return_n_logits)
+        tokens = tokens.to(device)
+        h, _ = self.trunk(tokens, batch)
+        pooled = [classifier_rows(tokens, batch, self.classifier_pad_token_id)] if self.classifier else None
+        return self._postprocess_logits([h], [batch.offsets], return_n_logits, pooled)
 
 
 def _compiler_disabled(fn: Callable) -> Callable:

@@ -110,6 +110,8 @@ def build_model(
         rotary_pairs=rotary_pairs,
         layer_rope=tuple(config.layer_rope_kind(i) for i in range(config.num_layers)),
         scale_embeddings=config.scale_embeddings,
+        classifier=classifier,
+        classifier_pad_token_id=config.pad_token_id,
         **kwargs,
     )
 

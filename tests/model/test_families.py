@@ -165,3 +165,14 @@ def test_refusals_name_what_is_supported(checkpoint_factory):
         ModelConfig.from_hf_config({**llama, "rope_scaling": None, "rope_parameters": {"rope_type": "mrope"}})
     with pytest.raises(UnsupportedModelError, match="use_bidirectional_attention"):
         ModelConfig.from_hf_config({**config, "use_bidirectional_attention": True})
+
+
+def test_classifier_max_forward_reads_the_pooled_rows(checkpoint_factory):
+    """MAX's call (`forward`) on a classifier: its last_logits are the runner's last_token rows (pooled rows); not
+    bit for bit (the runner's last block computes only the needed rows, other matmul shapes)."""
+    runner = ModelRunner.load(checkpoint_factory("gemma2-classifier", with_tokenizer=False))
+    _, ids, offsets = classifier_batch(runner.config.vocab_size)
+    with torch.inference_mode():
+        last_logits = runner.model(ids, offsets)[0]
+    expected = torch.cat([out.logits for out in runner.run(ids, offsets, [OutputSpec()] * 5)])
+    torch.testing.assert_close(last_logits, expected, atol=1e-5, rtol=0)
