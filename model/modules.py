@@ -306,7 +306,8 @@ def head_norm(config: ModelConfig) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """down(act(gate(x)) * up(x)), with gate and up fused in one matmul."""
+    """down(act(gate(x)) * up(x)), with gate and up fused in one matmul; act is layers.ACTIVATIONS[hidden_act] (SiLU,
+    Gemma's gelu-tanh)."""
 
     def __init__(
         self,

@@ -3,7 +3,7 @@ hidden states and every logit row within 1e-4, classifiers pooled on the last to
 parallelism at tp 2 and 4 against tp 1; refusals that name what is supported.
 
 The causal families' parity at tp 1 runs in test_parity.py (every recipe) and at tp 2 in test_tensor_parallel.py;
-here: the classifiers, the reward model, tp 4 for the new families and tp 2 / 4 for the classifiers."""
+here: the classifiers, the reward model, tp 4 for the new families, tp 2 and 4 for classifiers."""
 
 from __future__ import annotations
 
@@ -105,16 +105,21 @@ def test_classifier_labels_read_as_transformers_reads_them(checkpoint_factory):
 # --- tensor parallelism ---
 
 
+# tp 4: the new families and three classifiers (the reward model, OLMo 2's sharded q/k norm, Gemma 3's per-type
+# rope); tp 2: classifiers of the other traits (soft-caps, fused LongRoPE, q/k norm, NoPE) and the reward model.
+TP4_CASES = (*FAMILIES, "llama-classifier", "olmo2-classifier", "gemma3-classifier")
+TP2_CASES = ("llama-classifier", "gemma2-classifier", "phi3-classifier", "qwen3-classifier", "smollm3-classifier")
+
+
 @pytest.fixture(scope="module")
 def tp_cases(tmp_path_factory):
-    """The new families (causal) and every classifier, 4 query heads over 2 kv heads (kv heads replicated at tp 4),
-    each with its tp-1 outputs; tp 4 runs the families and three classifiers (the reward model, OLMo 2's sharded
-    q/k norm, Gemma 3's per-type rope), tp 2 every classifier."""
+    """By recipe name: (path, ids, offsets, specs) and its tp-1 outputs; 4 query heads over 2 kv heads (kv heads
+    replicated at tp 4)."""
     from tests.checkpoints import make_checkpoint
 
     root = tmp_path_factory.mktemp("families-tp")
-    cases = []
-    for i, name in enumerate(FAMILIES + CLASSIFIERS):
+    cases = {}
+    for i, name in enumerate(dict.fromkeys(TP4_CASES + TP2_CASES)):
         path = make_checkpoint(root / name, name, with_tokenizer=False, num_heads=4, num_kv_heads=2, vocab_size=300)
         if name in CLASSIFIERS:
             _, ids, offsets = classifier_batch(300, seed=i)
@@ -123,28 +128,16 @@ def tp_cases(tmp_path_factory):
         else:
             _, ids, offsets = ragged([1, 9, 40, 23], 300, seed=i)
             specs = [SPEC] * 4
-        cases.append((str(path), ids, offsets, specs))
-    single = [ModelRunner.load(p).run(ids, off, specs) for p, ids, off, specs in cases]
-    return cases, single
+        case = (str(path), ids, offsets, specs)
+        cases[name] = (case, ModelRunner.load(path).run(ids, offsets, specs))
+    return cases
 
 
-TP4_CLASSIFIERS = ("llama-classifier", "olmo2-classifier", "gemma3-classifier")
-
-
-def test_families_and_classifiers_at_tp4(tp_cases):
-    cases, single = tp_cases
-    chosen = [i for i, name in enumerate(FAMILIES + CLASSIFIERS) if name in FAMILIES or name in TP4_CLASSIFIERS]
-    for rank_results in launch_local(run_cases, 4, [cases[i] for i in chosen]):
-        for (outs, _), i in zip(rank_results, chosen):
-            assert_same(outs, single[i])
-
-
-def test_classifiers_at_tp2(tp_cases):
-    cases, single = tp_cases
-    chosen = [i for i, (path, *_) in enumerate(cases) if path.endswith("-classifier")]
-    for rank_results in launch_local(run_cases, 2, [cases[i] for i in chosen]):
-        for (outs, _), i in zip(rank_results, chosen):
-            assert_same(outs, single[i])
+@pytest.mark.parametrize("tp, names", [(4, TP4_CASES), (2, TP2_CASES)])
+def test_families_and_classifiers_match_tp1(tp, names, tp_cases):
+    for rank_results in launch_local(run_cases, tp, [tp_cases[n][0] for n in names]):
+        for (outs, _), name in zip(rank_results, names):
+            assert_same(outs, tp_cases[name][1])
 
 
 # --- refusals ---
