@@ -68,6 +68,8 @@ class ArchitectureFields:
     # parameters (rope_type, rope_theta, ...). A table not named here reads the shared keys (config.RopeConfig).
     rope_parameters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     default_rope_theta: float = 10000.0  # rope_theta when config.json names none (SmolLM3: 2e6)
+    # Rotary in float32 whatever the model's dtype, cast back after (OLMo 2 keeps its cos/sin in float32).
+    rotary_in_float32: bool = False
 
 
 # ------------------------------------------------------------------------------------ what a family reads
@@ -227,8 +229,16 @@ def read_phi3(hf: HFConfig) -> ArchitectureFields:
 
 
 def read_olmo2(hf: HFConfig) -> ArchitectureFields:
-    """Norms after attention and after the MLP (none before), q/k norms over the whole projections."""
-    return replace(read_llama(hf), qk_norm=True, qk_norm_scope="projection", norm_placement="post", norm_upcast=True)
+    """Norms after attention and after the MLP (none before), q/k norms over the whole projections, rotary in
+    float32."""
+    return replace(
+        read_llama(hf),
+        qk_norm=True,
+        qk_norm_scope="projection",
+        norm_placement="post",
+        norm_upcast=True,
+        rotary_in_float32=True,
+    )
 
 
 def read_smollm3(hf: HFConfig) -> ArchitectureFields:

@@ -295,13 +295,15 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         scale_embeddings: bool = False,
         classifier_pad_token_id: int | None = None,
         classifier: bool = False,
+        rotary_in_float32: bool = False,
     ) -> None:
         """rope: the rope table maker, or several by name (rope.build_ropes); layer_rope: each layer's table name, or
         None for a layer without rotary (() : every layer the global table). rotary_pairs: the attentions rotate
         q/k stored in pair order (modules.Attention), so the cos/sin tables are handed to them half-width.
         scale_embeddings: embeddings times sqrt(hidden) rounded to their dtype (Gemma, layers.embedding_scale).
         classifier: the head is a sequence classifier's, whose last-token row is each sequence's last token that is
-        not `classifier_pad_token_id` (modules.classifier_rows)."""
+        not `classifier_pad_token_id` (modules.classifier_rows). rotary_in_float32: cos/sin tables stay float32
+        (the attentions rotate in float32: OLMo 2)."""
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.norm = norm
@@ -313,6 +315,7 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         self.layer_rope = tuple(layer_rope) or (GLOBAL_ROPE,) * len(layers)
         self.scale_embeddings = scale_embeddings
         self.classifier = classifier
+        self.rotary_in_float32 = rotary_in_float32
         self.classifier_pad_token_id = classifier_pad_token_id
         self.return_logits = ReturnLogits(return_logits)
         self.return_hidden_states = ReturnHiddenStates(return_hidden_states)
@@ -374,7 +377,8 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         positions = batch.positions()
         tables: dict[str | None, tuple[torch.Tensor | None, torch.Tensor | None]] = {None: (None, None)}
         for name in set(self.layer_rope[:depth]) - {None}:
-            cos, sin = self.ropes[name](positions, batch.seq_lens, h.dtype)  # [T, rotary_dim]
+            table_dtype = torch.float32 if self.rotary_in_float32 else h.dtype
+            cos, sin = self.ropes[name](positions, batch.seq_lens, table_dtype)  # [T, rotary_dim]
             if self.rotary_pairs:  # q/k in pair order: the two halves of each table are equal
                 half = cos.shape[-1] // 2
                 cos, sin = cos[:, :half], sin[:, :half]

@@ -112,6 +112,7 @@ def build_model(
         scale_embeddings=config.scale_embeddings,
         classifier=classifier,
         classifier_pad_token_id=config.pad_token_id,
+        rotary_in_float32=config.rotary_in_float32,
         **kwargs,
     )
 

@@ -229,6 +229,7 @@ class Attention(nn.Module):
         # groups (kv heads replicated across more ranks than there are kv heads); None: SDPA's GQA grouping.
         self.kv_head_index = kv_head_index
         self.rotary_pairs = rotary_pairs
+        self.rotary_in_float32 = config.rotary_in_float32
         self.scale = config.attention_scale
         self.window = config.sliding_windows[layer_idx]
         self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
@@ -274,6 +275,8 @@ class Attention(nn.Module):
             rope = functools.partial(apply_partial_rotary, rotary=rotate)
         else:
             rope = rotate
+        if rope is not None and self.rotary_in_float32 and x.dtype != torch.float32:
+            rope = functools.partial(_rotate_in_float32, rope)
         if self.q_norm is None:
             # q and k heads are adjacent in the fused output: one rotary pass over both
             qk = qkv[:, : hq + hkv] if rope is None else rope(qkv[:, : hq + hkv], cos, sin)
@@ -290,6 +293,12 @@ class Attention(nn.Module):
             k, v = k.index_select(1, self.kv_head_index), v.index_select(1, self.kv_head_index)
         out = self.attention_fn(q, k, v, batch, self.scale, self.window).reshape(t, q_size)  # [T, Hq_local * D]
         return self.o_proj(out if rows is None else out.index_select(0, rows))
+
+
+def _rotate_in_float32(rope: Callable, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`rope` on x upcast to float32 (cos/sin float32 tables), cast back: transformers' order where the tables stay
+    float32 and q * cos promotes (OLMo 2)."""
+    return rope(x.float(), cos, sin).to(x.dtype)
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:

@@ -169,3 +169,20 @@ def test_classifier_max_forward_reads_the_pooled_rows(checkpoint_factory):
         last_logits = runner.model(ids, offsets)[0]
     expected = torch.cat([out.logits for out in runner.run(ids, offsets, [OutputSpec()] * 5)])
     torch.testing.assert_close(last_logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_bfloat16_hidden_states_have_transformers_bits(name, checkpoint_factory):
+    """In bfloat16 each family's blocks round where transformers' do (Gemma's float32 (1 + w) norms, OLMo 2's
+    float32 rotary, Gemma 2's eager softmax in float32...): a lone sequence's hidden states bit for bit."""
+    path = checkpoint_factory(name, with_tokenizer=False)
+    runner = ModelRunner.load(path, dtype="bfloat16")
+    hf = load_reference(path, dtype=torch.bfloat16, attention=None)
+    layers = tuple(range(runner.config.num_layers))
+    seqs, _, _ = ragged([20], runner.config.vocab_size, seed=2)
+    (out,) = runner.run(seqs[0], torch.tensor([0, 20]), [OutputSpec(logits=False, layers=layers,
+                                                                     return_hidden_states=ReturnHiddenStates.ALL)])
+    with torch.no_grad():
+        hidden = hf(seqs[0][None], output_hidden_states=True).hidden_states
+    for i in layers:
+        assert torch.equal(out.hidden_states[i], hidden[i][0]), (name, i)
