@@ -59,12 +59,22 @@ def machine() -> str:
     return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
+def mlp_params_per_token(cfg, layer: int) -> int:
+    """Weights one token multiplies in layer `layer`'s MLP: the dense gated MLP, or (a sparse MoE layer) the router
+    and its top-k experts."""
+    h, moe = cfg.hidden_size, getattr(cfg, "moe", None)
+    if moe is not None and moe.sparse_layers[layer]:
+        return h * moe.num_experts + moe.experts_per_token * 3 * h * moe.expert_intermediate_size
+    return 3 * h * cfg.intermediate_size
+
+
 def real_flops(cfg, lens: list[int], last_only: bool) -> float:
-    """Matmuls of every real token, causal attention per sequence, lm_head on the rows computed."""
-    h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    per_layer_params = h * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * h + 3 * h * inter
+    """Matmuls of every real token (an MoE layer: the router and the chosen experts only), causal attention per
+    sequence, lm_head on the rows computed."""
+    h, layers = cfg.hidden_size, cfg.num_layers
+    attention_params = h * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * h
     tokens = sum(lens)
-    matmul = 2 * per_layer_params * layers * tokens
+    matmul = 2 * tokens * sum(attention_params + mlp_params_per_token(cfg, i) for i in range(layers))
     attention = layers * sum(2 * 2 * n * n / 2 * cfg.q_size for n in lens)
     rows = len(lens) if last_only else tokens
     return matmul + attention + 2 * h * cfg.vocab_size * rows
@@ -73,48 +83,52 @@ def real_flops(cfg, lens: list[int], last_only: bool) -> float:
 class Roofline:
     """The model's matmuls (its own weights) on the real tokens of a batch; returns (seconds, FLOPs).
 
+    An MoE layer counts its router on every token and each expert's gate_up / down as one matmul over top-k rows
+    per token (the experts' work with no split into groups: what a perfectly balanced grouped matmul would cost).
+
     kernel "mkl": ``F.linear`` (MKL's sgemm, what transformers and our decoder layers run); "best": each matmul
     shape timed with both MKL and oneDNN and the faster one counted (our lm_head runs on oneDNN, model/layers.py),
     so a share against it cannot gain from a kernel choice."""
 
     def __init__(self, runner, kernel: str = "mkl") -> None:
         assert kernel in ("mkl", "best"), kernel
+        from model.moe import SparseMoeBlock
+
         self.kernel = kernel
         m = runner.model
-        self.mats = []
+        self.mats: list[tuple[torch.Tensor, int]] = []  # (weight [out, in], rows per token), every layer's
         for layer in m.layers:
             a, p = layer.self_attn, layer.mlp
-            self.mats.append((a.qkv_proj.weight, a.o_proj.weight, p.gate_up_proj.weight, p.down_proj.weight))
+            self.mats += [(a.qkv_proj.weight, 1), (a.o_proj.weight, 1)]
+            if isinstance(p, SparseMoeBlock):
+                k = p.gate.top_k
+                self.mats += [(p.gate.weight, 1), (p.experts.gate_up_proj[0], k), (p.experts.down_proj[0], k)]
+            else:
+                self.mats += [(p.gate_up_proj.weight, 1), (p.down_proj.weight, 1)]
         self.head = m.lm_head.weight
 
-    def _time(self, fn, tokens: int, rows: int) -> list[float]:
-        """Seconds of each shape group: qkv, o, gate_up, down (over all layers), head."""
-        h = self.head.shape[1]
-        x = torch.randn(tokens, h)
-        inner = torch.randn(tokens, self.mats[0][3].shape[1])
-        heads = torch.randn(tokens, self.mats[0][1].shape[1])
-        inputs = (x, heads, x, inner)
-        seconds = []
+    def _time(self, fn, tokens: int, rows: int) -> float:
+        """Seconds of every layer's matmuls and the head."""
+        inputs: dict[tuple[int, int], torch.Tensor] = {}
+        for w, per_token in self.mats:
+            inputs.setdefault((tokens * per_token, w.shape[1]), torch.randn(tokens * per_token, w.shape[1]))
+        x = torch.randn(rows, self.head.shape[1])
         with torch.inference_mode():
-            for k in range(4):
-                t0 = time.perf_counter()
-                for mats in self.mats:
-                    fn(inputs[k], mats[k])
-                seconds.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            fn(x[:rows], self.head)
-            seconds.append(time.perf_counter() - t0)
-        return seconds
+            for w, per_token in self.mats:
+                fn(inputs[tokens * per_token, w.shape[1]], w)
+            fn(x, self.head)
+            return time.perf_counter() - t0
 
     def __call__(self, tokens: int, rows: int) -> tuple[float, float]:
         seconds = self._time(F.linear, tokens, rows)
         if self.kernel == "best":
             from model.layers import head_linear  # oneDNN for float32 on CPU (F.linear where it is unavailable)
 
-            seconds = [min(a, b) for a, b in zip(seconds, self._time(head_linear, tokens, rows))]
-        flops = sum(2 * tokens * w.numel() * len(self.mats) for w in self.mats[0])
+            seconds = min(seconds, self._time(head_linear, tokens, rows))
+        flops = sum(2 * tokens * per_token * w.numel() for w, per_token in self.mats)
         flops += 2 * rows * self.head.numel()
-        return sum(seconds), flops
+        return seconds, flops
 
 
 def f32_gguf(hf_dir: Path) -> Path:

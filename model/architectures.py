@@ -17,7 +17,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .moe import MoeConfig
 
 from . import family_fields as ff
 
@@ -70,6 +73,8 @@ class ArchitectureFields:
     default_rope_theta: float = 10000.0  # rope_theta when config.json names none (SmolLM3: 2e6)
     # Rotary in float32 whatever the model's dtype, cast back after (OLMo 2 keeps its cos/sin in float32).
     rotary_in_float32: bool = False
+    # Mixture-of-experts families: the experts, and which layers are sparse (None: every layer's MLP is dense).
+    moe: MoeConfig | None = None
 
 
 # ------------------------------------------------------------------------------------ what a family reads
@@ -251,6 +256,27 @@ def read_smollm3(hf: HFConfig) -> ArchitectureFields:
     )
 
 
+def _moe_config(hf: HFConfig) -> MoeConfig:
+    # Imported here: model/moe.py imports model/config.py, which imports this module.
+    from .moe import MoeConfig
+
+    return MoeConfig.from_hf_config(dict(hf))
+
+
+def read_mixtral(hf: HFConfig) -> ArchitectureFields:
+    """Mistral's attention (`sliding_window` on every layer) and the experts."""
+    return replace(read_mistral(hf), moe=_moe_config(hf))
+
+
+def read_qwen3_moe(hf: HFConfig) -> ArchitectureFields:
+    """Qwen3's attention (q/k norm) and the experts. Its sliding window, unlike Qwen2/Qwen3's, is on every layer
+    when `use_sliding_window` is set (transformers' Qwen3MoeConfig ignores `max_window_layers` and `layer_types`)."""
+    window = (hf.get("sliding_window") or None) if hf.get("use_sliding_window") else None
+    return replace(
+        read_llama(hf), qk_norm=True, sliding_windows=(window,) * hf["num_hidden_layers"], moe=_moe_config(hf)
+    )
+
+
 # ---------------------------------------------------------------------------- checkpoint names, TP plan
 
 
@@ -285,6 +311,8 @@ class WeightNames:
 
 
 # Module path pattern -> sharding style (model/tp.py implements the styles); unnamed modules are replicated.
+# An MoE family's sparse layers (loader.MLPS["moe"]) are built at shard size and match no pattern here; its dense
+# layers (mlp_only_layers) are sharded as any dense MLP.
 DECODER_TP_PLAN: Mapping[str, str] = {
     "embed_tokens": "vocab_embedding",
     "layers.*.self_attn.qkv_proj": "colwise_qkv",
@@ -337,6 +365,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Phi3ForCausalLM": Architecture(read=read_phi3),
     "Olmo2ForCausalLM": Architecture(read=read_olmo2),
     "SmolLM3ForCausalLM": Architecture(read=read_smollm3),
+    "MixtralForCausalLM": Architecture(read=read_mixtral, mlp="moe"),
+    "Qwen3MoeForCausalLM": Architecture(read=read_qwen3_moe, mlp="moe"),
 }
 
 # Sequence classifiers (reward models, classifiers) of the families transformers has one for (not Granite).

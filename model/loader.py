@@ -14,13 +14,22 @@ from .distributed import ParallelContext
 from .distributed_transformer import NORM_SLOTS, DistributedTransformer, DistributedTransformerBlock
 from .layers import ACTIVATIONS, ColumnParallelLinear, Part, ShardedRMSNorm
 from .modules import MLP, Attention, make_norm
+from .moe import SparseMoeBlock
 from .rope import RotaryEmbedding, build_ropes
 from .tp import HeadLayout, shard_model
 from .weights import CheckpointReader
 
 
-def gated_mlp(config: ModelConfig, layer_idx: int) -> nn.Module:
+def gated_mlp(config: ModelConfig, layer_idx: int, parallel: ParallelContext) -> nn.Module:
     return MLP(config.hidden_size, config.intermediate_size, config.mlp_bias, ACTIVATIONS[config.hidden_act])
+
+
+def moe_mlp(config: ModelConfig, layer_idx: int, parallel: ParallelContext) -> nn.Module:
+    """The sparse block where config.moe marks the layer sparse (built at this rank's shard size: the TP plan
+    names none of its modules), else the dense gated MLP of `intermediate_size`."""
+    if config.moe.sparse_layers[layer_idx]:
+        return SparseMoeBlock(config.moe, config.hidden_size, parallel)
+    return gated_mlp(config, layer_idx, parallel)
 
 
 def lm_head(config: ModelConfig) -> nn.Module:
@@ -33,8 +42,9 @@ def score_head(config: ModelConfig) -> nn.Module:
     return nn.Linear(config.hidden_size, config.num_labels, bias=False)
 
 
-# The kinds an Architecture names: each layer's MLP (config, layer index), the head on the final hidden states.
-MLPS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {"gated": gated_mlp}
+# The kinds an Architecture names: each layer's MLP (config, layer index, this rank: a kind may be built sharded),
+# the head on the final hidden states.
+MLPS: dict[str, Callable[[ModelConfig, int, ParallelContext], nn.Module]] = {"gated": gated_mlp, "moe": moe_mlp}
 HEADS: dict[str, Callable[[ModelConfig], nn.Module]] = {"lm_head": lm_head, "score": score_head}
 
 
@@ -89,7 +99,7 @@ def build_model(
     layers = [
         DistributedTransformerBlock(
             attention=attention(i),
-            mlp=MLPS[arch.mlp](config, i),
+            mlp=MLPS[arch.mlp](config, i, parallel),
             residual_multiplier=config.residual_multiplier,
             norm_placement=config.norm_placement,
             **block_norms(config),
@@ -122,21 +132,24 @@ def load_checkpoint(
     model: nn.Module, reader: CheckpointReader, weights: WeightNames, tie_word_embeddings: bool, head: str = "lm_head"
 ) -> None:
     """Fill every parameter from this rank's slices: a sharded layer reads its slice of the tensor `weights` names
-    for its module path, any other module each of its own parameters whole. Then each module's `after_loading`.
-    Only an lm_head can be tied to the embeddings (a classifier's `score` never is, whatever the config says)."""
+    for its module path, a module with its own `load` (an MoE block) everything beneath it, any other module each
+    of its own parameters whole. Then each module's `after_loading`. Only an lm_head can be tied to the embeddings
+    (a classifier's `score` never is, whatever the config says)."""
     tied = head == "lm_head" and (
         tie_word_embeddings or f"{weights.checkpoint_name('lm_head')}.weight" not in reader
     )
     if tied:  # the head shares the embedding's shard (both are split by the same vocabulary range)
         model.lm_head.weight = model.embed_tokens.weight
+    loaded_whole: list[str] = []  # paths of modules that loaded their submodules too
     for path, module in model.named_modules():
-        if tied and path == "lm_head":
+        if (tied and path == "lm_head") or any(path.startswith(f"{done}.") for done in loaded_whole):
             continue
         name = weights.checkpoint_name(path)
         if isinstance(module, ColumnParallelLinear):
             module.load(reader, name, weights.parts(path))
         elif hasattr(module, "load"):
             module.load(reader, name)
+            loaded_whole.append(path)
         else:
             for param_name, param in module.named_parameters(recurse=False):
                 param.copy_(reader.read(f"{name}.{param_name}"))

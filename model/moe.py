@@ -293,9 +293,11 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.parallel.all_reduce(self.experts(x, self.gate(x)))
 
-    def load(self, reader: CheckpointReader, layer: str) -> None:
-        """`layer`: the checkpoint prefix of the decoder layer, e.g. ``model.layers.3``."""
-        names = self.weight_names
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        """`name`: the block's module path in checkpoint spelling, e.g. ``model.layers.3.mlp`` (as
+        loader.load_checkpoint passes it); the family's block name replaces its last part (Mixtral's
+        ``block_sparse_moe``)."""
+        names, layer = self.weight_names, name.rpartition(".")[0]
         routers = [f"{layer}.{block}.{names.router}.weight" for block in names.blocks]
         router = next((name for name in routers if name in reader), None)
         if router is None:

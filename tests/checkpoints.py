@@ -61,6 +61,26 @@ RECIPES: dict[str, Recipe] = {
         "GraniteForCausalLM",
         dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=8.0),
     ),
+    # Mixture of experts. Expert intermediate sizes are multiples of 4 (torch's grouped matmul on CPU wants 16-byte
+    # strides) but not of 16 (the vectorised silu leaves a scalar tail), and their tp=2 / tp=4 shares are not
+    # multiples of 4 (the per-expert matmul loop instead).
+    "mixtral": Recipe(
+        "MixtralForCausalLM",
+        dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=44, sliding_window=16),
+    ),
+    # Layer 1 is dense (mlp_only_layers): the dense MLP of intermediate_size between MoE layers.
+    "qwen3_moe": Recipe(
+        "Qwen3MoeForCausalLM",
+        dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=36, intermediate_size=88,
+             norm_topk_prob=True, mlp_only_layers=[1], head_dim=24),
+    ),
+    # Only layer 1 sparse (decoder_sparse_step 2), unnormalised top-k, and the window transformers puts on every
+    # layer when use_sliding_window is set.
+    "qwen3_moe_window": Recipe(
+        "Qwen3MoeForCausalLM",
+        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=36, decoder_sparse_step=2,
+             use_sliding_window=True, sliding_window=16, max_window_layers=2, head_dim=24),
+    ),
     # The families of docs/families.md, each with its quirks switched on at the tiny shape: windows shorter than
     # the test sequences, soft-caps that bite, query_pre_attn_scalar != head_dim, per-type rope, partial LongRoPE
     # whose long factors switch on past 32 tokens, NoPE layers.

@@ -1,7 +1,5 @@
-"""The mixture-of-experts block (model/moe.py): transformers 5's bits, tensor parallelism, batch invariance, cost.
-
-The last tests build the block into the existing dense decoder (in place of its MLP) to check whole Mixtral and
-Qwen3-MoE models against transformers until the architecture registry does that wiring itself."""
+"""Mixture of experts (model/moe.py) and the Mixtral / Qwen3-MoE entries of the registry: transformers 5's bits,
+tensor parallelism, batch invariance, cost. Whole-model parity for every recipe is in test_parity.py."""
 
 from __future__ import annotations
 
@@ -15,57 +13,27 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import model.moe as moe
-from model import ModelRunner, OutputSpec, ReturnLogits, launch_local
+from model import ModelRunner, OutputSpec, ReturnHiddenStates, ReturnLogits, launch_local
+from model.architectures import ARCHITECTURES
 from model.config import ModelConfig, UnsupportedModelError
 from model.distributed import ParallelContext
 from model.memory import retain_freed_memory
 from model.moe import QWEN3_MOE_WEIGHTS, MoeConfig, SparseMoeBlock
-from model.rope import RotaryEmbedding
-from model.tp import build_model, shard_model, use_rotary_pairs
 from model.weights import CheckpointReader
-from tests.checkpoints import load_reference
+from tests.checkpoints import RECIPES, load_reference, make_checkpoint
 from tests.model.helpers import ragged, reference
 
 HIDDEN = 64
-# Expert intermediate sizes: multiples of 4 (transformers' grouped matmul on CPU needs 16-byte strides) but not
-# of 16 (the vectorised silu's width, so rows end in a scalar tail); their tp=2 and tp=4 shares are not multiples
-# of 4 either (the per-expert loop instead of torch's grouped matmul).
-FAMILIES = {
-    "mixtral": dict(cls="MixtralConfig", num_local_experts=8, num_experts_per_tok=2, intermediate_size=44,
-                    sliding_window=None),
-    # Layer 1 is dense (mlp_only_layers): the dense MLP of intermediate_size sits between MoE layers.
-    "qwen3_moe": dict(cls="Qwen3MoeConfig", num_experts=16, num_experts_per_tok=4, moe_intermediate_size=36,
-                      intermediate_size=88, norm_topk_prob=True, mlp_only_layers=[1], head_dim=24),
-}
+# Recipes of tests/checkpoints.py: Mixtral (8 experts, top-2, expert intermediate 44) and Qwen3-MoE (16 experts,
+# top-4, expert intermediate 36, layer 1 dense).
+FAMILIES = ("mixtral", "qwen3_moe")
 # Ragged token counts: 1 and 3 leave most experts without a token; 512 gives every expert >= 28 rows.
 TOKEN_COUNTS = (1, 3, 7, 12, 41, 512)
-# The dense twin whose attention each family shares (the full-model harness reuses the dense decoder).
-DENSE_TWIN = {"MixtralForCausalLM": "MistralForCausalLM", "Qwen3MoeForCausalLM": "Qwen3ForCausalLM"}
-
-
-def make_moe_checkpoint(path: Path, family: str, num_layers: int = 3, seed: int = 0) -> Path:
-    """A random checkpoint written by transformers' save_pretrained (per-expert tensor names), initialised as
-    tests/checkpoints.make_checkpoint does."""
-    import transformers
-
-    spec = dict(FAMILIES[family])
-    config = getattr(transformers, spec.pop("cls"))(
-        vocab_size=300, hidden_size=HIDDEN, num_hidden_layers=num_layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5,
-        **spec,
-    )
-    torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0.0, 0.08)
-    hf.save_pretrained(path, safe_serialization=True)
-    return path
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    return {f: make_moe_checkpoint(tmp_path_factory.mktemp(f), f) for f in FAMILIES}
+    return {f: make_checkpoint(tmp_path_factory.mktemp(f), f, with_tokenizer=False, vocab_size=300) for f in FAMILIES}
 
 
 def hf_config(path: Path) -> dict:
@@ -76,7 +44,7 @@ def load_block(path: Path, layer: int, parallel: ParallelContext | None = None, 
     config = MoeConfig.from_hf_config(hf_config(path))
     block = SparseMoeBlock(config, HIDDEN, parallel or ParallelContext.single(), **kwargs)
     with CheckpointReader(path) as reader:
-        block.load(reader, f"model.layers.{layer}")
+        block.load(reader, f"model.layers.{layer}.mlp")
     return block
 
 
@@ -231,16 +199,16 @@ def test_each_rank_reads_only_its_slices(checkpoints, monkeypatch):
     assert expert_elements == full.experts.gate_up_proj.numel() + full.experts.down_proj.numel()
 
 
-def run_sharded(ctx: ParallelContext, blocks: list[tuple[str, int]], models: list[tuple[str, list, torch.Tensor]]):
-    """On each rank: every block's output for every input, then every full model's logits."""
+def run_sharded(ctx: ParallelContext, blocks: list[tuple[str, int]], models: list[tuple[str, torch.Tensor, torch.Tensor]]):
+    """On each rank: every block's output for every input, then every whole model's outputs (ModelRunner)."""
     torch.set_num_threads(1)
     outs = []
     for path, layer in blocks:
         block = load_block(Path(path), layer, ctx)
         with torch.no_grad():
             outs.append([block(x) for x in inputs()])
-    logits = [runner_logits(load_moe_runner(Path(p), ctx), ids, offsets) for p, ids, offsets in models]
-    return outs, logits
+    runs = [run_model(ModelRunner.load(p, dtype="float32", parallel=ctx), ids, offsets) for p, ids, offsets in models]
+    return outs, runs
 
 
 @pytest.fixture(scope="module")
@@ -252,22 +220,35 @@ def model_cases(checkpoints):
     return out
 
 
-def test_tp2_and_tp4_match_tp1(checkpoints, model_cases):
-    """Blocks (both families) and whole models at tp=2 against tp=1: one all-reduce of
-    partial sums per block, so the same result up to the order of that sum."""
-    blocks = [(str(p), layer) for p in checkpoints.values() for layer in (0, 2)]
+def check_tp_matches_tp1(checkpoints, model_cases, worlds: tuple[int, ...], with_blocks: bool) -> None:
+    blocks = [(str(p), layer) for p in checkpoints.values() for layer in (0, 2)] if with_blocks else []
     with torch.no_grad():
         single = [[load_block(Path(p), layer)(x) for x in inputs()] for p, layer in blocks]
-    single_logits = [runner_logits(load_moe_runner(Path(p)), ids, off) for p, _, ids, off in model_cases]
     models = [(p, ids, off) for p, _, ids, off in model_cases]
-    for world, with_models in ((2, True), (4, False)):
-        per_rank = launch_local(run_sharded, world, blocks, models if with_models else [])
-        for outs, logits in per_rank:
+    single_runs = [run_model(ModelRunner.load(p, dtype="float32"), ids, off) for p, ids, off in models]
+    for world in worlds:
+        for outs, runs in launch_local(run_sharded, world, blocks, models):
             for got_block, want_block in zip(outs, single):
                 for got, want in zip(got_block, want_block):
                     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-            for got, want in zip(logits, single_logits):
-                torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+            for got_run, want_run in zip(runs, single_runs):
+                for got, want in zip(got_run, want_run):
+                    torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=0)
+                    for h_got, h_want in zip(got.hidden_states, want.hidden_states):
+                        torch.testing.assert_close(h_got, h_want, atol=1e-4, rtol=0)
+
+
+def test_tp2_matches_tp1(checkpoints, model_cases):
+    """Blocks and whole models (the registry's path: ModelRunner.load) of both families at tp=2 against tp=1: one
+    all-reduce of partial sums per block, so the same result up to the order of that sum (logits and every
+    layer's hidden states within 1e-4; blocks within 1e-5)."""
+    check_tp_matches_tp1(checkpoints, model_cases, (2,), with_blocks=True)
+
+
+@pytest.mark.slow
+def test_tp4_matches_tp1(checkpoints, model_cases):
+    """The same at tp=4, where the expert shares are uneven (44 -> 11 rows each, 36 -> 9: the per-expert loop)."""
+    check_tp_matches_tp1(checkpoints, model_cases, (4,), with_blocks=True)
 
 
 # --- batch invariance -----------------------------------------------------------------------------------------
@@ -377,57 +358,96 @@ def test_cost_follows_experts_per_token_not_number_of_experts():
     assert best[(64, 8)] >= 2 * best[(64, 2)], ms
 
 
-# --- the block in a whole model (until the architecture registry wires it) ------------------------------------
+# --- the registry's models ------------------------------------------------------------------------------------
 
 
-def load_moe_runner(path: Path, parallel: ParallelContext | None = None) -> ModelRunner:
-    """The dense decoder of the family's dense twin with SparseMoeBlock in its sparse layers, loaded like
-    model.tp.load_model (float32)."""
-    parallel = parallel or ParallelContext.single()
-    hf = hf_config(path)
-    moe_config = MoeConfig.from_hf_config(hf)
-    config = ModelConfig.from_hf_config({**hf, "architectures": [DENSE_TWIN[hf["architectures"][0]]]})
-    rope = RotaryEmbedding(config, parallel.device)
-    with torch.device("meta"):
-        model = build_model(config, parallel, rope=rope)
-        for i, layer in enumerate(model.layers):
-            if moe_config.sparse_layers[i]:
-                layer.mlp = SparseMoeBlock(moe_config, config.hidden_size, parallel)
-        shard_model(model, config)
-    model = model.to_empty(device=parallel.device)
-    with CheckpointReader(path) as reader, torch.no_grad():
-        # model.tp.load_checkpoint, with the MoE block's own load in the sparse layers
-        model.embed_tokens.load(reader, "model.embed_tokens")
-        for i, layer in enumerate(model.layers):
-            prefix = f"model.layers.{i}"
-            layer.input_layernorm.load(reader, f"{prefix}.input_layernorm")
-            layer.post_attention_layernorm.load(reader, f"{prefix}.post_attention_layernorm")
-            layer.self_attn.qkv_proj.load(reader, f"{prefix}.self_attn")
-            layer.self_attn.o_proj.load(reader, f"{prefix}.self_attn")
-            if layer.self_attn.q_norm is not None:
-                layer.self_attn.q_norm.load(reader, f"{prefix}.self_attn.q_norm")
-                layer.self_attn.k_norm.load(reader, f"{prefix}.self_attn.k_norm")
+def run_model(runner: ModelRunner, ids: torch.Tensor, offsets: torch.Tensor) -> list:
+    """Every row's logits and every block's output (hidden-state layers 1..n) of each sequence."""
+    layers = tuple(range(1, runner.config.num_layers + 1))
+    spec = OutputSpec(return_logits=ReturnLogits.ALL, return_hidden_states=ReturnHiddenStates.ALL, layers=layers)
+    return runner.run(ids, offsets, [spec] * (len(offsets) - 1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_registry_builds_sparse_and_dense_layers(family, checkpoints):
+    """The entry's moe kind puts the sparse block where the config marks the layer sparse, the dense (sharded)
+    MLP elsewhere; the TP plan leaves the sparse blocks alone (built at shard size)."""
+    config = ModelConfig.from_pretrained(checkpoints[family])
+    assert ARCHITECTURES[config.architecture].mlp == "moe" and config.moe is not None
+    runner = ModelRunner.load(checkpoints[family], dtype="float32")
+    kinds = [type(layer.mlp).__name__ for layer in runner.model.layers]
+    assert kinds == ["SparseMoeBlock" if sparse else "MLP" for sparse in config.moe.sparse_layers]
+    assert kinds == (["SparseMoeBlock"] * 3 if family == "mixtral" else ["SparseMoeBlock", "MLP", "SparseMoeBlock"])
+    with CheckpointReader(checkpoints[family]) as reader:
+        for i, layer in enumerate(runner.model.layers):
             if isinstance(layer.mlp, SparseMoeBlock):
-                layer.mlp.load(reader, prefix)
-            else:
-                layer.mlp.gate_up_proj.load(reader, f"{prefix}.mlp")
-                layer.mlp.down_proj.load(reader, f"{prefix}.mlp")
-        model.norm.load(reader, "model.norm")
-        model.lm_head.load(reader, "lm_head")
-    use_rotary_pairs(model, config)
-    return ModelRunner(model.eval().requires_grad_(False), config, parallel, torch.float32)
+                block = config.moe.weight_names.block
+                assert torch.equal(layer.mlp.gate.weight, reader.read(f"model.layers.{i}.{block}.gate.weight"))
 
 
-def runner_logits(runner: ModelRunner, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    spec = OutputSpec(return_logits=ReturnLogits.ALL)
-    outs = runner.run(ids, offsets, [spec] * (len(offsets) - 1))
-    return torch.cat([o.logits for o in outs])
+def test_sliding_windows_follow_transformers():
+    """Mixtral: Mistral's window on every layer. Qwen3-MoE: on every layer when use_sliding_window is set
+    (transformers' Qwen3MoeConfig reads neither max_window_layers nor layer_types), else none."""
+    base = {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 3,
+            "num_attention_heads": 2, "num_experts_per_tok": 2}
+    mixtral = {**base, "architectures": ["MixtralForCausalLM"], "num_local_experts": 4, "sliding_window": 32}
+    assert ModelConfig.from_hf_config(mixtral).sliding_windows == (32, 32, 32)
+    assert ModelConfig.from_hf_config({**mixtral, "sliding_window": None}).sliding_windows == (None,) * 3
+    qwen = {**base, "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 4, "moe_intermediate_size": 4,
+            "sliding_window": 32, "max_window_layers": 1, "layer_types": ["full_attention"] * 3}
+    assert ModelConfig.from_hf_config(qwen).sliding_windows == (None,) * 3
+    assert ModelConfig.from_hf_config({**qwen, "use_sliding_window": True}).sliding_windows == (32, 32, 32)
+    assert ModelConfig.from_hf_config({**qwen, "use_sliding_window": True}).qk_norm
 
 
-def test_whole_models_match_transformers(model_cases):
-    """Mixtral and Qwen3-MoE (with a dense layer) logits within 1e-4 of transformers, float32, per sequence."""
-    for path, seqs, ids, offsets in model_cases:
-        got = runner_logits(load_moe_runner(Path(path)), ids, offsets)
-        hf = load_reference(Path(path), attention="sdpa")
-        want = torch.cat([reference(hf, s)[0] for s in seqs])
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+def test_whole_models_match_transformers_where_experts_get_no_token(checkpoints):
+    """Ragged batches (a lone token, short and long sequences) where some experts receive no token in some layer:
+    every row's logits and every layer's hidden states within 1e-4 of transformers (sdpa), float32."""
+    batches = ([1], [3, 1], [1, 9, 40, 23])
+    for family, path in checkpoints.items():
+        runner = ModelRunner.load(path, dtype="float32")
+        hf = load_reference(path, attention="sdpa")
+        idle = 0
+        routed = []
+        hooks = [layer.mlp.gate.register_forward_hook(lambda m, args, out: routed.append(out.expert_ids))
+                 for layer in runner.model.layers if isinstance(layer.mlp, SparseMoeBlock)]
+        for i, lengths in enumerate(batches):
+            seqs, ids, offsets = ragged(lengths, 300, seed=i)
+            routed.clear()
+            outs = run_model(runner, ids, offsets)
+            idle += sum(runner.config.moe.num_experts - ids_.unique().numel() for ids_ in routed)
+            for seq, out in zip(seqs, outs):
+                logits, hidden = reference(hf, seq)
+                torch.testing.assert_close(out.logits, logits, atol=1e-4, rtol=0)
+                # our hidden-state layer j is block j's output, transformers' hidden_states[j] (the last: normed)
+                for j, got in enumerate(out.hidden_states[:-1], start=1):
+                    torch.testing.assert_close(got, hidden[j], atol=1e-4, rtol=0)
+        for hook in hooks:
+            hook.remove()
+        assert idle > 0, family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_outputs_do_not_depend_on_the_batch(family, checkpoints):
+    """ModelRunner.run, float32 CPU, one thread: a sequence's logits and hidden states are the same bits alone and
+    in batches where many tokens share its experts (copies of it) or not, wherever it sits. The dense decoder
+    keeps this for sequences of 4 or more tokens (shorter ones alone take other matmul kernels, as in the dense
+    families); the sparse blocks add no dependence on the batch."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runner = ModelRunner.load(checkpoints[family], dtype="float32")
+        g = torch.Generator().manual_seed(3)
+        for length in (4, 13):
+            probe = torch.randint(0, 300, (length,), generator=g)
+            (alone,) = run_model(runner, probe, torch.tensor([0, length]))
+            for copies, others in ((1, []), (30, []), (2, [5, 1, 64]), (12, [200, 3]), (0, [333])):
+                seqs = [probe] * copies + [torch.randint(0, 300, (n,), generator=g) for n in others]
+                for at in (0, len(seqs) // 2, len(seqs)):
+                    batch = seqs[:at] + [probe] + seqs[at:]
+                    offsets = torch.tensor([0] + [len(s) for s in batch]).cumsum(0)
+                    got = run_model(runner, torch.cat(batch), offsets)[at]
+                    assert torch.equal(got.logits, alone.logits), (length, copies, others, at)
+                    assert all(torch.equal(a, b) for a, b in zip(got.hidden_states, alone.hidden_states))
+    finally:
+        torch.set_num_threads(previous)
