@@ -36,15 +36,17 @@ logits from the same function, ``hidden_to_logits``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import islice
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from .architectures import GLOBAL_ROPE
 from .distributed import ParallelContext
-from .modules import RaggedBatch, ragged_attention
+from .layers import embedding_scale
+from .modules import RaggedBatch, classifier_rows
 from .outputs import ReturnHiddenStates, ReturnLogits
 from .rope import RotaryEmbedding
 
@@ -116,14 +118,17 @@ def distributed_logits_postprocess(
     return_hidden_states: ReturnHiddenStates = ReturnHiddenStates.NONE,
     logits_scaling: float = 1.0,
     logits_softcap: float | None = None,
+    last_token_indices: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """MAX's postprocessing of the final hidden states.
 
     h: per-device [T, hidden] (un-normalized); input_row_offsets: per-device int64 [B+1]; lm_head maps normalized
     per-device rows to full-vocabulary logits. Returns ``(last_logits [B, V] f32, [logits [R, V] f32, offsets
-    [B+1] i64], [hidden_states])``.
+    [B+1] i64], [hidden_states])``. last_token_indices: per-device int64 [B], the row of each sequence that
+    `last_logits` and the LAST hidden states read (default: its last token; a classifier's pooled row).
     """
-    last_token_indices = [offsets[1:] - 1 for offsets in input_row_offsets]
+    if last_token_indices is None:
+        last_token_indices = [offsets[1:] - 1 for offsets in input_row_offsets]
     last_token_h = [hd.index_select(0, idx) for hd, idx in zip(h, last_token_indices, strict=True)]
 
     def to_logits(rows_h: list[torch.Tensor]) -> torch.Tensor:
@@ -185,7 +190,11 @@ class DistributedLogitsPostprocessMixin:
         return [self.gather_logits(self.lm_head(x)) for x in xs]
 
     def _postprocess_logits(
-        self, h: Sequence[torch.Tensor], input_row_offsets: Sequence[torch.Tensor], return_n_logits: int | torch.Tensor
+        self,
+        h: Sequence[torch.Tensor],
+        input_row_offsets: Sequence[torch.Tensor],
+        return_n_logits: int | torch.Tensor,
+        last_token_indices: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, ...]:
         return distributed_logits_postprocess(
             h,
@@ -197,11 +206,23 @@ class DistributedLogitsPostprocessMixin:
             return_hidden_states=self.return_hidden_states,
             logits_scaling=self.logits_scaling,
             logits_softcap=self.logits_softcap,
+            last_token_indices=last_token_indices,
         )
 
 
+# A block's norms by the entry's norm placement, named as checkpoints name them:
+# (attention input, attention output, MLP input, MLP output); None where the placement has no norm.
+NORM_SLOTS: dict[str, tuple[str | None, str | None, str | None, str | None]] = {
+    "pre": ("input_layernorm", None, "post_attention_layernorm", None),
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),
+}
+
+
 class DistributedTransformerBlock(nn.Module):
-    """Pre-norm block: h + r * attn(norm(h)), then h + r * mlp(norm(h)). r is Granite's residual multiplier.
+    """Residual block: h = x + r * out_norm(attn(in_norm(x))), then h + r * out_norm(mlp(in_norm(h))), with the
+    norms its placement has (NORM_SLOTS; absent ones are the identity): "pre" (Llama) norms each branch's input,
+    "sandwich" (Gemma 2, 3) input and output, "post" (OLMo 2) the output only. r is Granite's residual multiplier.
 
     The all-reduce after attention and after the MLP lives in the row-parallel o/down projections the plan
     installs, so this block is the same code at every tp degree."""
@@ -210,29 +231,43 @@ class DistributedTransformerBlock(nn.Module):
         self,
         attention: nn.Module,
         mlp: ShardableCallable,
-        attention_norm: ShardableCallable,
-        mlp_norm: ShardableCallable,
+        attention_norm: ShardableCallable | None = None,
+        mlp_norm: ShardableCallable | None = None,
         residual_multiplier: float = 1.0,
+        *,
+        attention_out_norm: ShardableCallable | None = None,
+        mlp_out_norm: ShardableCallable | None = None,
+        norm_placement: str = "pre",
     ) -> None:
         super().__init__()
         self.self_attn = attention
         self.mlp = mlp
-        self.input_layernorm = attention_norm
-        self.post_attention_layernorm = mlp_norm
         self.residual_multiplier = residual_multiplier
+        self.norm_slots = NORM_SLOTS[norm_placement]
+        norms = (attention_norm, attention_out_norm, mlp_norm, mlp_out_norm)
+        for name, norm in zip(self.norm_slots, norms, strict=True):
+            if (name is None) != (norm is None):
+                raise ValueError(f"norm placement {norm_placement!r} has norms {[n for n in self.norm_slots if n]}")
+            if name is not None:
+                self.add_module(name, norm)
+
+    def _norm(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        name = self.norm_slots[slot]
+        return x if name is None else getattr(self, name)(x)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: RaggedBatch, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x [T, dim] -> [T, dim]; with `rows` (token indices) only those rows' outputs [R, dim] are computed:
-        every token still contributes its keys and values, but queries' o_proj, residual and MLP run on R rows."""
+        every token still contributes its keys and values, but queries' o_proj, residual and MLP run on R rows.
+        cos/sin None: a layer without rotary."""
         r = self.residual_multiplier
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, batch, rows)
+        attn = self._norm(1, self.self_attn(self._norm(0, x), cos, sin, batch, rows))
         if rows is not None:
             x = x.index_select(0, rows)
         # The branch outputs are fresh tensors: the residual is added into them (x + attn has the same bits).
         h = (attn.mul_(r) if r != 1.0 else attn).add_(x)
-        mlp = self.mlp(self.post_attention_layernorm(h))
+        mlp = self._norm(3, self.mlp(self._norm(2, h)))
         return (mlp.mul_(r) if r != 1.0 else mlp).add_(h)
 
 
@@ -247,7 +282,7 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         output: nn.Module,
         embedding: nn.Module,
         parallel: ParallelContext,
-        rope: RotaryEmbedding,
+        rope: RotaryEmbedding | Mapping[str, RotaryEmbedding],
         return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
         return_hidden_states: ReturnHiddenStates = ReturnHiddenStates.NONE,
         use_subgraphs: bool = False,
@@ -256,16 +291,32 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         logits_softcap: float | None = None,
         embedding_multiplier: float = 1.0,
         rotary_pairs: bool = False,
+        layer_rope: Sequence[str | None] = (),
+        scale_embeddings: bool = False,
+        classifier_pad_token_id: int | None = None,
+        classifier: bool = False,
+        rotary_in_float32: bool = False,
     ) -> None:
-        """rotary_pairs: the attentions rotate q/k stored in pair order (modules.Attention), so the cos/sin tables
-        are handed to them half-width."""
+        """rope: the rope table maker, or several by name (rope.build_ropes); layer_rope: each layer's table name, or
+        None for a layer without rotary (() : every layer the global table). rotary_pairs: the attentions rotate
+        q/k stored in pair order (modules.Attention), so the cos/sin tables are handed to them half-width.
+        scale_embeddings: embeddings times sqrt(hidden) rounded to their dtype (Gemma, layers.embedding_scale).
+        classifier: the head is a sequence classifier's, whose last-token row is each sequence's last token that is
+        not `classifier_pad_token_id` (modules.classifier_rows). rotary_in_float32: cos/sin tables stay float32
+        (the attentions rotate in float32: OLMo 2)."""
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.norm = norm
         self.lm_head = output
         self.embed_tokens = embedding
         self.parallel = parallel
-        self.rope = rope
+        self.ropes = dict(rope) if isinstance(rope, Mapping) else {GLOBAL_ROPE: rope}
+        self.rope = self.ropes[GLOBAL_ROPE]
+        self.layer_rope = tuple(layer_rope) or (GLOBAL_ROPE,) * len(layers)
+        self.scale_embeddings = scale_embeddings
+        self.classifier = classifier
+        self.rotary_in_float32 = rotary_in_float32
+        self.classifier_pad_token_id = classifier_pad_token_id
         self.return_logits = ReturnLogits(return_logits)
         self.return_hidden_states = ReturnHiddenStates(return_hidden_states)
         self.logits_scaling = logits_scaling
@@ -289,9 +340,9 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         for g, group in enumerate(self.subgraph_layer_groups):
             if idx in group:
                 if g not in self._compiled_groups:
-                    eager_attention = torch.compiler.disable(ragged_attention)
-                    for i in group:
-                        self.layers[i].self_attn.attention_fn = eager_attention
+                    for i in group:  # each layer's attention function (ragged SDPA or eager) stays out of the graph
+                        attn = self.layers[i].self_attn
+                        attn.attention_fn = _compiler_disabled(attn.attention_fn)
                     # One compiled function per group; each layer of the group passes itself in, so the same
                     # graph is reused with that layer's parameters as inputs.
                     self._compiled_groups[g] = torch.compile(DistributedTransformerBlock.forward, dynamic=True)
@@ -321,13 +372,21 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         h = self.embed_tokens(tokens)
         if self.embedding_multiplier != 1.0:
             h = h * self.embedding_multiplier
-        cos, sin = self.rope(batch.positions(), batch.seq_lens, h.dtype)  # [T, head_dim]
-        if self.rotary_pairs:  # q/k in pair order: the two halves of each table are equal
-            half = cos.shape[-1] // 2
-            cos, sin = cos[:, :half], sin[:, :half]
+        if self.scale_embeddings:
+            h = h * embedding_scale(h.shape[-1], h.dtype)
+        positions = batch.positions()
+        tables: dict[str | None, tuple[torch.Tensor | None, torch.Tensor | None]] = {None: (None, None)}
+        for name in set(self.layer_rope[:depth]) - {None}:
+            table_dtype = torch.float32 if self.rotary_in_float32 else h.dtype
+            cos, sin = self.ropes[name](positions, batch.seq_lens, table_dtype)  # [T, rotary_dim]
+            if self.rotary_pairs:  # q/k in pair order: the two halves of each table are equal
+                half = cos.shape[-1] // 2
+                cos, sin = cos[:, :half], sin[:, :half]
+            tables[name] = (cos, sin)
         if 0 in capture:
             captured[0] = h.index_select(0, capture[0])
         for i in range(depth):
+            cos, sin = tables[self.layer_rope[i]]
             h = self._block_fn(i)(h, cos, sin, batch, final_rows if i + 1 == depth else None)
             if i + 1 in capture:
                 captured[i + 1] = h.index_select(0, capture[i + 1])
@@ -339,5 +398,19 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         """MAX's call: returns ``(last_logits, [logits, offsets], [hidden_states])``."""
         device = self.parallel.device
         batch = RaggedBatch.from_offsets(input_row_offsets, device)
-        h, _ = self.trunk(tokens.to(device), batch)
-        return self._postprocess_logits([h], [batch.offsets], return_n_logits)
+        tokens = tokens.to(device)
+        h, _ = self.trunk(tokens, batch)
+        pooled = [classifier_rows(tokens, batch, self.classifier_pad_token_id)] if self.classifier else None
+        return self._postprocess_logits([h], [batch.offsets], return_n_logits, pooled)
+
+
+def _compiler_disabled(fn: Callable) -> Callable:
+    """`fn` kept out of compiled graphs (the host-driven loop over sequences runs eagerly); one wrapper per function,
+    so layers that share a function share its wrapper."""
+    key = getattr(fn, "func", fn), tuple(sorted(getattr(fn, "keywords", {}).items()))
+    if key not in _DISABLED:
+        _DISABLED[key] = torch.compiler.disable(fn)
+    return _DISABLED[key]
+
+
+_DISABLED: dict = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import UnsupportedModelError
+from .errors import UnsupportedModelError
 
 GEMMA = "GemmaForCausalLM"
 GEMMA2 = "Gemma2ForCausalLM"
@@ -22,7 +22,10 @@ SMOLLM3 = "SmolLM3ForCausalLM"
 FAMILY_ARCHITECTURES = (GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, SMOLLM3)
 
 # Multimodal classes whose text decoder is one of the above: refused, naming the text class to load instead.
-TEXT_CLASS_OF_MULTIMODAL = {"Gemma3ForConditionalGeneration": GEMMA3}
+TEXT_CLASS_OF_MULTIMODAL = {
+    "Gemma3ForConditionalGeneration": GEMMA3,
+    "Gemma3ForSequenceClassification": "Gemma3TextForSequenceClassification",
+}
 
 # Layer types as transformers names them in `layer_types`.
 FULL, SLIDING = "full_attention", "sliding_attention"

@@ -20,8 +20,14 @@ from .distributed import ParallelContext, split_evenly
 from .weights import CheckpointReader
 
 
-# config.json's hidden_act values and the functions they name.
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu}
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """transformers' ``gelu_pytorch_tanh`` (Gemma's MLP activation)."""
+    return F.gelu(x, approximate="tanh")
+
+
+# transformers' activation names (config.json's `hidden_act`, Gemma 2/3's `hidden_activation`) and the functions
+# they name: the gate's activation of the gated MLP.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "gelu_pytorch_tanh": gelu_tanh}
 
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -244,15 +250,6 @@ class ShardedRMSNorm(nn.Module):
 
     def load(self, reader: CheckpointReader, name: str) -> None:
         self.weight.data.copy_(reader.read(f"{name}.weight", 0, self.part.start, self.part.size))
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """transformers' ``gelu_pytorch_tanh`` (Gemma's MLP activation)."""
-    return F.gelu(x, approximate="tanh")
-
-
-# transformers' activation names (config `hidden_act` / `hidden_activation`) -> the function of a gated MLP's gate
-GATED_ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": gelu_tanh}
 
 
 def embedding_scale(hidden_size: int, dtype: torch.dtype) -> float:

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import GATED_ACTIVATIONS, RMSNorm
-from .rope import apply_rotary, apply_rotary_pairs, to_pair_order
+from .layers import RMSNorm, UpcastRMSNorm
+from .rope import apply_partial_rotary, apply_rotary, apply_rotary_pairs, to_pair_order
 
 _flash_adapter = None
 
@@ -200,7 +200,12 @@ class Attention(nn.Module):
     tensor-parallel rank's share: the plain linears are built full-size, and the plan swaps in this rank's shard).
 
     rotary_pairs: q and k heads are stored in pair order (``after_loading`` permutes the loaded rows) and rotated
-    by one complex multiply (rope.apply_rotary_pairs); cos/sin then come half-width. Else HF's rotate-half."""
+    by one complex multiply (rope.apply_rotary_pairs); cos/sin then come half-width. Else HF's rotate-half, on the
+    first cos.shape[-1] dims of each head (partial rotary); a layer handed no cos/sin (NoPE) does not rotate.
+
+    The entry's traits pick the rest: q/k norms per head (RMSNorm, or the Gemma family's UpcastRMSNorm), or over
+    the whole projection (`qk_norms` given by the loader: OLMo 2's ShardedRMSNorm, built for this rank's rows); the
+    attention function (ragged SDPA, or transformers' eager path with the config's soft-cap)."""
 
     def __init__(
         self,
@@ -211,24 +216,36 @@ class Attention(nn.Module):
         num_kv_heads: int,
         kv_head_index: torch.Tensor | None = None,
         rotary_pairs: bool = False,
+        qk_norms: tuple[nn.Module, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         if rotary_pairs and config.qk_norm:  # the norm would sum each head's squares in another order
             raise ValueError("q/k norm needs the checkpoint's rotate-half order")
+        if rotary_pairs and config.rotary_dim != config.head_dim:
+            raise ValueError("partial rotary needs the checkpoint's rotate-half order")
         self.head_dim = config.head_dim
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         # Local kv head of each local query head, where the query heads do not map onto the kv heads in uniform
         # groups (kv heads replicated across more ranks than there are kv heads); None: SDPA's GQA grouping.
         self.kv_head_index = kv_head_index
         self.rotary_pairs = rotary_pairs
+        self.rotary_in_float32 = config.rotary_in_float32
         self.scale = config.attention_scale
         self.window = config.sliding_windows[layer_idx]
         self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias)
-        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.qk_norm_whole = config.qk_norm and config.qk_norm_scope == "projection"
+        if self.qk_norm_whole and qk_norms is None:
+            raise ValueError("q/k norms over the whole projection are built by the loader for this rank's rows")
+        if qk_norms is None and config.qk_norm:
+            qk_norms = (head_norm(config), head_norm(config))
+        self.q_norm, self.k_norm = qk_norms or (None, None)
         # Regional compilation swaps in a compiler-disabled copy: the host-driven loop over sequences stays eager.
-        self.attention_fn = ragged_attention
+        self.attention_fn = (
+            functools.partial(eager_attention, softcap=config.attention_softcap)
+            if config.attention == "eager"
+            else ragged_attention
+        )
 
     @torch.no_grad()
     def after_loading(self) -> None:
@@ -247,24 +264,59 @@ class Attention(nn.Module):
         t = x.shape[0]
         q_size = self.num_heads * self.head_dim
         hq, hkv = self.num_heads, self.num_kv_heads
-        qkv = self.qkv_proj(x).view(t, hq + 2 * hkv, self.head_dim)
+        d = self.head_dim
+        qkv = self.qkv_proj(x).view(t, hq + 2 * hkv, d)
         v = qkv[:, hq + hkv :]
-        rope = apply_rotary_pairs if self.rotary_pairs else rotate
+        if cos is None:  # a NoPE layer
+            rope = None
+        elif self.rotary_pairs:
+            rope = apply_rotary_pairs
+        elif cos.shape[-1] < d:  # partial rotary: the leading cos.shape[-1] dims of each head
+            rope = functools.partial(apply_partial_rotary, rotary=rotate)
+        else:
+            rope = rotate
+        if rope is not None and self.rotary_in_float32 and x.dtype != torch.float32:
+            rope = functools.partial(_rotate_in_float32, rope)
         if self.q_norm is None:
             # q and k heads are adjacent in the fused output: one rotary pass over both
-            qk = rope(qkv[:, : hq + hkv], cos, sin)
+            qk = qkv[:, : hq + hkv] if rope is None else rope(qkv[:, : hq + hkv], cos, sin)
             q, k = qk[:, :hq], qk[:, hq:]
         else:
-            q, k = self.q_norm(qkv[:, :hq]), self.k_norm(qkv[:, hq : hq + hkv])
-            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            if self.qk_norm_whole:  # over each projection's rows, before the heads split: [T, H * D]
+                q = self.q_norm(qkv[:, :hq].reshape(t, hq * d)).view(t, hq, d)
+                k = self.k_norm(qkv[:, hq : hq + hkv].reshape(t, hkv * d)).view(t, hkv, d)
+            else:
+                q, k = self.q_norm(qkv[:, :hq]), self.k_norm(qkv[:, hq : hq + hkv])
+            if rope is not None:
+                q, k = rope(q, cos, sin), rope(k, cos, sin)
         if self.kv_head_index is not None:
             k, v = k.index_select(1, self.kv_head_index), v.index_select(1, self.kv_head_index)
         out = self.attention_fn(q, k, v, batch, self.scale, self.window).reshape(t, q_size)  # [T, Hq_local * D]
         return self.o_proj(out if rows is None else out.index_select(0, rows))
 
 
+def _rotate_in_float32(rope: Callable, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`rope` on x upcast to float32 (cos/sin float32 tables), cast back: transformers' order where the tables stay
+    float32 and q * cos promotes (OLMo 2)."""
+    return rope(x.float(), cos, sin).to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    """A norm of `dim` features as the entry declares its norms: Llama's RMSNorm, or one that scales in float32
+    by (offset + w) and casts last (Gemma's (1 + w), OLMo 2's)."""
+    if config.norm_upcast:
+        return UpcastRMSNorm(dim, config.rms_norm_eps, config.norm_weight_offset)
+    return RMSNorm(dim, config.rms_norm_eps)
+
+
+def head_norm(config: ModelConfig) -> nn.Module:
+    """A per-head q/k norm (Qwen3's RMSNorm, Gemma 3's (1 + w))."""
+    return make_norm(config, config.head_dim)
+
+
 class MLP(nn.Module):
-    """down(act(gate(x)) * up(x)), with gate and up fused in one matmul."""
+    """down(act(gate(x)) * up(x)), with gate and up fused in one matmul; act is layers.ACTIVATIONS[hidden_act] (SiLU,
+    Gemma's gelu-tanh)."""
 
     def __init__(
         self,
@@ -283,7 +335,7 @@ class MLP(nn.Module):
         return self.down_proj(self.act(gate).mul_(up))  # in place: one [T, intermediate] buffer fewer
 
 
-# --- Eager attention with soft-capping (Gemma 2), the gated MLP by activation name, classifier pooling ---
+# --- Eager attention with soft-capping (Gemma 2), classifier pooling ---
 
 # Largest attention-score tensor one eager call builds, in bytes: longer sequences split their heads across calls
 # (each head's scores are [n, n]; splitting heads keeps the bits, splitting query rows does not).
@@ -330,23 +382,6 @@ def eager_attention(
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             o[heads] = torch.matmul(probs, vs[:, heads])[0]
     return out
-
-
-class GatedMLP(nn.Module):
-    """``MLP`` with the gate's activation named as transformers names it (`hidden_act` / `hidden_activation`):
-    down(act(gate(x)) * up(x)) from one fused gate_up projection. "gelu_pytorch_tanh" is Gemma's."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, activation: str) -> None:
-        super().__init__()
-        if activation not in GATED_ACTIVATIONS:
-            raise ValueError(f"unsupported activation {activation!r}; supported: {', '.join(GATED_ACTIVATIONS)}")
-        self.activation = GATED_ACTIVATIONS[activation]
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, intermediate] views
-        return self.down_proj(self.activation(gate).mul_(up))
 
 
 def classifier_rows(tokens: torch.Tensor, batch: RaggedBatch, pad_token_id: int | None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .architectures import GLOBAL_ROPE, LOCAL_ROPE, gemma3_rope_parameters, phi3_rope_parameters
 from .config import ModelConfig, RopeConfig
 
 
@@ -62,12 +63,14 @@ def _yarn(rope: RopeConfig, dim: int, max_positions: int) -> tuple[torch.Tensor,
 
 
 class RotaryEmbedding:
-    """Computes cos/sin tables [T, head_dim] for packed positions; one instance per model, shared by every layer."""
+    """Computes cos/sin tables [T, rotary_dim] for packed positions; one instance per rope table of a model (`rope`:
+    config.rope unless told), shared by every layer that uses it. rotary_dim is head_dim unless the rope's
+    partial_rotary_factor says less (transformers builds the frequencies for the rotated dims alone)."""
 
-    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu") -> None:
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", rope: RopeConfig | None = None) -> None:
         self.config = config
-        self.rope = config.rope
-        self.dim = config.head_dim
+        self.rope = rope or config.rope
+        self.dim = int(config.head_dim * self.rope.partial_rotary_factor)
         self.device = torch.device(device)
         inv_freq = _base_inv_freq(self.rope.theta, self.dim)
         self.attention_factor = 1.0
@@ -171,32 +174,26 @@ class LongRope:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], head_dim: int) -> LongRope:
         """From a Phi-3 config.json (transformers-4 `rope_scaling` + `rope_theta`, or transformers-5
-        `rope_parameters`), with Phi3Config's rules: the top-level ``original_max_position_embeddings`` (default
-        4096) wins over the one in the rope dict; `factor`, when absent, is max_position_embeddings / original;
-        `attention_factor`, when absent, is sqrt(1 + ln(factor) / ln(original)) (1 when factor <= 1)."""
-        params = {**(hf.get("rope_scaling") or hf.get("rope_parameters") or {})}
-        rope_type = params.get("rope_type", params.get("type"))
-        if rope_type not in ("longrope", "su", "yarn"):  # Phi3Config renames the legacy "su" and "yarn"
-            raise ValueError(f"not a longrope config: rope type {rope_type!r}")
-        original = int(hf.get("original_max_position_embeddings", 4096))
-        factor = params.get("factor")
-        if factor is None:
-            factor = hf.get("max_position_embeddings", 4096) / original
-        attention_factor = params.get("attention_factor")
-        if attention_factor is None:
-            attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-        partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-        rotary_dim = int(head_dim * partial)
-        short, long = tuple(params["short_factor"]), tuple(params["long_factor"])
+        `rope_parameters`), with Phi3Config's rules (architectures.phi3_rope_parameters)."""
+        params = phi3_rope_parameters(hf)
+        if params is None:
+            raise ValueError("not a longrope config")
+        return cls.from_rope_config(RopeConfig.from_hf({"rope_parameters": params}, family_types=True), head_dim)
+
+    @classmethod
+    def from_rope_config(cls, rope: RopeConfig, head_dim: int) -> LongRope:
+        """From a longrope RopeConfig whose defaults are resolved (architectures.phi3_rope_parameters)."""
+        rotary_dim = int(head_dim * rope.partial_rotary_factor)
+        short, long = rope.short_factor, rope.long_factor
         if len(short) != rotary_dim // 2 or len(long) != rotary_dim // 2:
             raise ValueError(f"longrope factors need {rotary_dim // 2} entries, got {len(short)} and {len(long)}")
         return cls(
-            theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            theta=rope.theta,
             rotary_dim=rotary_dim,
             short_factor=short,
             long_factor=long,
-            original_max_position_embeddings=original,
-            attention_factor=float(attention_factor),
+            original_max_position_embeddings=int(rope.original_max_position_embeddings),
+            attention_factor=float(rope.attention_factor),
         )
 
     def inv_freq(self, long: bool) -> torch.Tensor:
@@ -255,13 +252,21 @@ def rope_configs_by_layer_type(hf: dict[str, Any], default_theta: dict[str, floa
     transformers-5 `rope_parameters` nested by layer type, or transformers-4 keys, where `rope_theta` and
     `rope_scaling` are the full layers' and `rope_local_base_freq` the sliding layers' theta. `default_theta` gives
     each type's theta when the config names none (Gemma 3: 1e6 full, 1e4 sliding)."""
-    params = hf.get("rope_parameters")
-    nested = isinstance(params, dict) and bool(params) and all(isinstance(v, dict) or v is None for v in params.values())
-    by_type = {k: dict(v or {}) for k, v in params.items()} if nested else {}
-    full = by_type.setdefault("full_attention", {"rope_type": "default"})
-    if hf.get("rope_scaling"):
-        full.update(hf["rope_scaling"])
-    full.setdefault("rope_theta", hf.get("rope_theta", default_theta["full_attention"]))
-    sliding = by_type.setdefault("sliding_attention", {"rope_type": "default"})
-    sliding.setdefault("rope_theta", hf.get("rope_local_base_freq", default_theta["sliding_attention"]))
+    by_type = gemma3_rope_parameters(hf, default_theta)
     return {layer_type: RopeConfig.from_hf({"rope_parameters": p}) for layer_type, p in by_type.items()}
+
+
+def rope_embedding(config: ModelConfig, rope: RopeConfig, device: torch.device | str = "cpu"):
+    """The table maker of one rope config: ``LongRopeEmbedding`` for longrope, else ``RotaryEmbedding``."""
+    if rope.rope_type == "longrope":
+        return LongRopeEmbedding(LongRope.from_rope_config(rope, config.head_dim), device)
+    return RotaryEmbedding(config, device, rope=rope)
+
+
+def build_ropes(config: ModelConfig, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The model's rope tables by name (architectures.GLOBAL_ROPE, LOCAL_ROPE), each called like RotaryEmbedding.
+    Real tensors: build outside a meta-device context."""
+    ropes = {GLOBAL_ROPE: rope_embedding(config, config.rope, device)}
+    if config.local_rope is not None:
+        ropes[LOCAL_ROPE] = rope_embedding(config, config.local_rope, device)
+    return ropes

@@ -18,8 +18,8 @@ from .distributed import ParallelContext
 from .distributed_transformer import DistributedTransformer
 from .loader import load_model
 from .memory import retain_freed_memory
-from .modules import RaggedBatch
-from .outputs import OutputSpec, SequenceOutput
+from .modules import RaggedBatch, classifier_rows
+from .outputs import OutputSpec, ReturnLogits, SequenceOutput
 from .scores import RowScores, ScoreReducer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,8 +63,10 @@ class ModelRunner:
         self.parallel = parallel
         self.dtype = dtype
         head = model.lm_head
+        # A classifier's replicated score head holds every label on every rank.
+        vocab_start = head.vocab.start if hasattr(head, "vocab") else 0
         self.scores = ScoreReducer(
-            model.compute_logits, head.vocab.start, config.vocab_size, parallel, head.weight.dtype == torch.float32
+            model.compute_logits, vocab_start, config.vocab_size, parallel, head.weight.dtype == torch.float32
         )
 
     @classmethod
@@ -88,13 +90,37 @@ class ModelRunner:
         model = load_model(str(checkpoint), config, parallel, torch_dtype, **model_kwargs)
         return cls(model, config, parallel, torch_dtype)
 
-    def _plan(self, input_ids: list[int], bounds: Sequence[int], specs: Sequence[OutputSpec]) -> _RowPlan:
+    def _logit_rows(self, spec: OutputSpec, n: int, pooled: int | None) -> range:
+        """The positions whose head rows a sequence of n tokens gets: for a classifier's last_token, its pooled
+        position (the last token that is not padding, `pooled`), as transformers' classifier scores it."""
+        if pooled is not None and spec.return_logits == ReturnLogits.LAST_TOKEN:
+            return range(pooled, pooled + 1)
+        return spec.logit_rows(n)
+
+    def _pooled_positions(self, input_ids: torch.Tensor, batch: RaggedBatch) -> list[int | None]:
+        """Per sequence, a classifier's pooled position (modules.classifier_rows); None for a causal LM."""
+        if self.config.task != "classification":
+            return [None] * len(batch.seq_lens)
+        cpu = RaggedBatch.from_offsets(batch.offsets.cpu(), torch.device("cpu"))
+        rows = classifier_rows(input_ids.cpu(), cpu, self.config.pad_token_id)
+        return [int(r) - s for r, s in zip(rows.tolist(), batch.bounds[:-1])]
+
+    def _check_specs(self, specs: Sequence[OutputSpec]) -> None:
+        if self.config.task == "classification" and any(s.target_logprobs or s.top_k for s in specs):
+            raise ValueError(
+                "target_logprobs and top_k need a next-token vocabulary; this model is a classifier "
+                f"({self.config.architecture}, {self.config.num_labels} labels): ask for logits"
+            )
+
+    def _plan(
+        self, input_ids: list[int], bounds: Sequence[int], specs: Sequence[OutputSpec], pooled: Sequence[int | None]
+    ) -> _RowPlan:
         plan = _RowPlan([], [], [], {}, [])
         for b, spec in enumerate(specs):
             start, end = bounds[b], bounds[b + 1]
             n = end - start
             if spec.needs_vocab:
-                rows = spec.logit_rows(n)
+                rows = self._logit_rows(spec, n, pooled[b])
                 plan.vocab_slices.append((len(plan.vocab_rows), len(rows)))
                 plan.vocab_rows.extend(start + p for p in rows)
                 plan.targets.extend(input_ids[start + p + 1] if p + 1 < n else -1 for p in rows)
@@ -171,14 +197,20 @@ class ModelRunner:
     def run(self, input_ids: torch.Tensor, input_row_offsets: torch.Tensor, specs: Sequence[OutputSpec]) -> list[SequenceOutput]:
         """input_ids int64 [T] packed; input_row_offsets int64 [B+1]; one OutputSpec per sequence.
 
+        A classifier (config.task "classification") returns rows of num_labels logits; its last_token row is the
+        sequence's pooled row (the last token that is not pad_token_id), positions saying which; target_logprobs
+        and top_k raise ValueError (no next-token vocabulary).
+
         With tp > 1 every rank calls this with the same arguments and gets the same outputs."""
         if len(specs) != len(input_row_offsets) - 1:
             raise ValueError("one OutputSpec per sequence is needed")
+        self._check_specs(specs)
         dev = self.parallel.device
         batch = RaggedBatch.from_offsets(input_row_offsets, dev)
         if min(batch.seq_lens) < 1:
             raise ValueError("empty sequence")
-        plan = self._plan(input_ids.tolist(), batch.bounds, specs)
+        pooled = self._pooled_positions(input_ids, batch)
+        plan = self._plan(input_ids.tolist(), batch.bounds, specs, pooled)
         depth, final_rows = self._prune(plan, batch.num_tokens)
         capture = {layer: torch.tensor(rows, device=dev) for layer, rows in plan.hidden_rows.items()}
         final = None if final_rows is None else torch.tensor(final_rows, device=dev)
@@ -189,7 +221,7 @@ class ModelRunner:
         outputs = []
         for b, spec in enumerate(specs):
             n = batch.seq_lens[b]
-            positions = torch.tensor(list(spec.logit_rows(n)), dtype=torch.int64)
+            positions = torch.tensor(list(self._logit_rows(spec, n, pooled[b])), dtype=torch.int64)
             seq = SequenceOutput(positions=positions)
             start, count = plan.vocab_slices[b]
             if count:

@@ -81,7 +81,46 @@ RECIPES: dict[str, Recipe] = {
         dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=36, decoder_sparse_step=2,
              use_sliding_window=True, sliding_window=16, max_window_layers=2, head_dim=24),
     ),
+    # The families of docs/families.md, each with its quirks switched on at the tiny shape: windows shorter than
+    # the test sequences, soft-caps that bite, query_pre_attn_scalar != head_dim, per-type rope, partial LongRoPE
+    # whose long factors switch on past 32 tokens, NoPE layers.
+    "gemma": Recipe("GemmaForCausalLM", dict(head_dim=16, hidden_act="gelu", pad_token_id=0, tie_word_embeddings=True)),
+    "gemma2": Recipe(
+        "Gemma2ForCausalLM",
+        dict(head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=4.0, final_logit_softcapping=5.0,
+             sliding_window=8, pad_token_id=0),
+    ),
+    "gemma3": Recipe(
+        "Gemma3ForCausalLM",
+        dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8, pad_token_id=0, tie_word_embeddings=True,
+             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+             rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}),
+    ),
+    "phi3": Recipe(
+        "Phi3ForCausalLM",
+        dict(partial_rotary_factor=0.75, original_max_position_embeddings=32, sliding_window=24, pad_token_id=0,
+             rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                              "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                              "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]}),
+    ),
+    "olmo2": Recipe("Olmo2ForCausalLM", dict(pad_token_id=0)),
+    "smollm3": Recipe("SmolLM3ForCausalLM", dict(no_rope_layers=[1, 0, 1], pad_token_id=0, tie_word_embeddings=True)),
 }
+
+# A sequence classifier of every family that has one: the causal recipe's decoder with a `score` head. pad 5 (a
+# token the tests place inside and at the end of sequences, so that the pooled row is not always the last).
+# Llama's has one label: a reward model.
+CLASSIFIER_PAD = 5
+for _name, _causal in {"llama": "LlamaForSequenceClassification", "mistral": "MistralForSequenceClassification",
+                       "qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification",
+                       "gemma": "GemmaForSequenceClassification", "gemma2": "Gemma2ForSequenceClassification",
+                       "gemma3": "Gemma3TextForSequenceClassification", "phi3": "Phi3ForSequenceClassification",
+                       "olmo2": "Olmo2ForSequenceClassification",
+                       "smollm3": "SmolLM3ForSequenceClassification"}.items():
+    RECIPES[f"{_name}-classifier"] = Recipe(
+        _causal, {**RECIPES[_name].config, "pad_token_id": CLASSIFIER_PAD, "num_labels": 1 if _name == "llama" else 3}
+    )
 
 
 def make_checkpoint(
@@ -124,9 +163,10 @@ def make_checkpoint(
     )
     kwargs.update(recipe.config)
     kwargs.update(extra)
-    config = getattr(transformers, recipe.architecture).config_class(**kwargs)
+    model_class = getattr(transformers, recipe.architecture)
+    config = model_class.config_class(**kwargs)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = model_class(config).to(torch.float32)
     # Random init with std 0.02 leaves logits nearly flat; widen it so that tests see real differences.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -140,10 +180,13 @@ def make_checkpoint(
     return path
 
 
-def load_reference(path: Path, dtype: torch.dtype = torch.float32, attention: str = "eager"):
-    """The transformers model for a checkpoint folder in eval mode; eager attention unless told (its default is
-    "sdpa", the one to compare bits with)."""
+def load_reference(path: Path, dtype: torch.dtype = torch.float32, attention: str | None = "eager"):
+    """The transformers model of a checkpoint folder (its architectures[0] class: a causal LM or a classifier) in
+    eval mode; eager attention unless told (None: the class's default, "sdpa" for most, eager for Gemma 2)."""
+    import json
+
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention)
-    return model.eval()
+    arch = json.loads((Path(path) / "config.json").read_text())["architectures"][0]
+    kwargs = {} if attention is None else {"attn_implementation": attention}
+    return getattr(transformers, arch).from_pretrained(path, dtype=dtype, **kwargs).eval()

@@ -24,8 +24,8 @@ def olmo2_qk_norm_rank(ctx: ParallelContext, cases):
         replicated = max(0, prev.kv_start + prev.kv_count - me.kv_start) * d if prev else 0
         q_rows = slice(me.q_start * d, (me.q_start + me.q_per_rank) * d)
         k_rows = slice(me.kv_start * d, (me.kv_start + me.kv_count) * d)
-        q_norm = ShardedRMSNorm(Part("q_norm", hq * d, q_rows.start, q_rows.stop - q_rows.start), 1e-6, ctx)
-        k_norm = ShardedRMSNorm(Part("k_norm", hkv * d, k_rows.start, k_rows.stop - k_rows.start), 1e-6, ctx, replicated)
+        q_norm = ShardedRMSNorm(Part(hq * d, q_rows.start, q_rows.stop - q_rows.start), 1e-6, ctx)
+        k_norm = ShardedRMSNorm(Part(hkv * d, k_rows.start, k_rows.stop - k_rows.start), 1e-6, ctx, replicated)
         q_norm.weight.data.copy_(w_q[q_rows])
         k_norm.weight.data.copy_(w_k[k_rows])
         with torch.inference_mode():

@@ -33,13 +33,13 @@ from model.config import ModelConfig, RopeConfig, UnsupportedModelError
 from model.distributed import ParallelContext, launch_local
 from model.layers import (
     ColumnParallelLinear,
-    GATED_ACTIVATIONS,
+    ACTIVATIONS,
     Part,
     ShardedRMSNorm,
     UpcastRMSNorm,
     embedding_scale,
 )
-from model.modules import GatedMLP, RaggedBatch, classifier_rows, eager_attention, ragged_attention, rotate
+from model.modules import MLP, RaggedBatch, classifier_rows, eager_attention, ragged_attention, rotate
 from model.rope import (
     LongRope,
     LongRopeEmbedding,
@@ -113,7 +113,7 @@ def test_gemma_norm_scales_by_one_plus_weight_with_transformers_bits(hf_norm, sh
 def test_olmo2_norm_scales_in_float32_then_casts(dtype):
     ref = randomize(olmo2.Olmo2RMSNorm(96, eps=1e-6)).to(dtype)
     x = (torch.randn(9, 3 * 96) * 3).to(dtype)[:, 96:192]  # a strided view, as the q rows of a fused qkv output
-    single = ShardedRMSNorm(Part("q_norm", 96, 0, 96), 1e-6, ParallelContext.single()).to(dtype)
+    single = ShardedRMSNorm(Part(96, 0, 96), 1e-6, ParallelContext.single()).to(dtype)
     upcast = UpcastRMSNorm(96, eps=1e-6).to(dtype)
     for ours in (single, upcast):
         ours.weight.data.copy_(ref.weight)
@@ -153,7 +153,7 @@ def test_gelu_tanh_gated_mlp_matches_gemma_mlp(intermediate):
     vectorized: a rounding difference, measured here."""
     config = Gemma2Config(**{**SMALL, "intermediate_size": intermediate}, head_dim=16, num_hidden_layers=1)
     ref = randomize(gemma2.Gemma2MLP(config))
-    ours = GatedMLP(64, intermediate, bias=False, activation=ff.gated_activation(ff.GEMMA2, config.to_dict()))
+    ours = MLP(64, intermediate, bias=False, act=ACTIVATIONS[ff.gated_activation(ff.GEMMA2, config.to_dict())])
     with torch.no_grad():
         ours.gate_up_proj.weight.copy_(torch.cat([ref.gate_proj.weight, ref.up_proj.weight]))
         ours.down_proj.weight.copy_(ref.down_proj.weight)
@@ -167,9 +167,11 @@ def test_gelu_tanh_gated_mlp_matches_gemma_mlp(intermediate):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-6)
 
 
-def test_gated_mlp_refuses_an_unknown_activation():
-    with pytest.raises(ValueError, match="relu"):
-        GatedMLP(8, 16, bias=False, activation="relu")
+def test_unknown_activation_is_refused_naming_the_supported_ones():
+    hf = {"architectures": ["Gemma2ForCausalLM"], "vocab_size": 8, "hidden_size": 8, "intermediate_size": 16,
+          "num_hidden_layers": 1, "num_attention_heads": 1, "hidden_activation": "relu"}
+    with pytest.raises(UnsupportedModelError, match="unsupported hidden_act 'relu'; supported: silu, gelu_pytorch_tanh"):
+        ModelConfig.from_hf_config(hf)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -266,7 +268,7 @@ def test_gemma2_decoder_layer_has_transformers_bits():
         layer = randomize(gemma2.Gemma2DecoderLayer(config, layer_idx), seed=layer_idx)
         norms = {name: norm_copy(getattr(layer, name), 1.0) for name in
                  ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")}
-        mlp = GatedMLP(64, 128, False, ff.gated_activation(ff.GEMMA2, hf))
+        mlp = MLP(64, 128, False, ACTIVATIONS[ff.gated_activation(ff.GEMMA2, hf)])
         with torch.no_grad():
             mlp.gate_up_proj.weight.copy_(torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]))
             mlp.down_proj.weight.copy_(layer.mlp.down_proj.weight)
@@ -327,8 +329,8 @@ def test_olmo2_attention_normalizes_the_whole_projection():
     config._attn_implementation = "sdpa"
     attn = randomize(olmo2.Olmo2Attention(config, 0))
     rope, hf_rope = RotaryEmbedding(model_config(config)), olmo2.Olmo2RotaryEmbedding(config)
-    norms = tuple(ShardedRMSNorm(Part(name, ref.weight.shape[0], 0, ref.weight.shape[0]), 1e-6, ParallelContext.single())
-                  for name, ref in (("q_norm", attn.q_norm), ("k_norm", attn.k_norm)))
+    norms = tuple(ShardedRMSNorm(Part(ref.weight.shape[0], 0, ref.weight.shape[0]), 1e-6, ParallelContext.single())
+                  for ref in (attn.q_norm, attn.k_norm))
     for norm, ref in zip(norms, (attn.q_norm, attn.k_norm)):
         norm.weight.data.copy_(ref.weight)
     for n in (1, 45):
@@ -406,17 +408,16 @@ def test_phi3_fused_checkpoint_tensors_load_per_rank(tmp_path):
         fused_qkv_w = reader.read("model.layers.0.self_attn.qkv_proj.weight")
         fused_gu_w = reader.read("model.layers.0.mlp.gate_up_proj.weight")
         for rank in range(2):  # tp=2: two q heads and one kv head each
-            parts = [Part("q_proj", q, rank * 2 * d, 2 * d), Part("k_proj", kv, rank * d, d),
-                     Part("v_proj", kv, rank * d, d)]
-            layer = ColumnParallelLinear(64, parts, bias=False, fused_name="qkv_proj")
-            layer.load(reader, "model.layers.0.self_attn")
+            parts = [Part(q, rank * 2 * d, 2 * d), Part(kv, rank * d, d), Part(kv, rank * d, d)]
+            layer = ColumnParallelLinear(64, parts, bias=False)
+            layer.load(reader, "model.layers.0.self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj"))
             rows = [fused_qkv_w[rank * 2 * d : (rank + 1) * 2 * d], fused_qkv_w[q + rank * d : q + (rank + 1) * d],
                     fused_qkv_w[q + kv + rank * d : q + kv + (rank + 1) * d]]
             assert torch.equal(layer.weight, torch.cat(rows))
             half = inter // 2
-            gate_up_parts = [Part(p, inter, rank * half, half) for p in ("gate_proj", "up_proj")]
-            mlp = ColumnParallelLinear(64, gate_up_parts, bias=False, fused_name="gate_up_proj")
-            mlp.load(reader, "model.layers.0.mlp")
+            gate_up_parts = [Part(inter, rank * half, half)] * 2
+            mlp = ColumnParallelLinear(64, gate_up_parts, bias=False)
+            mlp.load(reader, "model.layers.0.mlp.gate_up_proj", ("gate_proj", "up_proj"))
             gate, up = fused_gu_w[:inter], fused_gu_w[inter:]
             gate_up = torch.cat([gate[rank * half : (rank + 1) * half], up[rank * half : (rank + 1) * half]])
             assert torch.equal(mlp.weight, gate_up)
@@ -536,7 +537,7 @@ def test_fields_read_as_transformers_reads_them(case):
     x = torch.linspace(-6, 6, 101)
     mlp = layers[0].mlp
     act = getattr(mlp, "act_fn", None) or mlp.activation_fn
-    assert torch.equal(GATED_ACTIVATIONS[ff.gated_activation(arch, raw)](x), act(x))
+    assert torch.equal(ACTIVATIONS[ff.gated_activation(arch, raw)](x), act(x))
     attn_cap, final_cap = ff.logit_softcaps(arch, raw)
     assert attn_cap == getattr(attns[0], "attn_logit_softcapping", None)
     assert final_cap == getattr(config, "final_logit_softcapping", None)

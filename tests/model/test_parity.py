@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from model import ModelRunner, OutputSpec, ReturnHiddenStates, ReturnLogits
+from model.architectures import ARCHITECTURES
 from tests.checkpoints import RECIPES, load_reference, make_checkpoint
 from tests.model.helpers import ragged, reference
 
@@ -40,7 +41,11 @@ def check_parity(path, lengths=LENGTHS):
         assert torch.equal(out.positions, torch.arange(len(seq)))
 
 
-@pytest.mark.parametrize("arch", sorted(RECIPES))
+# Classifiers' parity (pooled rows, num_labels columns) is tests/model/test_families.py's.
+CAUSAL_RECIPES = sorted(n for n, r in RECIPES.items() if ARCHITECTURES[r.architecture].task == "causal-lm")
+
+
+@pytest.mark.parametrize("arch", CAUSAL_RECIPES)
 def test_architecture_parity(arch, checkpoint_factory):
     check_parity(checkpoint_factory(arch))
 
@@ -97,7 +102,15 @@ def test_bfloat16_load_is_close(checkpoint_factory):
         assert rel < 3e-2
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])  # plain, q/k/v bias, q/k norm
+# Phi-3 at head_dim 64 (the shape below): LongRoPE factors for its 48 rotary dims, long ones past 32 tokens.
+PHI3_HEAD64 = dict(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                    "short_factor": [1.0 + 0.05 * i for i in range(24)],
+                                    "long_factor": [1.0 + 0.4 * i for i in range(24)]})
+
+
+# plain, q/k/v bias, q/k norm; the families: (1 + w) norms and gelu-tanh, soft-capped eager attention and sandwich
+# norms, per-type rope and q/k norms, LongRoPE with partial rotary, whole-projection q/k norms, NoPE layers
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2", "smollm3"])
 def test_float32_decoder_has_transformers_bits(arch, checkpoint_factory):
     """On CPU in float32 a sequence's hidden states are transformers' bit for bit (a 300-token one too, where half
     precision cuts attention into query blocks). A real model amplifies any other summation order through its
@@ -110,9 +123,10 @@ def test_float32_decoder_has_transformers_bits(arch, checkpoint_factory):
     multiples (head_dim 64, intermediate 256): torch's elementwise kernels take a scalar tail, with other bits, on
     rows of odd widths, so silu of the fused gate|up output's gate half would differ from silu of transformers'
     separate gate output for a width of 112."""
-    path = checkpoint_factory(arch, hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=256)
+    extra = PHI3_HEAD64 if arch == "phi3" else {}
+    path = checkpoint_factory(arch, hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=256, **extra)
     runner = ModelRunner.load(path, dtype="float32")
-    hf = load_reference(path, attention="sdpa")  # transformers' default
+    hf = load_reference(path, attention=None)  # transformers' default: SDPA, eager for Gemma 2
     n_layers = runner.config.num_layers
     spec = OutputSpec(logits=False, return_hidden_states=ReturnHiddenStates.ALL, layers=tuple(range(n_layers + 1)))
     seqs, _, _ = ragged([300, 37, 7], runner.config.vocab_size, seed=3)
