@@ -239,11 +239,14 @@ class _Base:
         return "POST", path, body, headers, parse
 
     def _logits_call(self, inputs=None, input_ids=None, *, return_logits="last_token", return_n_logits=1, logits=True,
-                     target_logprobs=False, top_k=0, return_hidden_states="none", dtype="float32",
-                     add_special_tokens=True, binary=True):
+                     target_logprobs=False, top_k=0, vocab_ids=None, target_ranks=False, entropy=False,
+                     return_hidden_states="none", dtype="float32", add_special_tokens=True, binary=True):
         body = {**_inputs(inputs, input_ids), "return_logits": return_logits, "return_n_logits": return_n_logits,
                 "logits": logits, "target_logprobs": target_logprobs, "top_k": top_k,
                 "return_hidden_states": return_hidden_states, "dtype": dtype}
+        if vocab_ids is not None:
+            body["vocab_ids"] = [int(i) for i in vocab_ids]
+        body.update({k: True for k, v in (("target_ranks", target_ranks), ("entropy", entropy)) if v})
         if inputs is not None:
             body["add_special_tokens"] = add_special_tokens
         return self._score("/v1/logits", body, binary)
@@ -277,7 +280,7 @@ class _Base:
 
 _DOC_METHODS = """
     logits(inputs=None, input_ids=None, *, return_logits, return_n_logits, logits, target_logprobs, top_k,
-           return_hidden_states, dtype, add_special_tokens, binary=True) -> Result
+           vocab_ids, target_ranks, entropy, return_hidden_states, dtype, add_special_tokens, binary=True) -> Result
     hidden_states(inputs=None, input_ids=None, *, return_hidden_states, layers, dtype, binary=True) -> Result
     embeddings(input, *, binary=True) -> array [B, hidden]
     completions(prompt, **openai_fields) -> dict (the OpenAI response)

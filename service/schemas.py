@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from .inputs import RequestInputs
 
 DType = Literal["float32", "float16", "bfloat16"]
+MAX_VOCAB_IDS = 1024  # vocab_ids per request (label sets, classification by LM)
 
 
 class ScoringInputs(BaseModel):
@@ -32,6 +33,9 @@ class LogitsRequest(ScoringInputs):
     logits: StrictBool = True
     target_logprobs: StrictBool = False
     top_k: StrictInt = Field(0, ge=0, le=100)
+    vocab_ids: list[StrictInt] | None = Field(None, min_length=1, max_length=MAX_VOCAB_IDS)
+    target_ranks: StrictBool = False
+    entropy: StrictBool = False
     return_hidden_states: Literal["none", "last", "all", "last_normalized", "all_normalized"] = "none"
 
 
@@ -118,6 +122,9 @@ class LogitsItem(BaseModel):
     logits: list[list[float]] = None  # type: ignore[assignment]  (left out when not asked for)
     target_logprobs: list[float | None] = None  # type: ignore[assignment]
     top_k: TopK = None  # type: ignore[assignment]
+    vocab_logprobs: list[list[float]] = None  # type: ignore[assignment]
+    target_ranks: list[int | None] = None  # type: ignore[assignment]
+    entropy: list[float] = None  # type: ignore[assignment]
     hidden_states: list[list[list[float]]] = None  # type: ignore[assignment]
 
 
