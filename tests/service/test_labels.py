@@ -240,3 +240,74 @@ def test_embeddings_dimensions_truncate_then_normalize(qwen3_server, hf_model):
         np.testing.assert_allclose(item["embedding"], (h / h.norm()).numpy(), atol=1e-4, rtol=0)
     too_big = httpx.post(qwen3_server.url + "/v1/embeddings", json={"input": ids, "dimensions": hidden + 1})
     assert too_big.status_code == 422 and too_big.json()["error"]["param"] == "dimensions"
+
+
+# ---------------------------------------------------------------------------------------- a classifier head
+
+
+@pytest.fixture(scope="module")
+def reward_folder(tmp_path_factory) -> Path:
+    """A tiny LlamaForSequenceClassification with one label (a reward model), its tokenizer and a chat template."""
+    folder = tmp_path_factory.mktemp("reward-llama")
+    tok = make_tokenizer()
+    config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=112,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256, bos_token_id=1, eos_token_id=2, num_labels=1,
+                                      id2label={0: "reward"}, label2id={"reward": 0})
+    config.architectures = ["LlamaForSequenceClassification"]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0.0, 0.08)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save(str(folder / "tokenizer.json"))
+    template = ("{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "bos_token": "<s>", "eos_token": "</s>",
+                                                              "chat_template": template}))
+    return folder
+
+
+@pytest.mark.xfail(strict=True, reason="the model side (ModelConfig.task/num_labels and a `score` head for "
+                   "*ForSequenceClassification in model/architectures.py and loader.py, issue 16) has not landed "
+                   "on this branch's base: the server refuses the checkpoint at load")
+def test_reward_model_classify_rerank_and_logits_match_transformers(start_server, reward_folder):
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(reward_folder, dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(reward_folder)
+
+    def reward(ids: list[int]) -> float:
+        with torch.no_grad():
+            return float(hf(torch.tensor([ids])).logits[0, 0])
+
+    server = start_server(reward_folder)
+    try:
+        info = server.info()
+        assert info["task"] == "classification" and info["num_labels"] == 1
+        texts = ["The quick brown fox jumps", "Logits are unnormalized log-probabilities"]
+        r = httpx.post(server.url + "/v1/classify", json={"input": texts, "model": "m"}, timeout=60)
+        assert r.status_code == 200, r.text
+        resp = r.json()
+        assert resp["object"] == "list" and resp["id"].startswith("classify-")
+        for text, item in zip(texts, resp["data"]):
+            want = reward(hf_tok(text)["input_ids"])
+            assert item["num_classes"] == 1 and item["label"] == "reward"
+            assert abs(item["logits"][0] - want) < 1e-4 and abs(item["probs"][0] - 1 / (1 + np.exp(-want))) < 1e-4
+        raw = httpx.post(server.url + "/v1/classify", json={"input": texts, "use_activation": False}).json()
+        assert [d["probs"] for d in raw["data"]] == [d["logits"] for d in raw["data"]]
+        conversation = [{"role": "user", "content": "Hello there!"}, {"role": "assistant", "content": "Hi."}]
+        chat = httpx.post(server.url + "/v1/classify", json={"messages": [conversation]}).json()
+        ids = hf_tok.apply_chat_template(conversation, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        assert abs(chat["data"][0]["logits"][0] - reward(ids)) < 1e-4
+        # /v1/logits last_token rows of a classifier are the pooled row, num_labels wide
+        logits = httpx.post(server.url + "/v1/logits", json={"inputs": texts}).json()
+        assert [len(d["logits"][0]) for d in logits["data"]] == [1, 1]
+        # rerank: the pair encoding transformers' tokenizer(query, document) builds
+        rr = httpx.post(server.url + "/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS[:2]}).json()
+        for result in rr["results"]:
+            want = reward(hf_tok(QUERY, DOCUMENTS[result["index"]])["input_ids"])
+            assert abs(result["relevance_score"] - 1 / (1 + np.exp(-want))) < 1e-4
+    finally:
+        server.stop()
