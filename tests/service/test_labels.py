@@ -311,3 +311,31 @@ def test_reward_model_classify_rerank_and_logits_match_transformers(start_server
             assert abs(result["relevance_score"] - 1 / (1 + np.exp(-want))) < 1e-4
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------------------------------- the client
+
+
+def test_python_client_new_calls(qwen3_server, hf_model, hf_tokenizer):
+    from service.client import Client
+
+    vocab = qwen3_server.info()["config"]["vocab_size"]
+    with Client(qwen3_server.url) as c:
+        ids = [1, 40, 41, 42, 43, 44]
+        for binary in (True, False):
+            out = c.logits(input_ids=[ids], return_logits="all", logits=False, vocab_ids=[3, vocab - 1],
+                           target_ranks=True, entropy=True, binary=binary)[0]
+            with torch.no_grad():
+                logprobs = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].double(), -1)
+            np.testing.assert_allclose(out.vocab_logprobs, logprobs[:, [3, vocab - 1]].numpy(), atol=1e-4, rtol=0)
+            np.testing.assert_allclose(out.entropy, -(logprobs.exp() * logprobs).sum(-1).numpy(), atol=1e-4, rtol=0)
+            assert out.target_ranks.dtype == np.int64 and out.target_ranks[-1] == -1
+        conversation = [{"role": "user", "content": "Hello there!"}]
+        chat = c.logits(messages=conversation, add_generation_prompt=True)[0]
+        assert chat.num_tokens == len(hf_tokenizer.apply_chat_template(conversation, tokenize=True,
+                                                                        add_generation_prompt=True)["input_ids"])
+        scores = c.score(QUERY, ["Paris", "Rome"], [3, 4], apply_softmax=True)
+        assert scores.shape == (2, 2) and np.allclose(scores.sum(1), 1)
+        results = c.rerank(QUERY, DOCUMENTS, top_n=2, return_documents=False)
+        assert len(results) == 2 and results[0]["relevance_score"] >= results[1]["relevance_score"]
+        assert c.embeddings([[1, 5, 6]], dimensions=8).shape == (1, 8)
