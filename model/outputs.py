@@ -49,6 +49,9 @@ class OutputSpec:
     logits: bool = True  # full-vocabulary float32 logits of each returned row
     target_logprobs: bool = False  # log p(input[p+1] | input[:p+1]) for row p; NaN for the last position
     top_k: int = 0
+    vocab_ids: tuple[int, ...] | None = None  # log-softmax at these ids of each returned row, in this order
+    target_ranks: bool = False  # 1 + entries scoring strictly above input[p+1] for row p; -1 for the last position
+    entropy: bool = False  # entropy (nats) of each returned row's next-token distribution
     return_hidden_states: ReturnHiddenStates = ReturnHiddenStates.NONE
     layers: tuple[int, ...] = (-1,)  # hidden-state layers: 0 = embeddings, i = output of block i, negative from end
 
@@ -60,11 +63,20 @@ class OutputSpec:
             raise ValueError("return_n_logits must be >= 1")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if self.vocab_ids is not None:
+            object.__setattr__(self, "vocab_ids", tuple(self.vocab_ids))
+            if not self.vocab_ids:
+                raise ValueError("vocab_ids must hold at least one id")
+
+    @property
+    def needs_targets(self) -> bool:
+        """Whether each row's next input token is read (its log-probability or its rank)."""
+        return self.target_logprobs or self.target_ranks
 
     @property
     def needs_vocab(self) -> bool:
         """Whether the lm_head must run on this sequence's rows at all."""
-        return self.logits or self.target_logprobs or self.top_k > 0
+        return self.logits or self.needs_targets or self.top_k > 0 or self.vocab_ids is not None or self.entropy
 
     def logit_rows(self, num_tokens: int) -> range:
         """Positions (0-based, within the sequence) whose logits come back, in order."""
@@ -92,6 +104,9 @@ class SequenceOutput:
     target_logprobs: torch.Tensor | None = None  # float32 [R], NaN where there is no next token
     top_k_ids: torch.Tensor | None = None  # int64 [R, k]
     top_k_logprobs: torch.Tensor | None = None  # float32 [R, k]
+    vocab_logprobs: torch.Tensor | None = None  # float32 [R, n]
+    target_ranks: torch.Tensor | None = None  # int64 [R], -1 where there is no next token
+    entropy: torch.Tensor | None = None  # float32 [R]
     hidden_states: torch.Tensor | None = None  # [L, Rh, hidden] in the model's dtype
     hidden_positions: torch.Tensor | None = None  # int64 [Rh]
     layers: tuple[int, ...] = field(default_factory=tuple)  # resolved layer indices of hidden_states
@@ -130,6 +145,9 @@ OUTPUT_KINDS: tuple[OutputKind, ...] = (
     OutputKind("target_logprobs", Rows.LOGIT, "float32", json=("target_logprobs",)),  # [R], NaN: no next token
     OutputKind("top_k_ids", Rows.LOGIT, "int64", json=("top_k", "ids")),  # [R, k]
     OutputKind("top_k_logprobs", Rows.LOGIT, "float32", json=("top_k", "logprobs")),  # [R, k]
+    OutputKind("vocab_logprobs", Rows.LOGIT, "float32", json=("vocab_logprobs",)),  # [R, n]
+    OutputKind("target_ranks", Rows.LOGIT, "int64", json=("target_ranks",), json_null=-1),  # [R], -1: no next token
+    OutputKind("entropy", Rows.LOGIT, "float32", json=("entropy",)),  # [R]
     OutputKind("hidden_states", Rows.HIDDEN, "float32", row_dim=1, json=("hidden_states",),
                follows_dtype=True),  # [L, Rh, hidden]
     OutputKind("hidden_positions", Rows.HIDDEN, "int64"),  # [Rh]

@@ -1,14 +1,14 @@
 """The serving path: one forward of the trunk for a ragged batch whose sequences each ask for different outputs.
 
 The final norm and lm_head run only on rows some sequence needs (``DistributedTransformer.compute_logits``).
-Target log-probabilities and top-k are reduced on the device from the vocab-parallel logits (model/scores.py);
+Target log-probabilities and ranks, top-k, log-probabilities at chosen ids and entropy are reduced on the device from the vocab-parallel logits (model/scores.py);
 full rows are gathered across ranks only for sequences that asked for full logits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from .loader import load_model
 from .memory import retain_freed_memory
 from .modules import RaggedBatch, classifier_rows
 from .outputs import OutputSpec, ReturnLogits, SequenceOutput
-from .scores import RowScores, ScoreReducer
+from .scores import RowScores, ScoreAsk, ScoreReducer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -168,8 +168,14 @@ class ModelRunner:
         every_row = plan.vocab_rows == list(range(h.shape[0]))  # every row, in order: no gather copy of h
         row_index = None if every_row else torch.tensor(plan.vocab_rows, device=dev)
         flags = [s.logits for s, (_, c) in zip(specs, plan.vocab_slices) for _ in range(c)]
-        k_max = max((s.top_k for s in specs if s.needs_vocab), default=0)
-        targets = torch.tensor(plan.targets, device=dev) if any(s.target_logprobs for s in specs) else None
+        asking = [s for s in specs if s.needs_vocab]
+        targets = torch.tensor(plan.targets, device=dev) if any(s.needs_targets for s in asking) else None
+        ask = ScoreAsk(top_k=max((s.top_k for s in asking), default=0),
+                       vocab_ids=self._vocab_ids(plan, specs, dev),
+                       target_logprobs=any(s.target_logprobs for s in asking),
+                       target_ranks=any(s.target_ranks for s in asking),
+                       entropy=any(s.entropy for s in asking))
+        scored = targets is not None or ask.top_k or ask.vocab_ids is not None or ask.entropy
 
         if not any(flags):
             # Scores only (perplexity, top-k): the lm_head runs in row chunks, no [R, vocab] tensor exists.
@@ -178,12 +184,13 @@ class ModelRunner:
             for s in range(0, n, step):
                 e = min(n, s + step)
                 rows_h = h[s:e] if every_row else h.index_select(0, row_index[s:e])
-                chunks.append(self.scores(rows_h, None if targets is None else targets[s:e], k_max))
+                chunk_ask = ask if ask.vocab_ids is None else replace(ask, vocab_ids=ask.vocab_ids[s:e])
+                chunks.append(self.scores(rows_h, None if targets is None else targets[s:e], chunk_ask))
             return _VocabOutputs(RowScores.cat(chunks))
 
         rows_h = h if every_row else h.index_select(0, row_index)
         local = self.model.compute_logits(rows_h)  # [R, V_local]
-        scores = self.scores(rows_h, targets, k_max, logits=local) if targets is not None or k_max else RowScores()
+        scores = self.scores(rows_h, targets, ask, logits=local) if scored else RowScores()
         want_full = torch.tensor(flags, dtype=torch.bool, device=dev)
         # All rows wanted (the common case): the logits tensor itself, not a [R, V] copy of it.
         full = local if all(flags) else local.index_select(0, want_full.nonzero().squeeze(1))
@@ -192,6 +199,18 @@ class ModelRunner:
             logits=self.model.gather_logits(full).cpu(),
             logits_row_index=torch.cumsum(want_full.long(), 0).cpu() - 1,
         )
+
+    @staticmethod
+    def _vocab_ids(plan: _RowPlan, specs: Sequence[OutputSpec], dev: torch.device) -> torch.Tensor | None:
+        """int64 [R, n_max]: each vocab row's chosen ids (its sequence's vocab_ids), -1 past them; None if none."""
+        widths = [len(s.vocab_ids) if s.vocab_ids is not None else 0 for s in specs]
+        if not any(widths):
+            return None
+        ids = torch.full((len(plan.vocab_rows), max(widths)), -1, dtype=torch.int64)
+        for spec, (start, count), width in zip(specs, plan.vocab_slices, widths):
+            if width and count:
+                ids[start : start + count, :width] = torch.tensor(spec.vocab_ids, dtype=torch.int64)
+        return ids.to(dev)
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, input_row_offsets: torch.Tensor, specs: Sequence[OutputSpec]) -> list[SequenceOutput]:
@@ -234,6 +253,12 @@ class ModelRunner:
                 if spec.top_k:
                     seq.top_k_ids = scores.top_k_ids[start : start + count, : spec.top_k]
                     seq.top_k_logprobs = scores.top_k_logprobs[start : start + count, : spec.top_k]
+                if spec.vocab_ids is not None:
+                    seq.vocab_logprobs = scores.vocab_logprobs[start : start + count, : len(spec.vocab_ids)]
+                if spec.target_ranks:
+                    seq.target_ranks = scores.target_ranks[start : start + count]
+                if spec.entropy:
+                    seq.entropy = scores.entropy[start : start + count]
             if plan.hidden_slices[b]:
                 stacked = torch.stack([captured_cpu[layer][s : s + c] for layer, s, c in plan.hidden_slices[b]])
                 if spec.return_hidden_states.normalized:

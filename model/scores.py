@@ -1,4 +1,5 @@
-"""Per-row scores of logits (target log-probabilities, top-k) reduced across the vocabulary shards.
+"""Per-row scores of logits (target log-probabilities, top-k, log-probabilities at chosen ids, target ranks,
+entropy) reduced across the vocabulary shards.
 
 One reducer serves every caller: a chunk of hidden rows comes in, its float32 logits [R, V_local] are the only
 vocabulary-wide tensor, and each score leaves as a per-row tensor. Scores that read the raw logits (a target's
@@ -19,6 +20,17 @@ import torch.distributed as dist
 from .distributed import ParallelContext
 
 
+@dataclass(frozen=True)
+class ScoreAsk:
+    """What a chunk of rows asks the reducer for, besides target log-probabilities (given by `targets`)."""
+
+    top_k: int = 0
+    vocab_ids: torch.Tensor | None = None  # int64 [R, n]: per row, the ids to read (-1: padding)
+    target_logprobs: bool = True  # with `targets`: their log-probabilities (False: only what else reads them)
+    target_ranks: bool = False  # with `targets`
+    entropy: bool = False
+
+
 @dataclass
 class RowScores:
     """Scores of logit rows; None where not asked for."""
@@ -26,6 +38,9 @@ class RowScores:
     target_logprobs: torch.Tensor | None = None  # float32 [R], NaN where the row has no target (-1)
     top_k_ids: torch.Tensor | None = None  # int64 [R, k]
     top_k_logprobs: torch.Tensor | None = None  # float32 [R, k]
+    vocab_logprobs: torch.Tensor | None = None  # float32 [R, n]: log-softmax at the rows' chosen ids, NaN at -1
+    target_ranks: torch.Tensor | None = None  # int64 [R]: 1 + entries strictly above the target; -1 without one
+    entropy: torch.Tensor | None = None  # float32 [R], nats
 
     @classmethod
     def cat(cls, chunks: Sequence[RowScores]) -> RowScores:
@@ -44,7 +59,7 @@ class ScoreReducer:
     vocab_start: the first vocabulary id of this rank's columns; vocab_size: the whole vocabulary.
 
     The fast path: on one process, with float32 weights, logits this reducer computed itself are exponentiated in
-    place for the log-sum-exp (no second [R, V] tensor, two passes over it instead of four); see _log_sum_exp."""
+    place for the log-sum-exp (no second [R, V] tensor, two passes over it instead of four); see _normalizers."""
 
     def __init__(
         self,
@@ -64,23 +79,30 @@ class ScoreReducer:
         self,
         rows_h: torch.Tensor,
         targets: torch.Tensor | None,
-        top_k: int,
+        top_k: int | ScoreAsk,
         logits: torch.Tensor | None = None,
     ) -> RowScores:
-        """rows_h [R, hidden]; targets int64 [R] (-1: none) or None; top_k 0 for none. `logits`: the rows' local
-        logits when the caller keeps them (full logits were asked for too): read, never overwritten."""
+        """rows_h [R, hidden]; targets int64 [R] (-1: none) or None; top_k: k (0 for none), or a ScoreAsk for the
+        other scores. `logits`: the rows' local logits when the caller keeps them (full logits were asked for
+        too): read, never overwritten."""
+        ask = top_k if isinstance(top_k, ScoreAsk) else ScoreAsk(top_k=top_k)
         owned = logits is None
         if owned:
             logits = self.compute_logits(rows_h)  # [R, V_local]
         # What reads the raw logits, before the log-sum-exp may overwrite them.
         target_logit = self._target_logit(logits, targets) if targets is not None else None
-        top_values, top_ids = self._top_k(logits, top_k) if top_k else (None, None)
-        lse = self._log_sum_exp(logits, rows_h if owned and self.in_place else None)  # [R]
-        scores = RowScores()
-        if target_logit is not None:
+        ranks = self._target_ranks(logits, target_logit, targets) if ask.target_ranks else None
+        picked = self._picked_logits(logits, ask.vocab_ids) if ask.vocab_ids is not None else None
+        top_values, top_ids = self._top_k(logits, ask.top_k) if ask.top_k else (None, None)
+        lse, entropy = self._normalizers(logits, rows_h if owned and self.in_place else None, ask.entropy)  # [R]
+        scores = RowScores(target_ranks=ranks, entropy=entropy)
+        if target_logit is not None and ask.target_logprobs:
             logprobs = target_logit - lse
             scores.target_logprobs = torch.where(targets >= 0, logprobs, torch.full_like(logprobs, float("nan")))
-        if top_k:
+        if picked is not None:
+            logprobs = picked - lse[:, None]
+            scores.vocab_logprobs = torch.where(ask.vocab_ids >= 0, logprobs, torch.full_like(logprobs, float("nan")))
+        if ask.top_k:
             scores.top_k_ids = top_ids
             scores.top_k_logprobs = top_values - lse[:, None]
         return scores
@@ -92,6 +114,21 @@ class ScoreReducer:
         mine = (local >= 0) & (local < width)
         picked = logits.gather(1, local.clamp(0, width - 1)[:, None]).squeeze(1)
         return self.parallel.all_reduce(torch.where(mine, picked, torch.zeros_like(picked)))
+
+    def _picked_logits(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """[R, n]: the logits at each row's chosen ids (-1 padding gives 0), summed from the ranks that hold them."""
+        width = logits.shape[1]
+        local = ids - self.vocab_start
+        mine = (local >= 0) & (local < width)
+        picked = logits.gather(1, local.clamp(0, width - 1))
+        return self.parallel.all_reduce(torch.where(mine, picked, torch.zeros_like(picked)))
+
+    def _target_ranks(self, logits: torch.Tensor, target_logit: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """[R] int64: 1 + the vocabulary entries strictly above the target's logit (counted per shard, summed);
+        -1 for rows without a target."""
+        higher = (logits > target_logit[:, None]).sum(dim=-1)  # [R] int64
+        higher = self.parallel.all_reduce(higher)
+        return torch.where(targets >= 0, higher + 1, torch.full_like(higher, -1))
 
     def _top_k(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Values and vocabulary ids [R, k] of the k largest logits: each rank's own k, merged across ranks."""
@@ -109,25 +146,47 @@ class ScoreReducer:
         values, order = values.topk(min(k, self.vocab_size), dim=-1)
         return values, ids.gather(1, order)
 
-    def _log_sum_exp(self, logits: torch.Tensor, rows_h: torch.Tensor | None) -> torch.Tensor:
-        """[R]: log sum_v exp(logit_v) over the whole vocabulary. With `rows_h` (the fast path) `logits` is
-        overwritten by its exp."""
+    def _normalizers(
+        self, logits: torch.Tensor, rows_h: torch.Tensor | None, entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[R] log sum_v exp(logit_v) over the whole vocabulary, and with `entropy` the rows' entropy [R] in nats:
+        H = lse - sum_v p_v * logit_v. With `rows_h` (the fast path) `logits` is overwritten."""
         ctx = self.parallel
         if ctx.is_distributed:
             m = logits.max(dim=-1).values
             ctx.all_reduce(m, dist.ReduceOp.MAX)
-            sum_exp = torch.exp(logits - m[:, None]).sum(dim=-1)
-            ctx.all_reduce(sum_exp)
-            return m + torch.log(sum_exp)
+            shifted = logits - m[:, None]  # [R, V_local]
+            exps = torch.exp(shifted)
+            # Sums of exp and of exp * shifted logit, reduced in one call: [R, 2]
+            sums = torch.stack([exps.sum(dim=-1), torch.linalg.vecdot(exps, shifted)], dim=1)
+            ctx.all_reduce(sums)
+            log_sum = torch.log(sums[:, 0])
+            return m + log_sum, (log_sum - sums[:, 1] / sums[:, 0]) if entropy else None
         if rows_h is None:
-            return torch.logsumexp(logits, dim=-1)
+            lse = torch.logsumexp(logits, dim=-1)
+            return lse, self._entropy(logits, lse) if entropy else None
         # Without the max shift. Logits stay far inside exp's float32 range in practice; a row whose sum overflows
         # (a logit above ~88) or falls so low that denormal terms could matter (below 2^-60, so the largest term
         # is under 2^-78) is redone with the shift, from its recomputed logits.
-        sums = logits.exp_().sum(dim=-1)
+        exps = logits.exp_()  # [R, V] in place
+        sums = exps.sum(dim=-1)
         unsafe = ~(torch.isfinite(sums) & (sums >= 2.0**-60))
-        lse = sums.log_()
+        lse = sums.log()
+        ent = None
+        if entropy:
+            # sum_v p_v * logit_v with p_v = exp(logit_v): xlogy(p, p), in place over the exps
+            ent = lse - exps.xlogy_(exps).sum(dim=-1) / sums
         if unsafe.any():
             redo = unsafe.nonzero().squeeze(1)
-            lse[redo] = torch.logsumexp(self.compute_logits(rows_h.index_select(0, redo)), dim=-1)
-        return lse
+            again = self.compute_logits(rows_h.index_select(0, redo))
+            lse[redo] = torch.logsumexp(again, dim=-1)
+            if entropy:
+                ent[redo] = self._entropy(again, lse[redo])
+        return lse, ent
+
+    @staticmethod
+    def _entropy(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """[R]: -sum_v p_v * log p_v from the log-probabilities (one [R, V] temporary, relative to lse so that
+        rows far from zero lose nothing to cancellation)."""
+        logprobs = logits - lse[:, None]
+        return -torch.linalg.vecdot(logprobs.exp(), logprobs)

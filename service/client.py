@@ -185,9 +185,13 @@ def decode_embeddings(obj: dict, tensors: str = "np"):
 # ------------------------------------------------------------------------------------------------ requests
 
 
-def _inputs(inputs, input_ids) -> dict:
-    if (inputs is None) == (input_ids is None):
-        raise ValueError("pass exactly one of inputs and input_ids")
+def _inputs(inputs, input_ids, messages=None, add_generation_prompt=False) -> dict:
+    if sum(x is not None for x in (inputs, input_ids, messages)) != 1:
+        raise ValueError("pass exactly one of inputs, input_ids and messages")
+    if messages is not None:
+        if messages and isinstance(messages[0], dict):  # one conversation
+            messages = [messages]
+        return {"messages": messages, "add_generation_prompt": add_generation_prompt}
     if input_ids is not None:
         if hasattr(input_ids, "tolist"):
             input_ids = input_ids.tolist()
@@ -239,30 +243,56 @@ class _Base:
         return "POST", path, body, headers, parse
 
     def _logits_call(self, inputs=None, input_ids=None, *, return_logits="last_token", return_n_logits=1, logits=True,
-                     target_logprobs=False, top_k=0, return_hidden_states="none", dtype="float32",
-                     add_special_tokens=True, binary=True):
-        body = {**_inputs(inputs, input_ids), "return_logits": return_logits, "return_n_logits": return_n_logits,
+                     target_logprobs=False, top_k=0, vocab_ids=None, target_ranks=False, entropy=False,
+                     return_hidden_states="none", dtype="float32", add_special_tokens=True, messages=None,
+                     add_generation_prompt=False, binary=True):
+        body = {**_inputs(inputs, input_ids, messages, add_generation_prompt), "return_logits": return_logits, "return_n_logits": return_n_logits,
                 "logits": logits, "target_logprobs": target_logprobs, "top_k": top_k,
                 "return_hidden_states": return_hidden_states, "dtype": dtype}
+        if vocab_ids is not None:
+            body["vocab_ids"] = [int(i) for i in vocab_ids]
+        body.update({k: True for k, v in (("target_ranks", target_ranks), ("entropy", entropy)) if v})
         if inputs is not None:
             body["add_special_tokens"] = add_special_tokens
         return self._score("/v1/logits", body, binary)
 
     def _hidden_call(self, inputs=None, input_ids=None, *, return_hidden_states="last", layers=(-1,), dtype="float32",
-                     add_special_tokens=True, binary=True):
-        body = {**_inputs(inputs, input_ids), "return_hidden_states": return_hidden_states, "layers": list(layers),
-                "dtype": dtype}
+                     add_special_tokens=True, messages=None, add_generation_prompt=False, binary=True):
+        body = {**_inputs(inputs, input_ids, messages, add_generation_prompt),
+                "return_hidden_states": return_hidden_states, "layers": list(layers), "dtype": dtype}
         if inputs is not None:
             body["add_special_tokens"] = add_special_tokens
         return self._score("/v1/hidden_states", body, binary)
 
-    def _embeddings_call(self, input, *, binary=True, model=None):
-        body = _drop_none({"input": input, "model": model, "encoding_format": "base64" if binary else "float"})
+    def _embeddings_call(self, input, *, binary=True, model=None, dimensions=None):
+        body = _drop_none({"input": input, "model": model, "encoding_format": "base64" if binary else "float",
+                           "dimensions": dimensions})
 
         def parse(r):
             return decode_embeddings(self._check(r).json(), self.tensors)
 
         return "POST", "/v1/embeddings", body, {}, parse
+
+    def _score_call(self, query, items, label_token_ids, *, apply_softmax=False, item_first=False):
+        body = {"query": query if isinstance(query, str) else [int(t) for t in query], "items": items,
+                "label_token_ids": [int(t) for t in label_token_ids], "apply_softmax": apply_softmax,
+                "item_first": item_first}
+        return "POST", "/v1/score", body, {}, lambda r: np.array(self._check(r).json()["scores"], dtype=np.float64)
+
+    def _rerank_call(self, query, documents, *, top_n=None, return_documents=True, instruction=None,
+                     use_activation=True):
+        body = _drop_none({"query": query, "documents": list(documents), "top_n": top_n,
+                           "return_documents": return_documents, "instruction": instruction,
+                           "use_activation": use_activation})
+        return "POST", "/v1/rerank", body, {}, lambda r: self._check(r).json()["results"]
+
+    def _classify_call(self, input=None, *, messages=None, add_generation_prompt=False, use_activation=True):
+        if (input is None) == (messages is None):
+            raise ValueError("pass exactly one of input and messages")
+        body = _drop_none({"input": input, "messages": messages, "use_activation": use_activation})
+        if messages is not None:
+            body["add_generation_prompt"] = add_generation_prompt
+        return "POST", "/v1/classify", body, {}, lambda r: self._check(r).json()["data"]
 
     def _completions_call(self, prompt, **kwargs):
         return "POST", "/v1/completions", {"prompt": prompt, **kwargs}, {}, lambda r: self._check(r).json()
@@ -276,10 +306,15 @@ class _Base:
 
 
 _DOC_METHODS = """
-    logits(inputs=None, input_ids=None, *, return_logits, return_n_logits, logits, target_logprobs, top_k,
-           return_hidden_states, dtype, add_special_tokens, binary=True) -> Result
-    hidden_states(inputs=None, input_ids=None, *, return_hidden_states, layers, dtype, binary=True) -> Result
-    embeddings(input, *, binary=True) -> array [B, hidden]
+    logits(inputs=None, input_ids=None, *, messages, add_generation_prompt, return_logits, return_n_logits, logits,
+           target_logprobs, top_k, vocab_ids, target_ranks, entropy, return_hidden_states, dtype, add_special_tokens,
+           binary=True) -> Result
+    hidden_states(inputs=None, input_ids=None, *, messages, add_generation_prompt, return_hidden_states, layers, dtype,
+                  binary=True) -> Result
+    embeddings(input, *, binary=True, dimensions=None) -> array [B, dimensions or hidden]
+    score(query, items, label_token_ids, *, apply_softmax, item_first) -> array [items, labels] (/v1/score)
+    rerank(query, documents, *, top_n, return_documents, instruction, use_activation) -> list of results, best first
+    classify(input=None, *, messages, add_generation_prompt, use_activation) -> list of {label, probs, logits, ...}
     completions(prompt, **openai_fields) -> dict (the OpenAI response)
     tokenize(text, add_special_tokens=True) -> list[int]; detokenize(ids) -> str; tokenizer_info() -> dict
     health(), ready(), info(), models() -> dict; metrics() -> str
@@ -309,6 +344,15 @@ class Client(_Base):
 
     def completions(self, prompt, **kw) -> dict:
         return self._send(self._completions_call(prompt, **kw))
+
+    def score(self, query, items, label_token_ids, **kw) -> np.ndarray:
+        return self._send(self._score_call(query, items, label_token_ids, **kw))
+
+    def rerank(self, query: str, documents, **kw) -> list[dict]:
+        return self._send(self._rerank_call(query, documents, **kw))
+
+    def classify(self, input=None, **kw) -> list[dict]:
+        return self._send(self._classify_call(input, **kw))
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._send(self._json_call("POST", "/tokenize", {"prompt": text, "add_special_tokens": add_special_tokens},
@@ -368,6 +412,15 @@ class AsyncClient(_Base):
 
     async def completions(self, prompt, **kw) -> dict:
         return await self._send(self._completions_call(prompt, **kw))
+
+    async def score(self, query, items, label_token_ids, **kw) -> np.ndarray:
+        return await self._send(self._score_call(query, items, label_token_ids, **kw))
+
+    async def rerank(self, query: str, documents, **kw) -> list[dict]:
+        return await self._send(self._rerank_call(query, documents, **kw))
+
+    async def classify(self, input=None, **kw) -> list[dict]:
+        return await self._send(self._classify_call(input, **kw))
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return await self._send(self._json_call("POST", "/tokenize",

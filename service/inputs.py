@@ -1,5 +1,5 @@
-"""A request's inputs as the model takes them: every endpoint turns what it was sent (token ids or text) into packed
-ids and lengths here, with the one set of checks and error messages of the contract."""
+"""A request's inputs as the model takes them: every endpoint turns what it was sent (token ids, text or chat
+messages) into packed ids and lengths here, with the one set of checks and error messages of the contract."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ class InputFields:
 
     ids: str
     text: str
+    messages: str | None = None  # the field of chat messages, where the endpoint takes them
 
 
-SCORING_FIELDS = InputFields("input_ids", "inputs")
+SCORING_FIELDS = InputFields("input_ids", "inputs", "messages")
 
 
 @dataclass
@@ -30,6 +31,8 @@ class RequestInputs:
     token_ids: list[list[int]] | None = None
     texts: list[str] | None = None
     add_special_tokens: bool = True  # for texts
+    conversations: list[list[dict]] | None = None  # chat messages, rendered with the checkpoint's template
+    add_generation_prompt: bool = False  # for conversations
 
 
 def prompt_inputs(prompt, add_special_tokens: bool = True) -> RequestInputs:
@@ -59,10 +62,19 @@ class PackedInputs:
 def pack_inputs(model: ServedModel, sent: RequestInputs, fields: InputFields = SCORING_FIELDS) -> PackedInputs:
     """Validated token ids of every sequence, packed. Refused (nothing reaches a worker): no or both sources, no
     sequence, an empty sequence, a sequence longer than max-seq-len, an id outside the vocabulary."""
-    if (sent.token_ids is None) == (sent.texts is None):
-        raise InvalidInput(f"send exactly one of {fields.ids} and {fields.text}", param=fields.ids)
+    given = [source is not None for source in (sent.token_ids, sent.texts, sent.conversations)]
+    if sum(given) != 1:
+        names = f"{fields.ids}, {fields.text} and {fields.messages}" if fields.messages else (
+            f"{fields.ids} and {fields.text}")
+        raise InvalidInput(f"send exactly one of {names}", param=fields.ids)
     texts = offsets = None
-    if sent.texts is not None:
+    if sent.conversations is not None:
+        param = fields.messages
+        if model.chat_template is None or model.tokenizer is None:
+            raise UnsupportedOption("this model has no chat template (tokenizer_config.json chat_template or "
+                                    "chat_template.jinja): send text or token ids", param=param)
+        lists = model.chat_template.encode(model.tokenizer, sent.conversations, sent.add_generation_prompt)
+    elif sent.texts is not None:
         param = fields.text
         if model.tokenizer is None:
             hint = f"{fields.ids} as token ids" if fields.ids == fields.text else fields.ids

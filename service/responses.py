@@ -20,7 +20,7 @@ from .packing import row_offsets
 from .schemas import SAFETENSORS_MEDIA as SAFETENSORS
 
 STREAM_BYTES = 1 << 20  # binary bodies above this are streamed in slices of this size
-JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS  # id2label: int keys
 
 
 def to_json(obj: Any) -> bytes:

@@ -3,13 +3,17 @@ fields; `model` is accepted and ignored."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from .inputs import RequestInputs
 
 DType = Literal["float32", "float16", "bfloat16"]
+# A conversation: messages as chat templates read them ({"role": ..., "content": ...} and whatever else a template
+# reads: tool calls, reasoning); the template is the judge of what it accepts.
+Conversation = list[dict[str, Any]]
+MAX_VOCAB_IDS = 1024  # vocab_ids per request (label sets, classification by LM)
 
 
 class ScoringInputs(BaseModel):
@@ -19,11 +23,14 @@ class ScoringInputs(BaseModel):
     input_ids: list[list[StrictInt]] | None = None
     inputs: str | list[str] | None = None
     add_special_tokens: StrictBool = True
+    messages: list[Conversation] | None = None
+    add_generation_prompt: StrictBool = False
     dtype: DType = "float32"
 
     def sent(self) -> RequestInputs:
         texts = [self.inputs] if isinstance(self.inputs, str) else self.inputs
-        return RequestInputs(token_ids=self.input_ids, texts=texts, add_special_tokens=self.add_special_tokens)
+        return RequestInputs(token_ids=self.input_ids, texts=texts, add_special_tokens=self.add_special_tokens,
+                             conversations=self.messages, add_generation_prompt=self.add_generation_prompt)
 
 
 class LogitsRequest(ScoringInputs):
@@ -32,6 +39,9 @@ class LogitsRequest(ScoringInputs):
     logits: StrictBool = True
     target_logprobs: StrictBool = False
     top_k: StrictInt = Field(0, ge=0, le=100)
+    vocab_ids: list[StrictInt] | None = Field(None, min_length=1, max_length=MAX_VOCAB_IDS)
+    target_ranks: StrictBool = False
+    entropy: StrictBool = False
     return_hidden_states: Literal["none", "last", "all", "last_normalized", "all_normalized"] = "none"
 
 
@@ -118,6 +128,9 @@ class LogitsItem(BaseModel):
     logits: list[list[float]] = None  # type: ignore[assignment]  (left out when not asked for)
     target_logprobs: list[float | None] = None  # type: ignore[assignment]
     top_k: TopK = None  # type: ignore[assignment]
+    vocab_logprobs: list[list[float]] = None  # type: ignore[assignment]
+    target_ranks: list[int | None] = None  # type: ignore[assignment]
+    entropy: list[float] = None  # type: ignore[assignment]
     hidden_states: list[list[list[float]]] = None  # type: ignore[assignment]
 
 
@@ -265,3 +278,91 @@ def responses(ok: type[BaseModel] | None, *errors: int, binary: bool = False, te
 
 
 SAFETENSORS_MEDIA = "application/x-safetensors"
+
+
+# ------------------------------------------------------------------------------------------ labels and ranking
+
+
+class ScoreRequest(BaseModel):
+    """SGLang's /v1/score: label probabilities at the last position of each query + item prompt."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model: str | None = None
+    query: str | list[StrictInt]
+    items: str | list[str] | list[list[StrictInt]]
+    label_token_ids: list[StrictInt] = Field(min_length=1, max_length=MAX_VOCAB_IDS)
+    apply_softmax: StrictBool = False
+    item_first: StrictBool = False
+
+
+class RerankRequest(BaseModel):
+    """Cohere / Jina / vLLM rerank; fields it does not use (max_tokens_per_doc, ...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model: str | None = None
+    query: str
+    documents: list[str]
+    top_n: StrictInt | None = Field(None, ge=0)
+    return_documents: StrictBool = True
+    instruction: str | None = None
+    use_activation: StrictBool = True
+
+
+class ClassifyRequest(BaseModel):
+    """vLLM's /classify: `input` (as OpenAI's prompt) or chat `messages`."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model: str | None = None
+    input: Prompt | None = None
+    messages: list[Conversation] | None = None
+    add_generation_prompt: StrictBool = False
+    add_special_tokens: StrictBool = True
+    use_activation: StrictBool = True
+
+
+class ScoreUsage(Usage):
+    completion_tokens: int
+
+
+class ScoreResponse(BaseModel):
+    object: Literal["scoring"]
+    model: str
+    scores: list[list[float]]
+    usage: ScoreUsage
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument = None  # type: ignore[assignment]  (left out with return_documents false)
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    usage: Usage
+    results: list[RerankResult]
+
+
+class ClassifyItem(BaseModel):
+    index: int
+    label: str
+    probs: list[float]
+    num_classes: int
+    logits: list[float]
+
+
+class ClassifyResponse(BaseModel):
+    id: str
+    object: Literal["list"]
+    created: int
+    model: str
+    data: list[ClassifyItem]
+    usage: Usage

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     pooling: Literal["last", "mean"] = flag("last", "embedding pooling")
     max_request_bytes: int = flag(33554432, "largest request body (413 above)", "N", ge=1)
     revision: str | None = flag(None, "branch, tag or commit of a Hub id --model (default: its default branch)", "REV")
+    reranker: Literal["qwen3", "bge-gemma"] | None = flag(
+        None, "serve /v1/rerank from a causal LM with this family's prompt and yes/no tokens", "qwen3|bge-gemma")
 
     # Operational knobs (environment only).
     served_model_name: str | None = Field(None, description="the model id clients see (default: the folder's name)")

@@ -26,7 +26,7 @@ from starlette.responses import Response
 from model.outputs import OutputSpec, ReturnHiddenStates, ReturnLogits
 
 from ..deps import Authorized, EngineDep, ServedDep, SettingsDep, WorkersAccepting, json_body, request_body
-from ..errors import UnsupportedOption
+from ..errors import InvalidInput, UnsupportedOption
 from ..inputs import InputFields, PackedInputs, pack_inputs, prompt_inputs
 from ..responses import json_response
 from ..schemas import (
@@ -235,9 +235,9 @@ async def completions(req: CompletionBody, request: Request, served: ServedDep, 
 async def embeddings(req: EmbeddingBody, request: Request, served: ServedDep, engine: EngineDep,
                      settings: SettingsDep) -> Response:
     hidden = served.config.hidden_size
-    if req.dimensions is not None and req.dimensions != hidden:
-        raise UnsupportedOption(f"dimensions {req.dimensions}: this model's embeddings have {hidden}",
-                                param="dimensions")
+    if req.dimensions is not None and req.dimensions > hidden:
+        raise InvalidInput(f"dimensions {req.dimensions} is larger than this model's hidden size {hidden}",
+                           param="dimensions")
     inputs = pack_inputs(served, prompt_inputs(req.input, req.add_special_tokens), InputFields("input", "input"))
     mean = settings.pooling == "mean"
     mode = ReturnHiddenStates.ALL_NORMALIZED if mean else ReturnHiddenStates.LAST_NORMALIZED
@@ -250,6 +250,7 @@ async def embeddings(req: EmbeddingBody, request: Request, served: ServedDep, en
         rows = hs[h : h + k].astype(np.float64)
         h += k
         vec = rows.mean(axis=0) if mean else rows[-1]
+        vec = vec[: req.dimensions]  # Matryoshka: the first components, normalized below
         norm = float(np.linalg.norm(vec))
         vec = (vec / norm if norm > 0 else vec).astype("<f4")
         emb = base64.b64encode(vec.tobytes()).decode("ascii") if req.encoding_format == "base64" else vec

@@ -44,6 +44,8 @@ async def info(served: ServedDep, engine: EngineDep, settings: SettingsDep) -> R
         "version": __version__,
         "config": dataclasses.asdict(served.config),
         "tokenizer": served.tokenizer is not None,
+        "task": served.task,
+        "num_labels": served.num_labels,
         "tp": s.tp,
         "replicas": s.replicas,
         "device": s.device,

@@ -230,3 +230,67 @@ def test_scores_logsumexp_without_shift_falls_back_on_extreme_rows(llama, monkey
     assert torch.isnan(got.target_logprobs[5])
     torch.testing.assert_close(got.top_k_logprobs.double(), logprobs.topk(3, dim=-1).values, atol=1e-5, rtol=0)
     assert torch.isfinite(got.top_k_logprobs).all()
+
+
+def expected_scores(ref_logits: torch.Tensor, seq: torch.Tensor, vocab_ids: list[int]):
+    """transformers' logits [n, V] -> (log-softmax at vocab_ids [n, k], target ranks [n] with -1 last, entropy [n]),
+    computed in float64 from the full rows."""
+    logprobs = torch.log_softmax(ref_logits.double(), dim=-1)
+    targets = torch.cat([seq[1:], seq.new_tensor([0])])
+    target_logit = ref_logits.gather(1, targets[:, None])
+    ranks = 1 + (ref_logits > target_logit).sum(dim=-1)
+    ranks[-1] = -1
+    entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
+    return logprobs[:, vocab_ids], ranks, entropy
+
+
+@pytest.mark.parametrize("full_logits", [False, True], ids=["chunked", "with-logits"])
+def test_vocab_logprobs_target_ranks_and_entropy_match_transformers(llama, full_logits, monkeypatch):
+    """The new scores, from the chunked scores path (in-place exp, chunks of 5 rows) and beside full logits."""
+    _, runner, hf = llama
+    monkeypatch.setattr(runner, "SCORE_CHUNK_ROWS", 5)
+    vocab = runner.config.vocab_size
+    seqs, ids, offsets = ragged([7, 1, 12], vocab, seed=3)
+    chosen = [vocab - 1, 0, 17, 17]
+    specs = [OutputSpec(return_logits=ReturnLogits.ALL, logits=full_logits, vocab_ids=chosen, target_ranks=True,
+                        entropy=True),
+             OutputSpec(logits=full_logits, entropy=True),  # no targets, no ids: left out
+             OutputSpec(return_logits=ReturnLogits.ALL, logits=full_logits, vocab_ids=[3], target_ranks=True)]
+    outs = runner.run(ids, offsets, specs)
+    for seq, spec, out in zip(seqs, specs, outs):
+        ref = reference(hf, seq)[0]
+        rows = list(spec.logit_rows(len(seq)))
+        want_vocab, want_ranks, want_entropy = (t[rows] for t in expected_scores(ref, seq, list(spec.vocab_ids or [0])))
+        assert (out.vocab_logprobs is None) == (spec.vocab_ids is None)
+        if spec.vocab_ids is not None:
+            assert out.vocab_logprobs.dtype == torch.float32 and out.vocab_logprobs.shape == (len(rows), len(spec.vocab_ids))
+            torch.testing.assert_close(out.vocab_logprobs.double(), want_vocab, atol=1e-4, rtol=0)
+        assert (out.target_ranks is None) == (not spec.target_ranks)
+        if spec.target_ranks:
+            assert out.target_ranks.dtype == torch.int64 and torch.equal(out.target_ranks, want_ranks)
+        assert (out.entropy is None) == (not spec.entropy)
+        if spec.entropy:
+            torch.testing.assert_close(out.entropy.double(), want_entropy, atol=1e-4, rtol=0)
+        assert out.target_logprobs is None and out.top_k_ids is None
+
+
+def test_new_scores_on_extreme_rows_use_the_shifted_fallback(llama, monkeypatch):
+    """Entropy, ranks and chosen-id log-probs of rows that overflow or underflow exp: as float64's."""
+    _, runner, _ = llama
+    g = torch.Generator().manual_seed(1)
+    table = torch.randn(4, 1000, generator=g) * 4
+    table[1] += 95.0
+    table[2] -= 200.0
+    monkeypatch.setattr(runner.scores, "compute_logits", lambda rows_h: table[rows_h[:, 0].long()].clone())
+    from model.scores import ScoreAsk
+
+    vocab_ids = torch.tensor([[5, 999, -1]] * 4)
+    targets = torch.tensor([3, 5, 9, -1])
+    got = runner.scores(torch.arange(4.0)[:, None], targets,
+                        ScoreAsk(vocab_ids=vocab_ids, target_ranks=True, entropy=True, target_logprobs=False))
+    logprobs = torch.log_softmax(table.double(), dim=-1)
+    torch.testing.assert_close(got.vocab_logprobs[:, :2].double(), logprobs[:, [5, 999]], atol=1e-5, rtol=0)
+    assert torch.isnan(got.vocab_logprobs[:, 2]).all() and got.target_logprobs is None
+    torch.testing.assert_close(got.entropy.double(), -(logprobs.exp() * logprobs).sum(-1), atol=1e-4, rtol=0)
+    want_ranks = 1 + (table > table.gather(1, targets.clamp(min=0)[:, None])).sum(-1)
+    assert got.target_ranks[:3].tolist() == want_ranks[:3].tolist() and got.target_ranks[3] == -1

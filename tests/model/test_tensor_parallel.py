@@ -11,10 +11,11 @@ from model.config import ModelConfig
 from tests.checkpoints import RECIPES, make_checkpoint
 from tests.model.helpers import ragged
 
-SPEC = OutputSpec(return_logits=ReturnLogits.ALL, target_logprobs=True, top_k=6,
-                  return_hidden_states=ReturnHiddenStates.ALL, layers=(0, 1, -1))
+SPEC = OutputSpec(return_logits=ReturnLogits.ALL, target_logprobs=True, top_k=6, vocab_ids=(0, 299, 150, 0),
+                  target_ranks=True, entropy=True, return_hidden_states=ReturnHiddenStates.ALL, layers=(0, 1, -1))
 NORMALIZED = OutputSpec(logits=False, return_hidden_states=ReturnHiddenStates.ALL_NORMALIZED, layers=(-1, 2))
-LEAN = OutputSpec(return_logits=ReturnLogits.ALL, logits=False, target_logprobs=True, top_k=6)
+LEAN = OutputSpec(return_logits=ReturnLogits.ALL, logits=False, target_logprobs=True, top_k=6, vocab_ids=(299, 1, 2),
+                  target_ranks=True, entropy=True)
 SPARSE = OutputSpec(return_logits=ReturnLogits.VARIABLE, return_n_logits=3, target_logprobs=True, top_k=6)
 LAST_HIDDEN = OutputSpec(logits=False, return_hidden_states=ReturnHiddenStates.LAST_NORMALIZED, layers=(-1, 1))
 
@@ -33,11 +34,14 @@ def run_cases(ctx, cases):
 def assert_same(outs, expected, atol=1e-4):
     for got, want in zip(outs, expected):
         assert torch.equal(got.positions, want.positions)
-        for field in ("logits", "target_logprobs", "top_k_logprobs", "hidden_states"):
+        for field in ("logits", "target_logprobs", "top_k_logprobs", "vocab_logprobs", "entropy", "hidden_states"):
             a, b = getattr(got, field), getattr(want, field)
             assert (a is None) == (b is None), field
             if a is not None:
                 torch.testing.assert_close(a, b, atol=atol, rtol=0, equal_nan=True)
+        assert (got.target_ranks is None) == (want.target_ranks is None)
+        if want.target_ranks is not None:
+            assert torch.equal(got.target_ranks, want.target_ranks)
         if want.top_k_ids is not None:
             # ids may only differ where log-probs tie
             differ = got.top_k_ids != want.top_k_ids

@@ -250,3 +250,32 @@ def test_default_model_logits_match_transformers(served_default_model):
         with torch.inference_mode():
             for seq, out in zip(seqs, outs):
                 torch.testing.assert_close(out.logits, hf(input_ids=seq[None]).logits[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_default_model_messages_match_apply_chat_template(served_default_model):
+    """`messages` on the served default model: the ids of transformers' apply_chat_template (with and without the
+    generation prompt) and logits within 1e-4 of transformers' on them."""
+    import httpx
+
+    server, cache, _ = served_default_model
+    folder = default_model_dir(cache)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    conversations = [
+        [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Capital of France?"}],
+        [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi, how can I help?"},
+         {"role": "user", "content": "数字 12345"}],
+    ]
+    for add_generation_prompt in (False, True):
+        body = {"messages": conversations, "add_generation_prompt": add_generation_prompt, "return_logits": "all"}
+        r = httpx.post(server.url + "/v1/logits", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        for conversation, item in zip(conversations, r.json()["data"]):
+            ids = tokenizer.apply_chat_template(conversation, tokenize=True,
+                                                add_generation_prompt=add_generation_prompt)
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+            assert item["num_tokens"] == len(ids)
+            with torch.inference_mode():
+                want = hf(input_ids=torch.tensor([ids])).logits[0]
+            assert float((torch.tensor(item["logits"]) - want).abs().max()) <= 1e-4

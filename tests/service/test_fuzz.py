@@ -50,7 +50,8 @@ def test_openapi_documents_every_endpoint(server):
     """Bodies and responses are documented, so the fuzzing below is not vacuous."""
     doc = httpx.get(server.url + "/openapi.json").json()
     expected = {"/v1/logits", "/v1/hidden_states", "/v1/completions", "/v1/embeddings", "/tokenize", "/detokenize",
-                "/tokenizer_info", "/health", "/ready", "/metrics", "/info", "/v1/models"}
+                "/tokenizer_info", "/health", "/ready", "/metrics", "/info", "/v1/models", "/v1/score", "/v1/rerank",
+                "/v2/rerank", "/v1/classify"}
     assert expected <= set(doc["paths"])
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
@@ -67,7 +68,8 @@ def test_openapi_documents_every_endpoint(server):
 
 OPERATIONS = ["POST /v1/logits", "POST /v1/hidden_states", "POST /v1/completions", "POST /v1/embeddings",
               "POST /tokenize", "POST /detokenize", "GET /tokenizer_info", "GET /health", "GET /ready",
-              "GET /metrics", "GET /info", "GET /v1/models"]
+              "GET /metrics", "GET /info", "GET /v1/models", "POST /v1/score", "POST /v1/rerank", "POST /v2/rerank",
+              "POST /v1/classify"]
 
 
 CASES = [(op, GenerationMode.POSITIVE) for op in OPERATIONS] + [
@@ -117,7 +119,7 @@ def test_server_still_ready_after_fuzzing(server, reference_runner):
     for op, statuses in sorted(by_op.items()):
         print(f"  {op}: {dict(sorted(statuses.items()))}")
     if SEEN:  # run after the fuzz test (not when selected alone)
-        assert len(by_op) == 12, by_op
+        assert len(by_op) == len(OPERATIONS), by_op
     assert httpx.get(server.url + "/ready").status_code == 200
     body = {"input_ids": [[1, 2, 3, 4]], "return_logits": "all", "target_logprobs": True, "top_k": 3}
     r = httpx.post(server.url + "/v1/logits", json=body, headers=server.headers, timeout=30)

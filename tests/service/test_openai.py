@@ -183,8 +183,8 @@ def test_openai_errors(sdk, server):
         sdk.completions.create(model="tiny", prompt="x", logprobs=21)
     with pytest.raises(openai.UnprocessableEntityError):
         sdk.embeddings.create(model="tiny", input=[[]])
-    with pytest.raises(openai.BadRequestError):
-        sdk.embeddings.create(model="tiny", input="x", dimensions=7)
+    with pytest.raises(openai.UnprocessableEntityError):  # larger than the hidden size
+        sdk.embeddings.create(model="tiny", input="x", dimensions=100000)
     with pytest.raises(openai.AuthenticationError):
         with openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0) as bad:
             bad.embeddings.create(model="tiny", input="x")

@@ -1,6 +1,6 @@
 """The response encoders and the client's decoders, driven by the output kinds table, without a server: every kind
 goes out (JSON and safetensors) and comes back per sequence as it went in, and a kind added to the table (the next
-ones: per-row entropy, target ranks with -1 as JSON null) needs no change to either side."""
+one, whatever it is, with -1 as JSON null or not) needs no change to either side."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ def scored(extra: dict[str, np.ndarray] | None = None) -> Scored:
         "target_logprobs": target,
         "top_k_ids": rng.integers(0, 11, (r, 2)),
         "top_k_logprobs": rng.standard_normal((r, 2)).astype(np.float32),
+        "vocab_logprobs": rng.standard_normal((r, 3)).astype(np.float32),
+        "target_ranks": np.array([-1, 1, 7, 2, 3, -1]),
+        "entropy": np.linspace(0, 1, r, dtype=np.float32),
         "hidden_states": rng.standard_normal((2, rh, 4)).astype(np.float32),
         "hidden_positions": np.array([0, 1, 2, 0, 1, 2, 3, 4]),
         **(extra or {}),
@@ -63,18 +66,21 @@ def test_every_kind_round_trips_per_sequence():
             np.testing.assert_array_equal(getattr(from_json[i], kind.name), want, err_msg=kind.name)
     assert binary[0].layers == [3, 1]
     item = orjson.loads(responses.logits_json(s, "m"))["data"][0]
-    assert list(item) == ["index", "num_tokens", "positions", "logits", "target_logprobs", "top_k", "hidden_states"]
-    assert item["target_logprobs"] == [None]
+    assert list(item) == ["index", "num_tokens", "positions", "logits", "target_logprobs", "top_k", "vocab_logprobs",
+                          "target_ranks", "entropy", "hidden_states"]
+    assert item["target_logprobs"] == [None] and item["target_ranks"] == [None]
+    item = orjson.loads(responses.logits_json(s, "m"))["data"][1]
+    assert item["target_ranks"] == [1, 7, 2, 3, None]  # -1 (no next token) is null in JSON
 
 
 def test_a_kind_added_to_the_table_reaches_both_encodings_and_the_client(monkeypatch):
-    entropy = OutputKind("entropy", Rows.LOGIT, "float32", json=("entropy",))
-    ranks = OutputKind("target_ranks", Rows.LOGIT, "int64", json=("target_ranks",), json_null=-1)
-    kinds = OUTPUT_KINDS[:5] + (ranks, entropy) + OUTPUT_KINDS[5:]
+    entropy = OutputKind("margin", Rows.LOGIT, "float32", json=("margin",))
+    ranks = OutputKind("argmax_ids", Rows.LOGIT, "int64", json=("argmax_ids",), json_null=-1)
+    kinds = OUTPUT_KINDS[:-2] + (ranks, entropy) + OUTPUT_KINDS[-2:]
     for module in (responses, client):
         monkeypatch.setattr(module, "OUTPUT_KINDS", kinds)
     r = sum(LOGIT_ROWS)
-    s = scored({"entropy": np.linspace(0, 1, r, dtype=np.float32), "target_ranks": np.array([-1, 1, 7, 2, 3, -1])})
+    s = scored({"margin": np.linspace(0, 1, r, dtype=np.float32), "argmax_ids": np.array([-1, 1, 7, 2, 3, -1])})
     binary, from_json = round_trip(s)
     for kind in (entropy, ranks):
         for i in range(len(LENGTHS)):
@@ -82,8 +88,8 @@ def test_a_kind_added_to_the_table_reaches_both_encodings_and_the_client(monkeyp
             np.testing.assert_array_equal(getattr(binary[i], kind.name), want, err_msg=kind.name)
             np.testing.assert_array_equal(getattr(from_json[i], kind.name), want, err_msg=kind.name)
     item = orjson.loads(responses.logits_json(s, "m"))["data"][1]
-    assert item["target_ranks"] == [1, 7, 2, 3, None]  # -1 (no next token) is null in JSON
-    assert list(item)[-3:] == ["target_ranks", "entropy", "hidden_states"]
+    assert item["argmax_ids"] == [1, 7, 2, 3, None]  # -1 is null in JSON
+    assert list(item)[-3:] == ["argmax_ids", "margin", "hidden_states"]
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
