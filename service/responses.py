@@ -51,6 +51,11 @@ def _json_pieces(obj: Any) -> Iterator[bytes]:
         yield b"}"
     elif isinstance(obj, np.ndarray) and (obj.ndim <= 1 or obj.nbytes <= JSON_LEAF_BYTES):
         yield to_json(np.ascontiguousarray(obj))
+    elif isinstance(obj, Iterator):  # items made as they are encoded, each encoded whole (one choice, one row)
+        yield b"["
+        for i, item in enumerate(obj):
+            yield (b"," if i else b"") + to_json(item)
+        yield b"]"
     elif isinstance(obj, (list, tuple, np.ndarray)):
         yield b"["
         for i, item in enumerate(obj):
@@ -227,6 +232,17 @@ def _encode_json(body_obj: Any, metrics) -> Iterator[bytes]:
         yield from iter_json(body_obj)
     finally:
         metrics.serialization_duration.labels("json").observe(time.perf_counter() - t0)
+
+
+def budgeted_json(body: Any, scored: Scored, *, streamed: bool) -> Response:
+    """A JSON body made from a scored request's results (with its timing headers): streamed as it is encoded when
+    `streamed`, else built here; either way the results' bytes are released once it is sent."""
+    if streamed:
+        return BudgetedResponse(iter_json(body), scored.release, media_type="application/json",
+                                headers=scored.timing_headers)
+    content = to_json({k: list(v) if isinstance(v, Iterator) else v for k, v in body.items()})
+    scored.release()
+    return Response(content, media_type="application/json", headers=scored.timing_headers)
 
 
 def _results_nbytes(scored: Scored) -> int:

@@ -303,3 +303,24 @@ def test_budget_holds_under_slow_readers(wide_server):
     assert growth <= BUDGET + REQUEST_BYTES + allowance
     assert growth < clients * REQUEST_BYTES
     assert _wait_gauge(wide_server, 0)
+
+
+def test_streamed_completions_echo_equals_prompt_by_prompt(wide_server):
+    """/v1/completions with echo + logprobs over long prompts is streamed a prompt at a time; each choice is the
+    one the same prompt gets alone (built whole)."""
+    from service.routes.openai import ECHO_STREAM_TOKENS
+
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 290, 1100).tolist() for _ in range(4)]  # ids the tiny tokenizer decodes
+    assert sum(map(len, prompts)) > ECHO_STREAM_TOKENS > 1100
+    ask = {"model": "m", "echo": True, "logprobs": 2, "max_tokens": 1}
+    with wide_server.client() as c:
+        r = c.post("/v1/completions", json={**ask, "prompt": prompts})
+        alone = [c.post("/v1/completions", json={**ask, "prompt": [p]}) for p in prompts]
+    assert r.status_code == 200 and "content-length" not in r.headers
+    assert all(a.status_code == 200 and "content-length" in a.headers for a in alone)
+    choices = orjson.loads(r.content)["choices"]
+    for i, a in enumerate(alone):
+        [one] = a.json()["choices"]
+        assert choices[i] == {**one, "index": i}
+    assert _wait_gauge(wide_server, 0)
