@@ -159,20 +159,49 @@ def cast(arr: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
     raise ValueError(dtype)
 
 
+class CastBytes:
+    """The bytes of a large float32 array in a half-precision wire dtype, cast one slice at a time as they are sent
+    (`_slices`): no whole half-precision copy in the front end beside the results in shared memory."""
+
+    itemsize = 2
+
+    def __init__(self, arr: np.ndarray, dtype: str):
+        self.flat = np.ascontiguousarray(arr).reshape(-1)  # a view of shared memory (results are contiguous)
+        self.dtype = dtype
+        self.shape = arr.shape
+
+    def __len__(self) -> int:
+        return self.flat.size * self.itemsize
+
+    def __getitem__(self, part: slice) -> bytes:
+        """Bytes [start, stop) of the cast array; whole elements (the streamed slice size is even)."""
+        start, stop, _ = part.indices(len(self))
+        cast_part, _ = cast(self.flat[start // self.itemsize : -(-stop // self.itemsize)], self.dtype)
+        return cast_part.tobytes()
+
+
+def wire_array(arr: np.ndarray, dtype: str) -> tuple[np.ndarray | CastBytes, str]:
+    """`cast`, lazily (CastBytes) for arrays above STREAM_BYTES in a half-precision dtype."""
+    if dtype != "float32" and arr.nbytes > STREAM_BYTES:
+        return CastBytes(arr, dtype), {"float16": "F16", "bfloat16": "BF16"}[dtype]
+    return cast(arr, dtype)
+
+
 def safetensors_parts(tensors: list[tuple[str, np.ndarray, str | None]], metadata: dict[str, str]) -> list:
-    """A safetensors file as [header bytes, then each tensor's bytes as a memoryview of the array itself]: the data
-    is not copied here (large responses are streamed from these views, straight from the workers' shared memory)."""
+    """A safetensors file as [header bytes, then each tensor's bytes as a memoryview of the array itself, or a
+    CastBytes that casts it as it is read]: the data is not copied here (large responses are streamed from these views, straight from the workers' shared memory)."""
     header: dict[str, Any] = {}
     chunks = []
     offset = 0
     for name, arr, code in tensors:
-        arr = np.ascontiguousarray(arr)
-        code = code or _ST_DTYPES[arr.dtype]
-        n = arr.nbytes
+        if not isinstance(arr, CastBytes):
+            arr = np.ascontiguousarray(arr)
+            code = code or _ST_DTYPES[arr.dtype]
+        n = len(arr) if isinstance(arr, CastBytes) else arr.nbytes
         header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + n]}
         offset += n
         if n:
-            chunks.append(memoryview(arr.reshape(-1).view(np.uint8)))
+            chunks.append(arr if isinstance(arr, CastBytes) else memoryview(arr.reshape(-1).view(np.uint8)))
     header["__metadata__"] = metadata
     head = orjson.dumps(header)
     head += b" " * (-len(head) % 8)
@@ -188,7 +217,7 @@ def scoring_safetensors(scored: Scored, rows: tuple[Rows, ...], dtype: str, meta
         if kind.rows not in rows or kind.name not in out.arrays:
             continue
         arr = out.arrays[kind.name]
-        tensors.append((kind.name, *cast(arr, dtype)) if kind.follows_dtype else (kind.name, arr, None))
+        tensors.append((kind.name, *wire_array(arr, dtype)) if kind.follows_dtype else (kind.name, arr, None))
         if not any(name == kind.rows.offsets for name, _, _ in tensors):
             tensors.append((kind.rows.offsets, out.offsets(kind.rows), None))
     return safetensors_parts(tensors, {**metadata, "layers": json.dumps(list(out.layers)), "dtype": dtype})
@@ -265,7 +294,7 @@ def scored_response(scored: Scored, accept: str, metrics, *, json_body: Callable
             headers["content-length"] = str(size)
             return BudgetedResponse(_slices(parts, STREAM_BYTES), scored.release, media_type=SAFETENSORS,
                                     headers=headers)
-        body = b"".join(parts)
+        body = b"".join(p[0 : len(p)] if isinstance(p, CastBytes) else p for p in parts)
     else:
         body = json_body()
         if not isinstance(body, bytes):

@@ -73,6 +73,22 @@ def test_streamed_json_is_the_same_bytes():
     assert b"".join(chunks) == whole
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_is_cast_as_it_is_sent(dtype):
+    """A large array's half-precision bytes are made a slice at a time, equal to the whole cast."""
+    arr = np.random.default_rng(1).standard_normal((700, 411)).astype(np.float32)  # > STREAM_BYTES, odd sizes
+    arr[5, 5] = np.nan
+    view = np.frombuffer(arr.tobytes(), dtype=np.float32).reshape(arr.shape)  # read-only, as shared memory is
+    lazy, code = responses.wire_array(view, dtype)
+    assert isinstance(lazy, responses.CastBytes) and code in ("F16", "BF16")
+    whole, _ = responses.cast(view, dtype)
+
+    async def streamed():
+        return b"".join([piece async for piece in responses._slices([lazy], responses.STREAM_BYTES)])
+
+    assert asyncio.run(streamed()) == whole.tobytes() == lazy[0 : len(lazy)]
+
+
 def _contiguous(obj):
     if isinstance(obj, dict):
         return {k: _contiguous(v) for k, v in obj.items()}
@@ -205,7 +221,8 @@ def test_streamed_json_equals_the_binary_results(wide_server):
     with wide_server.client() as c:
         r = c.post("/v1/logits", json=body)
         b = c.post("/v1/logits", json=body, headers={"accept": SAFETENSORS})
-    assert r.status_code == 200 and b.status_code == 200
+        half = c.post("/v1/logits", json={**body, "dtype": "bfloat16"}, headers={"accept": SAFETENSORS})
+    assert r.status_code == 200 and b.status_code == 200 and half.status_code == 200
     assert "content-length" not in r.headers  # streamed
     from service.client import read_safetensors
 
@@ -213,6 +230,8 @@ def test_streamed_json_equals_the_binary_results(wide_server):
     binary, _ = read_safetensors(b.content)
     logits = np.concatenate([np.asarray(d["logits"], dtype=np.float32) for d in data])
     assert np.array_equal(logits, binary["logits"])  # float32 text round-trips to the same bits
+    widened = torch.from_numpy(binary["logits"].copy()).to(torch.bfloat16).float().numpy()
+    assert np.array_equal(read_safetensors(half.content)[0]["logits"], widened)  # cast a slice at a time
     ids = binary["top_k_ids"]
     assert [d["top_k"]["ids"] for d in data] == [ids[:TOKENS].tolist(), ids[TOKENS:].tolist()]
     assert _wait_gauge(wide_server, 0)
