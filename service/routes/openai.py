@@ -261,6 +261,7 @@ async def embeddings(req: EmbeddingBody, request: Request, served: ServedDep, en
         vec = (vec / norm if norm > 0 else vec).astype("<f4")
         emb = base64.b64encode(vec.tobytes()).decode("ascii") if req.encoding_format == "base64" else vec
         data.append({"object": "embedding", "index": i, "embedding": emb})
+    scored.release()  # the vectors are copies: the results are no longer read
     n = inputs.num_tokens
     return json_response({"object": "list", "data": data, "model": served.name,
                           "usage": {"prompt_tokens": n, "total_tokens": n}}, headers=scored.timing_headers)
