@@ -125,6 +125,8 @@ class Batcher:
                 task = asyncio.get_running_loop().create_task(self._complete(replica, works, batch, fut))
                 self._dispatches.add(task)
                 task.add_done_callback(self._dispatches.discard)
+                # Not held here until the next dispatch: the future's results pin its requests' shared memory.
+                del batch, fut, task, works
 
     def _take(self) -> list[Work]:
         """The next batch, in arrival order; empty while the head of the queue waits for the results budget (a

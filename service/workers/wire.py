@@ -130,7 +130,7 @@ class MappedBatch:
         """Views of request `index`'s tensors; `reservation` (its bytes in the results budget) is released when the
         last view is gone, should its response not release it first."""
         result = self.done.results[index]
-        buf = self._bufs[index]
+        buf, self._bufs[index] = self._bufs[index], None  # handed over: only the views keep it now
         if reservation is not None and buf is not None:
             try:
                 weakref.finalize(buf, reservation.release)

@@ -258,6 +258,8 @@ def test_a_disconnect_frees_its_results(wide_server):
     assert _wait_gauge(wide_server, 0), wide_server.metric("logitserve_result_bytes")
     with wide_server.client() as c:  # and the server answers the next request in full
         assert c.post("/v1/logits", json={"input_ids": [_ids(40, 4)], "return_logits": "all"}).status_code == 200
+        assert c.post("/v1/embeddings", json={"input": [_ids(40, 5)]}).status_code == 200
+    assert _wait_gauge(wide_server, 0)  # nothing held once the answers are sent
 
 
 def _tree_pss(pid: int) -> int:
