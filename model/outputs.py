@@ -135,20 +135,27 @@ class OutputKind:
     json: tuple[str, ...] | None = None  # key path in a /v1/logits JSON item; None: binary only
     json_null: int | None = None  # an integer that JSON writes as null (float NaN is null already)
     follows_dtype: bool = False  # the request's `dtype` (float32 / float16 / bfloat16) applies
+    # Elements of one row, as a product of named sizes: an OutputSpec field (a flag counts 0 or 1, a tuple its
+    # length, an int itself) or a model size ("columns": the logit width, "hidden"). A kind not asked for is 0.
+    # The result budget (service/budget.py) sizes a request from it before any forward runs.
+    per_row: tuple[str, ...] = ()
 
 
 # Table order is the order of the JSON keys and of the binary body's tensors (each row set's offsets right after
 # its first tensor).
 OUTPUT_KINDS: tuple[OutputKind, ...] = (
     OutputKind("positions", Rows.LOGIT, "int64", json=("positions",)),  # [R]
-    OutputKind("logits", Rows.LOGIT, "float32", json=("logits",), follows_dtype=True),  # [R, vocab]
-    OutputKind("target_logprobs", Rows.LOGIT, "float32", json=("target_logprobs",)),  # [R], NaN: no next token
-    OutputKind("top_k_ids", Rows.LOGIT, "int64", json=("top_k", "ids")),  # [R, k]
-    OutputKind("top_k_logprobs", Rows.LOGIT, "float32", json=("top_k", "logprobs")),  # [R, k]
-    OutputKind("vocab_logprobs", Rows.LOGIT, "float32", json=("vocab_logprobs",)),  # [R, n]
-    OutputKind("target_ranks", Rows.LOGIT, "int64", json=("target_ranks",), json_null=-1),  # [R], -1: no next token
-    OutputKind("entropy", Rows.LOGIT, "float32", json=("entropy",)),  # [R]
+    OutputKind("logits", Rows.LOGIT, "float32", json=("logits",), follows_dtype=True,
+               per_row=("logits", "columns")),  # [R, vocab]
+    OutputKind("target_logprobs", Rows.LOGIT, "float32", json=("target_logprobs",),
+               per_row=("target_logprobs",)),  # [R], NaN: no next token
+    OutputKind("top_k_ids", Rows.LOGIT, "int64", json=("top_k", "ids"), per_row=("top_k",)),  # [R, k]
+    OutputKind("top_k_logprobs", Rows.LOGIT, "float32", json=("top_k", "logprobs"), per_row=("top_k",)),  # [R, k]
+    OutputKind("vocab_logprobs", Rows.LOGIT, "float32", json=("vocab_logprobs",), per_row=("vocab_ids",)),  # [R, n]
+    OutputKind("target_ranks", Rows.LOGIT, "int64", json=("target_ranks",), json_null=-1,
+               per_row=("target_ranks",)),  # [R], -1: no next token
+    OutputKind("entropy", Rows.LOGIT, "float32", json=("entropy",), per_row=("entropy",)),  # [R]
     OutputKind("hidden_states", Rows.HIDDEN, "float32", row_dim=1, json=("hidden_states",),
-               follows_dtype=True),  # [L, Rh, hidden]
+               follows_dtype=True, per_row=("layers", "hidden")),  # [L, Rh, hidden]
     OutputKind("hidden_positions", Rows.HIDDEN, "int64"),  # [Rh]
 )

@@ -28,6 +28,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .routes import ROUTERS
+from .budget import ResultDims
 from .served import ServedModel
 from .settings import Settings
 
@@ -38,7 +39,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     settings = settings or Settings()
     served = ServedModel.load(settings)
     metrics = metrics or Metrics()
-    engine = Engine(settings, served.checkpoint, metrics)
+    engine = Engine(settings, served.checkpoint, metrics, ResultDims.of(served.config))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

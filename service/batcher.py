@@ -2,7 +2,8 @@
 
 Requests carry futures. Admission (`submit`) only appends to the queue and wakes the owner; the owner task alone
 takes work out of it: it skips requests whose future is already done (timed out, client gone), packs whole
-requests by the token budget (`packing.fits`) and sends a batch to the least-loaded replica as soon as one has a
+requests by the token budget and the result-bytes share of a batch (`packing.fits`), holds requests back while
+the results budget (`budget.ResultBudget`) is spent, and sends a batch to the least-loaded replica as soon as one has a
 free slot: every replica holds one running and one prefetched batch, so a worker never idles while work is
 queued, and nothing waits for a batch to fill.
 """
@@ -19,6 +20,7 @@ import numpy as np
 
 from model.outputs import OutputSpec
 
+from .budget import Reservation, ResultBudget
 from .errors import InternalError, NotReady, OutOfMemory, QueueFull, ServiceError
 from .packing import fits, row_offsets
 from .workers import Batch, MappedBatch, Replica, RequestOutputs, RequestSpan, Requeue, WorkerPool
@@ -37,6 +39,8 @@ class Work:
     enqueued_at: float = field(default_factory=time.perf_counter)
     dispatched_at: float = 0.0
     queued: bool = False
+    result_bytes: int = 0  # what its results take (budget.result_bytes), reserved at dispatch
+    reservation: Reservation | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -48,11 +52,21 @@ class WorkResult:
     outputs: RequestOutputs
     queue_s: float
     inference_s: float
+    reservation: Reservation | None = None
+
+
+def _release(work: Work) -> None:
+    if work.reservation is not None:
+        work.reservation.release()
+        work.reservation = None
 
 
 class Batcher:
-    def __init__(self, pool: WorkerPool | None, max_batch_tokens: int, max_queue_tokens: int, metrics):
+    def __init__(self, pool: WorkerPool | None, max_batch_tokens: int, max_queue_tokens: int, metrics,
+                 budget: ResultBudget | None = None):
         self.pool = pool
+        self.budget = budget if budget is not None else ResultBudget(1 << 62, metrics.result_bytes)
+        self.budget._on_release = self.wake  # noqa: SLF001
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_tokens = max_queue_tokens
         self.metrics = metrics
@@ -111,20 +125,28 @@ class Batcher:
                 task = asyncio.get_running_loop().create_task(self._complete(replica, works, batch, fut))
                 self._dispatches.add(task)
                 task.add_done_callback(self._dispatches.discard)
+                # Not held here until the next dispatch: the future's results pin its requests' shared memory.
+                del batch, fut, task, works
 
     def _take(self) -> list[Work]:
+        """The next batch, in arrival order; empty while the head of the queue waits for the results budget (a
+        request never overtakes an older one that is held back, so a large one is not starved)."""
         works: list[Work] = []
-        tokens = 0
+        tokens = nbytes = 0
         while self._queue:
             w = self._queue[0]
             if w.future.done():
                 self._queue.popleft()
                 continue
-            if not fits(tokens, w.num_tokens, self.max_batch_tokens):
+            if not fits(tokens, w.num_tokens, self.max_batch_tokens, nbytes, w.result_bytes, self.budget.batch_limit):
                 break
+            if not self.budget.fits(w.result_bytes):
+                break  # held back until responses being sent release their bytes (budget wakes us)
             self._queue.popleft()
             works.append(w)
             tokens += w.num_tokens
+            nbytes += w.result_bytes
+            w.reservation = self.budget.reserve(w.result_bytes)
             w.queued = False
             self._add_tokens(-w.num_tokens)
         return works
@@ -149,6 +171,8 @@ class Batcher:
         try:
             result: MappedBatch = await fut
         except Requeue:
+            for w in works:
+                _release(w)
             for w in reversed(works):
                 if not w.future.done():
                     w.queued = True
@@ -156,11 +180,13 @@ class Batcher:
                     self._queue.appendleft(w)
         except ServiceError as exc:
             for w in works:
+                _release(w)
                 if not w.future.done():
                     w.future.set_exception(exc)
         except Exception as exc:  # pragma: no cover - a bug
             logger.exception("dispatch failed")
             for w in works:
+                _release(w)
                 if not w.future.done():
                     w.future.set_exception(InternalError(f"{type(exc).__name__}: {exc}"))
         else:
@@ -172,13 +198,17 @@ class Batcher:
             self.metrics.replica_batch_tokens.labels(label).inc(batch.num_tokens)
             self.metrics.replica_busy_seconds.labels(label).inc(done.forward_s)
             for i, w in enumerate(works):
-                if not w.future.done():
-                    error = done.results[i].error
-                    if error is not None:  # out of memory even alone: this request fails alone
+                error = done.results[i].error
+                if w.future.done() or error is not None:
+                    _release(w)  # its client is gone or it timed out: its results are dropped now
+                    if error is not None and not w.future.done():  # out of memory even alone: it fails alone
                         w.future.set_exception(OutOfMemory(error))
-                    else:
-                        queue_s = w.dispatched_at - w.enqueued_at
-                        w.future.set_result(WorkResult(result.outputs(i), queue_s, done.forward_s))
+                else:
+                    queue_s = w.dispatched_at - w.enqueued_at
+                    # The reservation now belongs to the response, which releases it once fully sent (and the
+                    # mapping releases it when its last view goes, whatever happens to the response).
+                    outputs = result.outputs(i, w.reservation)
+                    w.future.set_result(WorkResult(outputs, queue_s, done.forward_s, w.reservation))
         finally:
             self._wake.set()
 

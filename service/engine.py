@@ -1,7 +1,8 @@
 """The engine (TEI's `infer`): what the routes call to have packed sequences scored. It owns the batcher and the
 worker pool for the app's lifetime; the routes never see the queue.
 
-`Engine.score` submits one request, then waits for its result, the client's disconnect or the request timeout,
+`Engine.score` sizes one request's results (refused up front when they alone exceed the results budget), submits
+it, then waits for its result, the client's disconnect or the request timeout,
 whichever comes first; a request abandoned while queued is dropped from the queue.
 """
 
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 from model.outputs import OutputSpec
 
 from .batcher import Batcher, Work
-from .errors import ClientDisconnected, NotReady, RequestTimeout
+from .budget import Reservation, ResultBudget, ResultDims, format_bytes, result_bytes
+from .errors import ClientDisconnected, NotReady, RequestTimeout, ResponseTooLarge
 from .inputs import PackedInputs
 from .metrics import Metrics
 from .settings import Settings
@@ -31,6 +33,12 @@ class Scored:
     inputs: PackedInputs
     queue_s: float
     inference_s: float
+    reservation: Reservation | None = None  # its bytes in the results budget
+
+    def release(self) -> None:
+        """The response is fully sent (or abandoned): its results no longer count against the budget."""
+        if self.reservation is not None:
+            self.reservation.release()
 
     @property
     def timing_headers(self) -> dict[str, str]:
@@ -38,10 +46,12 @@ class Scored:
 
 
 class Engine:
-    def __init__(self, settings: Settings, checkpoint: str, metrics: Metrics):
+    def __init__(self, settings: Settings, checkpoint: str, metrics: Metrics, dims: ResultDims):
         self.settings = settings
         self.checkpoint = checkpoint
         self.metrics = metrics
+        self.dims = dims
+        self.budget = ResultBudget(settings.max_result_bytes, metrics.result_bytes)
         self.draining = False
         self.pool = None
         self.batcher: Batcher | None = None
@@ -51,7 +61,7 @@ class Engine:
         from .workers import WorkerPool
 
         s = self.settings
-        self.batcher = Batcher(None, s.max_batch_tokens, s.effective_max_queue_tokens, self.metrics)
+        self.batcher = Batcher(None, s.max_batch_tokens, s.effective_max_queue_tokens, self.metrics, self.budget)
         self.pool = WorkerPool(s, self.checkpoint, self.metrics, asyncio.get_running_loop(), on_change=self.batcher.wake)
         self.batcher.pool = self.pool
         self.batcher.start()
@@ -94,7 +104,16 @@ class Engine:
     async def score(self, inputs: PackedInputs, spec: OutputSpec, receive) -> Scored:
         """Outputs of `spec` for every sequence of `inputs`. `receive` is the request's ASGI receive channel,
         watched for the client's disconnect."""
-        work = Work(inputs.ids, inputs.lengths, spec, asyncio.get_running_loop().create_future())
+        nbytes = result_bytes(spec, self.dims, inputs.lengths)
+        if nbytes > self.budget.capacity:
+            raise ResponseTooLarge(
+                f"this request's results take {format_bytes(nbytes)} ({nbytes} bytes) as float32 tensors, more than "
+                f"the server may hold for responses being sent (--max-result-bytes {self.budget.capacity}); ask for "
+                "fewer rows (return_logits last_token or variable, fewer or shorter sequences) or logits: false with "
+                "target_logprobs / top_k, or split the request; the binary format (Accept: application/x-safetensors) "
+                "with dtype bfloat16 halves the body sent but not the results held", param="return_logits")
+        work = Work(inputs.ids, inputs.lengths, spec, asyncio.get_running_loop().create_future(),
+                    result_bytes=nbytes)
         self.batcher.submit(work)
         self.metrics.prompt_tokens.inc(work.num_tokens)
         fut = work.future
@@ -109,7 +128,7 @@ class Engine:
             disconnect.cancel()
         if fut.done():
             result = fut.result()
-            return Scored(result.outputs, inputs, result.queue_s, result.inference_s)
+            return Scored(result.outputs, inputs, result.queue_s, result.inference_s, result.reservation)
         fut.cancel()  # dropped from the queue if it is still there
         if disconnect in done:
             raise ClientDisconnected()

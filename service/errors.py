@@ -41,6 +41,10 @@ class PayloadTooLarge(ServiceError):
     pass
 
 
+class ResponseTooLarge(ServiceError):
+    """The request's results alone exceed --max-result-bytes: refused before any forward runs."""
+
+
 class QueueFull(ServiceError):
     pass
 
@@ -77,6 +81,7 @@ ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
     MethodNotAllowed: (405, "method_not_allowed"),
     PayloadTooLarge: (413, "payload_too_large"),
     InvalidInput: (422, "invalid_request_error"),
+    ResponseTooLarge: (422, "response_too_large"),
     QueueFull: (429, "queue_full"),
     InternalError: (500, "internal_error"),
     NotReady: (503, "not_ready"),

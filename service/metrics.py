@@ -29,6 +29,8 @@ class Metrics:
         self.batch_tokens = Histogram(p + "batch_tokens", "Tokens per batch.", buckets=_TOKENS, registry=r)
         self.batch_sequences = Histogram(p + "batch_sequences", "Sequences per batch.", buckets=_SEQS, registry=r)
         self.queue_tokens = Gauge(p + "queue_tokens", "Tokens waiting in the queue.", registry=r)
+        self.result_bytes = Gauge(
+            p + "result_bytes", "Result bytes held for responses not yet fully sent (--max-result-bytes).", registry=r)
         self.requests_in_flight = Gauge(p + "requests_in_flight", "Requests being handled.", registry=r)
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
         self.requests = Counter(p + "requests", "Requests per endpoint and status.", ["endpoint", "status"], registry=r)

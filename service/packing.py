@@ -9,10 +9,14 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 
-def fits(batch_tokens: int, tokens: int, budget: int) -> bool:
-    """Whether an item of `tokens` joins a batch that holds `batch_tokens`: whole items up to `budget`, and an item
-    larger than the budget runs alone (an empty batch takes anything)."""
-    return batch_tokens == 0 or batch_tokens + tokens <= budget
+def fits(batch_tokens: int, tokens: int, budget: int, batch_bytes: int = 0, nbytes: int = 0,
+         bytes_budget: int | None = None) -> bool:
+    """Whether an item of `tokens` (whose results take `nbytes`) joins a batch that holds `batch_tokens` and
+    `batch_bytes`: whole items up to the token `budget` and the result `bytes_budget` (full-vocabulary logits make
+    a few tokens' results large), and an item larger than either runs alone (an empty batch takes anything)."""
+    if batch_tokens == 0:
+        return True
+    return batch_tokens + tokens <= budget and (bytes_budget is None or batch_bytes + nbytes <= bytes_budget)
 
 
 def budget_batches(sizes: Iterable[int], budget: int) -> list[list[int]]:

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     api_key: str | None = flag(None, "require Authorization: Bearer KEY", "KEY")
     pooling: Literal["last", "mean"] = flag("last", "embedding pooling")
     max_request_bytes: int = flag(33554432, "largest request body (413 above)", "N", ge=1)
+    max_result_bytes: int = flag(4294967296, "result bytes held for responses not yet sent; new batches wait past "
+                                 "it, a larger response alone gets 422", "N", ge=1)
     revision: str | None = flag(None, "branch, tag or commit of a Hub id --model (default: its default branch)", "REV")
     reranker: Literal["qwen3", "bge-gemma"] | None = flag(
         None, "serve /v1/rerank from a causal LM with this family's prompt and yes/no tokens", "qwen3|bge-gemma")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import time
 import uuid
+from collections.abc import Iterator
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -28,7 +29,7 @@ from model.outputs import OutputSpec, ReturnHiddenStates, ReturnLogits
 from ..deps import Authorized, EngineDep, ServedDep, SettingsDep, WorkersAccepting, json_body, request_body
 from ..errors import InvalidInput, UnsupportedOption
 from ..inputs import InputFields, PackedInputs, pack_inputs, prompt_inputs
-from ..responses import json_response
+from ..responses import budgeted_json, json_response
 from ..schemas import (
     SCORING_ERRORS,
     CompletionRequest,
@@ -48,6 +49,9 @@ EmbeddingBody = json_body(EmbeddingRequest)
 # Tokens of context used to decode a token's text (enough for SentencePiece's leading space and most multi-byte
 # characters split over byte tokens).
 CONTEXT_WINDOW = 4
+# Prompt tokens past which an echo with logprobs is streamed, one prompt's choice at a time (~150 bytes of JSON and
+# ~1 KB of Python objects per token).
+ECHO_STREAM_TOKENS = 4096
 
 
 # ------------------------------------------------------------------------------------------------ token texts
@@ -113,9 +117,10 @@ def _top_dict(cands: list[tuple[str, int, float]], actual_text: str, actual: int
     return top
 
 
-def build_choices(tokenizer, req: CompletionRequest, inputs: PackedInputs,
-                  outputs: RequestOutputs | None) -> list[dict]:
-    """One choice per prompt, from its tokens and (when anything was computed) its outputs."""
+def iter_choices(tokenizer, req: CompletionRequest, inputs: PackedInputs,
+                 outputs: RequestOutputs | None) -> Iterator[dict]:
+    """One choice per prompt, from its tokens and (when anything was computed) its outputs; made as they are asked
+    for, so that a streamed body holds one prompt's choice at a time."""
     k = req.logprobs if req.logprobs is not None else 0
     greedy = req.max_tokens == 1
     echo = bool(req.echo)
@@ -125,7 +130,6 @@ def build_choices(tokenizer, req: CompletionRequest, inputs: PackedInputs,
     t = outputs.arrays if outputs is not None else {}
     rows = outputs.logit_rows if outputs is not None else [0] * len(lists)
     r = 0
-    choices = []
     for i, ids in enumerate(lists):
         n = len(ids)
         nrows = rows[i]
@@ -192,9 +196,8 @@ def build_choices(tokenizer, req: CompletionRequest, inputs: PackedInputs,
                 tops.append(_top_dict(cands(n, nrows - 1), gen_text, gen_id, gen_lp))
                 text_offset.append(len(prompt_text))
             logprobs = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": text_offset}
-        choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": "length"})
+        yield {"index": i, "text": text, "logprobs": logprobs, "finish_reason": "length"}
         r += nrows
-    return choices
 
 
 @router.post("/v1/completions", openapi_extra=request_body(CompletionRequest),
@@ -214,17 +217,21 @@ async def completions(req: CompletionBody, request: Request, served: ServedDep, 
         raise UnsupportedOption("suffix is not supported", param="suffix")
     inputs = pack_inputs(served, prompt_inputs(req.prompt, req.add_special_tokens), InputFields("prompt", "prompt"))
     spec = completion_spec(req, served.config.vocab_size)
-    outputs = headers = None
+    scored = None
     if spec is not None:
         scored = await engine.score(inputs, spec, request.receive)
-        outputs, headers = scored.outputs, scored.timing_headers
-    choices = build_choices(served.tokenizer, req, inputs, outputs)
+    choices = iter_choices(served.tokenizer, req, inputs, scored.outputs if scored is not None else None)
     n = inputs.num_tokens
     gen = req.max_tokens * len(inputs.lengths)
-    return json_response({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                          "model": served.name, "choices": choices,
-                          "usage": {"prompt_tokens": n, "completion_tokens": gen, "total_tokens": n + gen}},
-                         headers=headers)
+    body = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": served.name, "choices": choices,
+            "usage": {"prompt_tokens": n, "completion_tokens": gen, "total_tokens": n + gen}}
+    if scored is None:
+        return json_response({**body, "choices": list(choices)})
+    # Echoed log-probabilities of long prompts are large (a dict of top tokens per token): streamed a prompt at a
+    # time above the threshold.
+    streamed = req.logprobs is not None and bool(req.echo) and n > ECHO_STREAM_TOKENS
+    return budgeted_json(body, scored, streamed=streamed)
 
 
 # ------------------------------------------------------------------------------------------------- embeddings
@@ -255,6 +262,7 @@ async def embeddings(req: EmbeddingBody, request: Request, served: ServedDep, en
         vec = (vec / norm if norm > 0 else vec).astype("<f4")
         emb = base64.b64encode(vec.tobytes()).decode("ascii") if req.encoding_format == "base64" else vec
         data.append({"object": "embedding", "index": i, "embedding": emb})
+    scored.release()  # the vectors are copies: the results are no longer read
     n = inputs.num_tokens
     return json_response({"object": "list", "data": data, "model": served.name,
                           "usage": {"prompt_tokens": n, "total_tokens": n}}, headers=scored.timing_headers)

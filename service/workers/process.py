@@ -94,8 +94,8 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
                 forward_s = time.perf_counter() - t0
                 if rank == 0:
                     name = segment_name(os.getpid(), next(counter))
-                    nbytes, results = write_results(outs, job.batch.spans, name)
-                    conn.send(BatchDone(job.batch_id, name, nbytes, results, forward_s, retries))
+                    results = write_results(outs, job.batch.spans, name)
+                    conn.send(BatchDone(job.batch_id, results, forward_s, retries))
                 del outs
             except Exception as exc:  # a bug or a device error: report it for this batch
                 logger.exception("batch %s failed on rank %d", job.batch_id, rank)

@@ -1,8 +1,8 @@
 """The contract between the front end and its worker processes: every message either way is one of these.
 
 A `Batch` goes to every rank of one replica (pickled through its pipe: both ends are this service's own
-processes). Rank 0 answers with a `BatchDone`, whose result tensors lie in one shared-memory segment (see
-`wire.py`) described by one `RequestResult` per request, or a `BatchFailed`. Each rank says `WorkerReady` once its
+processes). Rank 0 answers with a `BatchDone`, whose result tensors lie in shared memory, one segment per request
+(see `wire.py`), each described by its `RequestResult`, or a `BatchFailed`. Each rank says `WorkerReady` once its
 shard is loaded.
 """
 
@@ -45,7 +45,7 @@ class Job:
 
 @dataclass(frozen=True)
 class TensorSlot:
-    """Where one output tensor of one request lies in the batch's shared-memory segment."""
+    """Where one output tensor of one request lies in the request's shared-memory segment."""
 
     offset: int  # bytes from the segment's start
     dtype: str  # numpy name
@@ -61,13 +61,13 @@ class RequestResult:
     hidden_rows: list[int] = field(default_factory=list)  # rows of each sequence in the HIDDEN-row tensors
     layers: tuple[int, ...] = ()  # resolved layers of hidden_states
     error: str | None = None  # out of memory even alone: this request fails alone, its batch is answered
+    segment: str = ""  # shared-memory name of its tensors (none on error); the front end maps and unlinks it
+    nbytes: int = 0
 
 
 @dataclass
 class BatchDone:
     batch_id: int
-    segment: str  # shared-memory name; the front end maps and unlinks it
-    nbytes: int
     results: list[RequestResult]  # one per RequestSpan of the batch
     forward_s: float
     oom_retries: int  # sub-batches re-run after the device ran out of memory

@@ -1,9 +1,11 @@
-"""The result segment: how rank 0 lays a batch's output tensors into one shared-memory segment, and how the front
-end maps them back as numpy views.
+"""The result segments: how rank 0 lays a batch's output tensors into shared memory, one segment per request, and
+how the front end maps them back as numpy views.
 
 Each request's tensors are its sequences' outputs concatenated along their row dimension, one tensor per output
-kind (`model.outputs.OUTPUT_KINDS`), each 64-byte aligned. The front end maps the segment read-only and unlinks it at
-once: the mapping lives as long as the numpy views over it, and responses are serialized straight from them.
+kind (`model.outputs.OUTPUT_KINDS`), each 64-byte aligned. The front end maps each segment read-only and unlinks it
+at once: the mapping lives as long as the numpy views over it, and responses are serialized straight from them. One
+segment per request, so that a request's memory goes back when its own response is done (a slow reader holds only
+its own results), and its bytes in the results budget (`service.budget`) with it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import mmap
 import os
 import sys
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,36 +37,41 @@ class OutOfMemoryAlone:
 # ----------------------------------------------------------------------------------------------- worker side
 
 
-def write_results(outs: list, spans: list[RequestSpan], name: str) -> tuple[int, list[RequestResult]]:
-    """Write every request's tensors into a new shared-memory segment `name`; (its size, one result per span).
+def write_results(outs: list, spans: list[RequestSpan], name: str) -> list[RequestResult]:
+    """Write each request's tensors into a new shared-memory segment `name`_`i` (i: the request's index in the
+    batch); one result per span, naming its segment.
 
     `outs` holds a SequenceOutput (or an OutOfMemoryAlone) per sequence of the batch."""
-    import torch
-    from multiprocessing import resource_tracker, shared_memory
-
-    plan = []  # (offset, dtype, shape, parts, dim)
-    offset = 0
     results = []
-    for span in spans:
+    for i, span in enumerate(spans):
         seqs = outs[span.start : span.stop]
         failed = next((o for o in seqs if isinstance(o, OutOfMemoryAlone)), None)
         if failed is not None:
             results.append(RequestResult(error=failed.message))
             continue
-        result = RequestResult(logit_rows=[len(s.positions) for s in seqs],
-                               hidden_rows=[0 if s.hidden_positions is None else len(s.hidden_positions) for s in seqs],
-                               layers=tuple(seqs[0].layers))
-        for kind in OUTPUT_KINDS:
-            if getattr(seqs[0], kind.name) is None:  # one spec per request: absent for one, absent for all
-                continue
-            parts = [getattr(s, kind.name) for s in seqs]
-            shape = list(parts[0].shape)
-            shape[kind.row_dim] = sum(p.shape[kind.row_dim] for p in parts)
-            nbytes = int(np.prod(shape)) * np.dtype(kind.dtype).itemsize
-            result.tensors[kind.name] = TensorSlot(offset, kind.dtype, tuple(shape))
-            plan.append((offset, getattr(torch, kind.dtype), shape, parts, kind.row_dim))
-            offset += nbytes + (-nbytes % _ALIGN)
-        results.append(result)
+        results.append(_write_request(seqs, f"{name}_{i}"))
+    return results
+
+
+def _write_request(seqs: list, name: str) -> RequestResult:
+    import torch
+    from multiprocessing import resource_tracker, shared_memory
+
+    plan = []  # (offset, dtype, shape, parts, dim)
+    offset = 0
+    result = RequestResult(logit_rows=[len(s.positions) for s in seqs],
+                           hidden_rows=[0 if s.hidden_positions is None else len(s.hidden_positions) for s in seqs],
+                           layers=tuple(seqs[0].layers))
+    for kind in OUTPUT_KINDS:
+        if getattr(seqs[0], kind.name) is None:  # one spec per request: absent for one, absent for all
+            continue
+        parts = [getattr(s, kind.name) for s in seqs]
+        shape = list(parts[0].shape)
+        shape[kind.row_dim] = sum(p.shape[kind.row_dim] for p in parts)
+        nbytes = int(np.prod(shape)) * np.dtype(kind.dtype).itemsize
+        result.tensors[kind.name] = TensorSlot(offset, kind.dtype, tuple(shape))
+        plan.append((offset, getattr(torch, kind.dtype), shape, parts, kind.row_dim))
+        offset += nbytes + (-nbytes % _ALIGN)
     size = max(offset, 1)
     shm = shared_memory.SharedMemory(name=name, create=True, size=size)
     # The front end unlinks the segment; this process must not (its resource tracker would at exit).
@@ -73,7 +81,8 @@ def write_results(outs: list, spans: list[RequestSpan], name: str) -> tuple[int,
         pass
     _fill(torch.frombuffer(shm.buf, dtype=torch.uint8, count=size), plan)  # no view may outlive close()
     shm.close()
-    return size, results
+    result.segment, result.nbytes = name, size
+    return result
 
 
 def _fill(buf, plan: list) -> None:
@@ -110,15 +119,24 @@ class RequestOutputs:
 
 
 class MappedBatch:
-    """A batch's results mapped from shared memory; numpy views keep the mapping alive, nothing to release."""
+    """A batch's results mapped from shared memory, one mapping per request; numpy views keep a mapping alive, and
+    a mapping nobody takes (its request was abandoned) goes with this object."""
 
     def __init__(self, done: BatchDone):
         self.done = done
-        self._buf = _attach(done.segment, done.nbytes)
+        self._bufs = [_attach(r.segment, r.nbytes) if r.segment else None for r in done.results]
 
-    def outputs(self, index: int) -> RequestOutputs:
+    def outputs(self, index: int, reservation=None) -> RequestOutputs:
+        """Views of request `index`'s tensors; `reservation` (its bytes in the results budget) is released when the
+        last view is gone, should its response not release it first."""
         result = self.done.results[index]
-        arrays = {name: np.frombuffer(self._buf, dtype=slot.dtype, count=int(np.prod(slot.shape)),
+        buf, self._bufs[index] = self._bufs[index], None  # handed over: only the views keep it now
+        if reservation is not None and buf is not None:
+            try:
+                weakref.finalize(buf, reservation.release)
+            except TypeError:  # pragma: no cover - the non-Linux fallback's bytes
+                pass
+        arrays = {name: np.frombuffer(buf, dtype=slot.dtype, count=int(np.prod(slot.shape)),
                                       offset=slot.offset).reshape(slot.shape)
                   for name, slot in result.tensors.items()}
         return RequestOutputs(arrays, result.logit_rows, result.hidden_rows, result.layers)

@@ -46,9 +46,9 @@ class FakeResults:
     """A replica's answer to a batch (as MappedBatch): every request answered, no tensors."""
 
     def __init__(self, batch):
-        self.done = BatchDone(0, "", 0, [RequestResult() for _ in batch.spans], forward_s=0.001, oom_retries=0)
+        self.done = BatchDone(0, [RequestResult() for _ in batch.spans], forward_s=0.001, oom_retries=0)
 
-    def outputs(self, index):
+    def outputs(self, index, reservation=None):
         return None
 
 

@@ -51,7 +51,7 @@ def per_sequence(s: Scored, kind: OutputKind, i: int) -> np.ndarray:
 def round_trip(s: Scored) -> tuple[client.Result, client.Result]:
     meta = {"model": "m", "return_logits": "all", "return_hidden_states": "all"}
     body = b"".join(bytes(p) for p in responses.scoring_safetensors(s, (Rows.LOGIT, Rows.HIDDEN), "float32", meta))
-    from_json = client.parse_json(orjson.loads(responses.logits_json(s, "m")), "np",
+    from_json = client.parse_json(orjson.loads(b"".join(responses.iter_json(responses.logits_json(s, "m")))), "np",
                                   {"return_hidden_states": "all"})
     return client.parse_binary(body), from_json
 
@@ -65,11 +65,11 @@ def test_every_kind_round_trips_per_sequence():
             np.testing.assert_array_equal(getattr(binary[i], kind.name), want, err_msg=kind.name)
             np.testing.assert_array_equal(getattr(from_json[i], kind.name), want, err_msg=kind.name)
     assert binary[0].layers == [3, 1]
-    item = orjson.loads(responses.logits_json(s, "m"))["data"][0]
+    item = orjson.loads(b"".join(responses.iter_json(responses.logits_json(s, "m"))))["data"][0]
     assert list(item) == ["index", "num_tokens", "positions", "logits", "target_logprobs", "top_k", "vocab_logprobs",
                           "target_ranks", "entropy", "hidden_states"]
     assert item["target_logprobs"] == [None] and item["target_ranks"] == [None]
-    item = orjson.loads(responses.logits_json(s, "m"))["data"][1]
+    item = orjson.loads(b"".join(responses.iter_json(responses.logits_json(s, "m"))))["data"][1]
     assert item["target_ranks"] == [1, 7, 2, 3, None]  # -1 (no next token) is null in JSON
 
 
@@ -87,7 +87,7 @@ def test_a_kind_added_to_the_table_reaches_both_encodings_and_the_client(monkeyp
             want = per_sequence(s, kind, i)
             np.testing.assert_array_equal(getattr(binary[i], kind.name), want, err_msg=kind.name)
             np.testing.assert_array_equal(getattr(from_json[i], kind.name), want, err_msg=kind.name)
-    item = orjson.loads(responses.logits_json(s, "m"))["data"][1]
+    item = orjson.loads(b"".join(responses.iter_json(responses.logits_json(s, "m"))))["data"][1]
     assert item["argmax_ids"] == [1, 7, 2, 3, None]  # -1 is null in JSON
     assert list(item)[-3:] == ["argmax_ids", "margin", "hidden_states"]
 
