@@ -85,8 +85,11 @@ class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
     model: str | None = None
-    prompt: str
+    prompt: str | None = None
     add_special_tokens: StrictBool = True
+    # vLLM's chat form: one conversation rendered with the checkpoint's chat template, instead of `prompt`
+    messages: list[dict] | None = None
+    add_generation_prompt: StrictBool = False
 
 
 class DetokenizeRequest(BaseModel):

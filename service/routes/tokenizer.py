@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from ..deps import Authorized, ServedDep, TokenizerDep, json_body, request_body
 from ..errors import InvalidInput
+from ..inputs import InputFields, RequestInputs, pack_inputs
 from ..responses import json_response
 from ..schemas import (
     TOKENIZER_ERRORS,
@@ -27,6 +28,7 @@ from .metered import WorkRoute
 router = APIRouter(route_class=WorkRoute, dependencies=[Authorized])
 
 TokenizeBody = json_body(TokenizeRequest)
+TOKENIZE_FIELDS = InputFields("prompt", "prompt", "messages")
 DetokenizeBody = json_body(DetokenizeRequest)
 
 
@@ -72,7 +74,13 @@ def describe_tokenizer(served: ServedModel, tok) -> dict:
 @router.post("/tokenize", openapi_extra=request_body(TokenizeRequest),
              responses=responses(TokenizeResponse, *TOKENIZER_ERRORS))
 async def tokenize(tok: TokenizerDep, req: TokenizeBody, served: ServedDep) -> Response:
-    ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens).ids
+    if (req.prompt is None) == (req.messages is None):
+        raise InvalidInput("send exactly one of prompt and messages", param="prompt")
+    if req.messages is not None:
+        sent = RequestInputs(conversations=[req.messages], add_generation_prompt=req.add_generation_prompt)
+        ids = pack_inputs(served, sent, TOKENIZE_FIELDS).token_lists[0]
+    else:
+        ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens).ids
     return json_response({"tokens": ids, "count": len(ids), "max_model_len": served.max_seq_len})
 
 

@@ -298,6 +298,11 @@ def test_reward_model_classify_rerank_and_logits_match_transformers(start_server
         ids = hf_tok.apply_chat_template(conversation, tokenize=True)
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
         assert abs(chat["data"][0]["logits"][0] - reward(ids)) < 1e-4
+        # /tokenize renders a conversation as /v1/classify does (the playground shows its tokens' texts)
+        tokenized = httpx.post(server.url + "/tokenize", json={"messages": conversation}).json()
+        assert tokenized["tokens"] == list(ids)
+        both = httpx.post(server.url + "/tokenize", json={"messages": conversation, "prompt": "x"})
+        assert both.status_code == 422 and both.json()["error"]["param"] == "prompt"
         # /v1/logits last_token rows of a classifier are the pooled row, num_labels wide
         logits = httpx.post(server.url + "/v1/logits", json={"inputs": texts}).json()
         assert [len(d["logits"][0]) for d in logits["data"]] == [1, 1]
