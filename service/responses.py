@@ -46,7 +46,7 @@ def _json_pieces(obj: Any) -> Iterator[bytes]:
     if isinstance(obj, dict):
         yield b"{"
         for i, (key, value) in enumerate(obj.items()):
-            yield (b"," if i else b"") + orjson.dumps(key) + b":"
+            yield (b"," if i else b"") + to_json({key: 0})[1:-2]  # '"key":' as orjson writes it (int keys too)
             yield from _json_pieces(value)
         yield b"}"
     elif isinstance(obj, np.ndarray) and (obj.ndim <= 1 or obj.nbytes <= JSON_LEAF_BYTES):

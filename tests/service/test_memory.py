@@ -33,6 +33,7 @@ SPECS = [
     OutputSpec(return_logits="all", logits=False, target_logprobs=True),
     OutputSpec(logits=False, return_hidden_states="all", layers=(0, 2, 3)),
     OutputSpec(return_logits="all", return_hidden_states="last_normalized", layers=(1,)),
+    OutputSpec(return_logits="all", logits=False, vocab_ids=(3, 5, 7), target_ranks=True, entropy=True),
 ]
 
 
@@ -64,7 +65,7 @@ def test_streamed_json_is_the_same_bytes():
     hidden = rng.standard_normal((3, 50, 200)).astype(np.float32)
     obj = {"object": "logits", "data": [
         {"index": 0, "positions": np.arange(40), "logits": logits, "top_k": {"ids": rng.integers(0, 9, (40, 2))}},
-        {"index": 1, "logits": logits[:0], "hidden_states": hidden[:, 5:45], "none": None, "t": [1.5, "é\"x"]},
+        {"index": 1, "logits": logits[:0], "hidden_states": hidden[:, 5:45], "none": None, "t": [1.5, "é\"x"], "id2label": {0: "no", 1: "yes"}},
     ], "usage": {"prompt_tokens": 3}}
     whole = orjson.dumps(_contiguous(obj), option=responses.JSON_OPTIONS)
     chunks = list(responses.iter_json(obj, chunk=1 << 14))
