@@ -121,7 +121,14 @@ def serve(settings) -> int:
     from service.app import create_app
 
     settings = settings.model_copy(update={"model": resolve_model(settings.model)})
-    app = create_app(settings)
+    from model.config import UnsupportedModelError
+    from service.rerankers import RerankerSetupError
+
+    try:
+        app = create_app(settings)
+    except (UnsupportedModelError, RerankerSetupError) as exc:  # a checkpoint this server cannot serve: one line
+        print(f"logitserve: {exc}", file=sys.stderr)
+        return 2
     engine = app.state.engine
 
     class Server(uvicorn.Server):

@@ -293,3 +293,23 @@ def test_server_logs_when_its_workers_are_ready(start_server, tiny_checkpoint):
     """`Uvicorn running` comes before the model is loaded; this line says when requests are answered."""
     server = shared_server(start_server, tiny_checkpoint)
     assert "all 1 replica(s) ready: accepting requests" in server.log()
+
+
+@pytest.mark.parametrize(("architecture", "args", "named"), [
+    ("Gemma3ForConditionalGeneration", [], "Gemma3ForCausalLM"),  # a refused variant names what is supported
+    ("LlamaForCausalLM", ["--reranker", "qwen3"], "--reranker qwen3"),  # no <|im_start|> in this tokenizer
+])
+def test_checkpoint_this_server_cannot_serve_is_one_line(tmp_path, architecture, args, named):
+    import json
+
+    from tests.checkpoints import make_checkpoint
+
+    folder = make_checkpoint(tmp_path / "ckpt", num_layers=1)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = [architecture]
+    (folder / "config.json").write_text(json.dumps(config))
+    r = subprocess.run([sys.executable, "-m", "service", "serve", "--model", str(folder), "--port", "0", *args],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.strip().splitlines() if line.startswith("logitserve: ")]
+    assert len(lines) == 1 and named in lines[0] and "Traceback" not in r.stderr, r.stderr[-2000:]
