@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import invariance
 from .config import ModelConfig
 from .layers import RMSNorm
 from .rope import apply_rotary, apply_rotary_pairs
@@ -246,4 +247,5 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate).mul_(up))  # in place: one [T, intermediate] buffer fewer
+        # invariance.silu: F.silu's bits for each row as the row has them alone (see model/invariance.py)
+        return self.down_proj(invariance.silu(gate).mul_(up))  # in place: one [T, intermediate] buffer fewer

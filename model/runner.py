@@ -7,13 +7,14 @@ full rows are gathered across ranks only for sequences that asked for full logit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from . import invariance
 from .config import ModelConfig
 from .distributed import ParallelContext
 from .distributed_transformer import DistributedTransformer
@@ -48,11 +49,20 @@ class _RowPlan:
 
 
 class ModelRunner:
-    def __init__(self, model: DistributedTransformer, config: ModelConfig, parallel: ParallelContext, dtype: torch.dtype):
+    def __init__(
+        self,
+        model: DistributedTransformer,
+        config: ModelConfig,
+        parallel: ParallelContext,
+        dtype: torch.dtype,
+        batch_invariant: bool = False,
+    ):
         self.model = model
         self.config = config
         self.parallel = parallel
         self.dtype = dtype
+        # A sequence's outputs are the same bits whatever shares its batch (model/invariance.py).
+        self.batch_invariant = batch_invariant
 
     @classmethod
     def load(
@@ -63,17 +73,24 @@ class ModelRunner:
         dtype: str | torch.dtype = "auto",
         parallel: ParallelContext | None = None,
         retain_memory: bool = True,
+        batch_invariant: bool | None = None,
         **model_kwargs,
     ) -> ModelRunner:
         """retain_memory: on CPU, keep freed activations in the process for the next batch (see model/memory.py;
-        10-18% faster forwards, at the price of holding the peak working set)."""
+        10-18% faster forwards, at the price of holding the peak working set).
+
+        batch_invariant: every output of a sequence is the same bits whatever else shares its batch and wherever it
+        sits there (model/invariance.py); None: on for CPU float32, off elsewhere; True on CUDA is refused."""
         config = ModelConfig.from_pretrained(checkpoint)
         parallel = parallel or ParallelContext.single(device)
         if retain_memory and parallel.device.type == "cpu":
             retain_freed_memory()
         torch_dtype = resolve_dtype(dtype, config, parallel.device)
+        invariant = invariance.resolve(batch_invariant, parallel.device, torch_dtype)
+        if invariant:
+            parallel = replace(parallel, sum_in_rank_order=True)
         model = load_model(str(checkpoint), config, parallel, torch_dtype, **model_kwargs)
-        return cls(model, config, parallel, torch_dtype)
+        return cls(model, config, parallel, torch_dtype, batch_invariant=invariant)
 
     def _plan(self, input_ids: list[int], bounds: Sequence[int], specs: Sequence[OutputSpec]) -> _RowPlan:
         plan = _RowPlan([], [], [], {}, [])
@@ -133,8 +150,56 @@ class ModelRunner:
             local.div_(model.logits_softcap).tanh_().mul_(model.logits_softcap)
         return local
 
-    def _reduce(self, local: torch.Tensor, targets: torch.Tensor | None, k_max: int) -> dict[str, torch.Tensor]:
-        """Target log-probs and top-k of local logit rows (log-sum-exp and top-k merged across vocab shards)."""
+    def _log_sum_exp(self, logits: torch.Tensor, in_place: bool, again: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """float32 [R]: log-sum-exp of each row of the float32 logits [R, V] (exponentiated in place when asked).
+
+        Without the max shift: two passes over [R, V] instead of four. Logits stay far inside exp's float32 range in
+        practice; a row whose sum overflows (a logit above ~88) or falls so low that denormal terms could matter
+        (below 2^-60, so the largest term is under 2^-78) is redone with the shift on `again(rows)`, its logits
+        afresh. One formula whatever the batch asks: full logits or not, a row gets the same bits."""
+        sums = (logits.exp_() if in_place else torch.exp(logits)).sum(dim=-1)
+        unsafe = ~(torch.isfinite(sums) & (sums >= 2.0**-60))
+        lse = sums.log_()
+        if unsafe.any():
+            redo = unsafe.nonzero().squeeze(1).tolist()
+            count = len(redo)
+            if self.batch_invariant:  # the redo's lm_head and log-sum-exp run on whole row groups too
+                redo = invariance.pad_rows(redo)
+            index = torch.tensor(redo, device=logits.device)
+            lse[index[:count]] = torch.logsumexp(again(index), dim=-1)[:count]
+        return lse
+
+    def _top_k(self, local: torch.Tensor, row_k: torch.Tensor, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k values [R, k_max] and ids of the (vocab-parallel) local logits, each row as its own k (row_k)
+        gives it."""
+        top = self._merged_top_k if self.parallel.is_distributed else self._local_top_k
+        values, ids = top(local, min(k_max + 1, self.config.vocab_size))
+        return invariance.top_k_as_alone(values, ids, row_k, k_max, lambda rows, k: top(local.index_select(0, rows), k))
+
+    @staticmethod
+    def _local_top_k(local: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return local.topk(k, dim=-1)
+
+    def _merged_top_k(self, local: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k over the whole vocabulary: each rank's local top-k, gathered and merged."""
+        ctx, head = self.parallel, self.model.lm_head
+        k_local = min(k, head.vocab.size)
+        values, ids = local.topk(k_local, dim=-1)
+        ids = ids + head.vocab.start
+        if k_local < k:  # pad so that every rank sends [R, k]
+            pad = k - k_local
+            values = torch.cat([values, values.new_full((values.shape[0], pad), float("-inf"))], 1)
+            ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], 1)
+        values = ctx.all_gather_uneven(values, [k] * ctx.world_size, dim=1)
+        ids = ctx.all_gather_uneven(ids, [k] * ctx.world_size, dim=1)
+        values, order = values.topk(k, dim=-1)
+        return values, ids.gather(1, order)
+
+    def _reduce(
+        self, local: torch.Tensor, targets: torch.Tensor | None, row_k: torch.Tensor, k_max: int
+    ) -> dict[str, torch.Tensor]:
+        """Target log-probs and top-k (k_max columns; row_k int64 [R]: each row's own k) of local logit rows
+        (log-sum-exp and top-k merged across vocab shards)."""
         ctx, head = self.parallel, self.model.lm_head
         out: dict[str, torch.Tensor] = {}
         if ctx.is_distributed:
@@ -144,7 +209,7 @@ class ModelRunner:
             ctx.all_reduce(sum_exp)
             lse = m + torch.log(sum_exp)
         else:
-            lse = torch.logsumexp(local, dim=-1)
+            lse = self._log_sum_exp(local, in_place=False, again=lambda rows: local.index_select(0, rows))
         vstart, vsize = head.vocab.start, head.vocab.size
         if targets is not None:
             local_t = targets - vstart
@@ -155,59 +220,46 @@ class ModelRunner:
             logprobs = target_logit - lse
             out["target_logprobs"] = torch.where(targets >= 0, logprobs, torch.full_like(logprobs, float("nan")))
         if k_max:
-            k_local = min(k_max, vsize)
-            values, ids = local.topk(k_local, dim=-1)
-            ids = ids + vstart
-            if ctx.is_distributed:
-                if k_local < k_max:  # pad so that every rank sends [R, k_max]
-                    pad = k_max - k_local
-                    values = torch.cat([values, values.new_full((values.shape[0], pad), float("-inf"))], 1)
-                    ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], 1)
-                values = ctx.all_gather_uneven(values, [k_max] * ctx.world_size, dim=1)
-                ids = ctx.all_gather_uneven(ids, [k_max] * ctx.world_size, dim=1)
-                values, order = values.topk(min(k_max, self.config.vocab_size), dim=-1)
-                ids = ids.gather(1, order)
+            values, ids = self._top_k(local, row_k, k_max)
             out["top_k_ids"] = ids
             out["top_k_logprobs"] = values - lse[:, None]
         return out
 
-    def _reduce_inplace(self, rows_h, targets, k_max: int) -> dict[str, torch.Tensor]:
+    def _reduce_inplace(self, rows_h, targets, row_k: torch.Tensor, k_max: int) -> dict[str, torch.Tensor]:
         """`_reduce` on one process: the float32 logits chunk is exponentiated in place (no second [R, V] tensor)."""
         buf = self._logits(rows_h)  # [R, V]; freed memory is kept for the next chunk (model/memory.py)
         out: dict[str, torch.Tensor] = {}
         picked = buf.gather(1, targets.clamp(min=0)[:, None]).squeeze(1) if targets is not None else None
-        if k_max:
-            values, ids = buf.topk(min(k_max, buf.shape[1]), dim=-1)
-        # log-sum-exp without the max shift: two passes over [R, V] instead of four. Logits stay far inside exp's
-        # float32 range in practice; a row whose sum overflows (a logit above ~88) or falls so low that denormal
-        # terms could matter (below 2^-60, so the largest term is under 2^-78) is redone with the shift.
-        sums = buf.exp_().sum(dim=-1)
-        unsafe = ~(torch.isfinite(sums) & (sums >= 2.0**-60))
-        lse = sums.log_()
-        if unsafe.any():
-            redo = unsafe.nonzero().squeeze(1)
-            lse[redo] = torch.logsumexp(self._logits(rows_h.index_select(0, redo)), dim=-1)
+        top = self._top_k(buf, row_k, k_max) if k_max else None  # before exp_ overwrites the logits
+        lse = self._log_sum_exp(buf, in_place=True, again=lambda rows: self._logits(rows_h.index_select(0, rows)))
         if picked is not None:
             logprobs = picked - lse
             out["target_logprobs"] = torch.where(targets >= 0, logprobs, torch.full_like(logprobs, float("nan")))
-        if k_max:
-            out["top_k_ids"] = ids
-            out["top_k_logprobs"] = values - lse[:, None]
+        if top is not None:
+            out["top_k_ids"] = top[1]
+            out["top_k_logprobs"] = top[0] - lse[:, None]
         return out
 
     def _vocab_outputs(self, h: torch.Tensor, plan: _RowPlan, specs: Sequence[OutputSpec]) -> dict[str, torch.Tensor]:
         """Logits-derived tensors for the vocab rows, on the CPU."""
         dev = h.device
-        every_row = plan.vocab_rows == list(range(h.shape[0]))  # every row, in order: no gather copy of h
-        row_index = None if every_row else torch.tensor(plan.vocab_rows, device=dev)
+        rows, row_targets = plan.vocab_rows, plan.targets
         flags = [s.logits for s, (_, c) in zip(specs, plan.vocab_slices) for _ in range(c)]
-        k_max = max((s.top_k for s in specs if s.needs_vocab), default=0)
-        targets = torch.tensor(plan.targets, device=dev) if any(s.target_logprobs for s in specs) else None
+        ks = [s.top_k for s, (_, c) in zip(specs, plan.vocab_slices) for _ in range(c)]
+        if self.batch_invariant:  # whole row groups for the lm_head; the extra rows' results are not read
+            fill = invariance.padded_count(len(rows)) - len(rows)
+            rows, row_targets = invariance.pad_rows(rows), row_targets + [-1] * fill
+            flags, ks = flags + [False] * fill, ks + [0] * fill
+        every_row = rows == list(range(h.shape[0]))  # every row, in order: no gather copy of h
+        row_index = None if every_row else torch.tensor(rows, device=dev)
+        row_k, k_max = torch.tensor(ks, dtype=torch.int64, device=dev), max(ks, default=0)
+        targets = torch.tensor(row_targets, device=dev) if any(s.target_logprobs for s in specs) else None
         out: dict[str, torch.Tensor] = {}
 
         if not any(flags):
             # Scores only (perplexity, top-k): the lm_head runs in row chunks, no [R, vocab] tensor exists.
-            n, step = len(plan.vocab_rows), self.SCORE_CHUNK_ROWS
+            # SCORE_CHUNK_ROWS is a multiple of invariance.ROW_MULTIPLE: chunks keep whole row groups.
+            n, step = len(rows), self.SCORE_CHUNK_ROWS
             head = self.model.lm_head
             inplace = not self.parallel.is_distributed and head.weight.dtype == torch.float32
             parts: dict[str, list[torch.Tensor]] = {}
@@ -216,16 +268,16 @@ class ModelRunner:
                 rows_h = h[s:e] if every_row else h.index_select(0, row_index[s:e])
                 tgt = None if targets is None else targets[s:e]
                 if inplace:
-                    got = self._reduce_inplace(rows_h, tgt, k_max)
+                    got = self._reduce_inplace(rows_h, tgt, row_k[s:e], k_max)
                 else:
-                    got = self._reduce(self._logits(rows_h), tgt, k_max)
+                    got = self._reduce(self._logits(rows_h), tgt, row_k[s:e], k_max)
                 for key, t in got.items():
                     parts.setdefault(key, []).append(t)
             return {key: torch.cat(ts).cpu() for key, ts in parts.items()}
 
         local = self._logits(h if every_row else h.index_select(0, row_index))  # [R, V_local]
         if targets is not None or k_max:
-            out.update({key: t.cpu() for key, t in self._reduce(local, targets, k_max).items()})
+            out.update({key: t.cpu() for key, t in self._reduce(local, targets, row_k, k_max).items()})
         want_full = torch.tensor(flags, dtype=torch.bool, device=dev)
         # All rows wanted (the common case): the logits tensor itself, not a [R, V] copy of it.
         full = local if all(flags) else local.index_select(0, want_full.nonzero().squeeze(1))
@@ -246,6 +298,12 @@ class ModelRunner:
             raise ValueError("empty sequence")
         plan = self._plan(input_ids.tolist(), batch.bounds, specs)
         depth, final_rows = self._prune(plan, batch.num_tokens)
+        if self.batch_invariant:
+            # Every matmul gets a multiple of invariance.ROW_MULTIPLE rows: a filler sequence after the real ones
+            # (nothing reads its rows) and copies of the last row in the last block's row subset.
+            input_ids, input_row_offsets = invariance.pad_batch(input_ids, input_row_offsets)
+            batch = RaggedBatch.from_offsets(input_row_offsets, dev)
+            final_rows = None if final_rows is None else invariance.pad_rows(final_rows)
         capture = {layer: torch.tensor(rows, device=dev) for layer, rows in plan.hidden_rows.items()}
         final = None if final_rows is None else torch.tensor(final_rows, device=dev)
         h, captured = self.model.trunk(input_ids.to(dev), batch, capture, depth=depth, final_rows=final)
