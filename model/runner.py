@@ -279,8 +279,10 @@ class ModelRunner:
         if targets is not None or k_max:
             out.update({key: t.cpu() for key, t in self._reduce(local, targets, row_k, k_max).items()})
         want_full = torch.tensor(flags, dtype=torch.bool, device=dev)
-        # All rows wanted (the common case): the logits tensor itself, not a [R, V] copy of it.
-        full = local if all(flags) else local.index_select(0, want_full.nonzero().squeeze(1))
+        # All rows wanted (the common case): the logits tensor itself (less the padding rows, which come last), not
+        # a [R, V] copy of it.
+        real = len(plan.vocab_rows)
+        full = local[:real] if all(flags[:real]) else local.index_select(0, want_full.nonzero().squeeze(1))
         out["logits"] = self.model.lm_head.gather(full).cpu()
         out["logits_row_index"] = torch.cumsum(want_full.long(), 0).cpu() - 1  # vocab row -> row of out["logits"]
         return out
