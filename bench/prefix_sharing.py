@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model.layers as layers  # noqa: E402
 from bench.common import machine, model_path  # noqa: E402
 from model import ModelRunner, OutputSpec, ReturnLogits  # noqa: E402
-from model.attention_stable import layout_of, prefix_stable_attention  # noqa: E402
+from model.attention_stable import BLOCK, BlockLayout, layout_of, prefix_stable_attention  # noqa: E402
 from model.modules import RaggedBatch, ragged_attention  # noqa: E402
+from model.prefix_sharing import SharedPrefixBatch, shared_trunk  # noqa: E402
 
 ACCURACY_LENGTHS = [5, 17, 37, 64, 100, 150, 191, 250, 300, 384, 450, 500]
 
@@ -71,13 +73,14 @@ def stable_variant(block: int, key_multiple: int = 0, softmax: str = "flash") ->
     return attend
 
 
-VARIANTS: dict[str, Callable] = {
-    "current (transformers' bits)": ragged_attention,
-    "prefix-stable, 64-row blocks (model/attention_stable.py)": prefix_stable_attention,
-    "prefix-stable, 32-row blocks": stable_variant(32),
-    "prefix-stable, 128-row blocks": stable_variant(128),
-    "prefix-stable, 64-row blocks, keys padded to 512": stable_variant(64, key_multiple=512),
-    "prefix-stable, 64-row blocks, plain softmax (bmm)": stable_variant(64, softmax="plain"),
+VARIANTS: dict[str, tuple[str, Callable]] = {
+    "current": ("current (one causal call per sequence: transformers' bits)", ragged_attention),
+    "stable64": ("prefix-stable, 64-row blocks (model/attention_stable.py)", prefix_stable_attention),
+    "stable32": ("prefix-stable, 32-row blocks", stable_variant(32)),
+    "stable128": ("prefix-stable, 128-row blocks", stable_variant(128)),
+    "stable64-keys512": ("prefix-stable, 64-row blocks, keys padded to a multiple of 512", stable_variant(64, 512)),
+    "stable32-keys512": ("prefix-stable, 32-row blocks, keys padded to a multiple of 512", stable_variant(32, 512)),
+    "stable64-plain": ("prefix-stable, 64-row blocks, plain softmax (bmm)", stable_variant(64, softmax="plain")),
 }
 
 
@@ -146,38 +149,245 @@ def cmd_kernel(args) -> None:
 
 
 def cmd_accuracy(args) -> None:
+    """Each sequence alone through the runner, every row's logits against transformers' (same checkpoint, float32)."""
     import numpy as np
     import transformers
 
     folder, name = model_path(args.model)
     runner = ModelRunner.load(folder, device="cpu", dtype="float32")
-    rng = np.random.default_rng(args.seed)
-    seqs = [torch.tensor(rng.integers(0, runner.config.vocab_size, n)) for n in ACCURACY_LENGTHS]
-    refs = {}
-    for impl in ("sdpa", "eager"):
+    seeds = [int(x) for x in args.seeds.split(",")]
+    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    refs_impl = args.references.split(",")
+    heads = args.heads.split(",")
+    sequences = {}
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        sequences[seed] = [torch.tensor(rng.integers(0, runner.config.vocab_size, n)) for n in ACCURACY_LENGTHS]
+    refs: dict[tuple[str, int], list[torch.Tensor]] = {}
+    for impl in refs_impl:
         hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=impl)
         with torch.inference_mode():
-            refs[impl] = [hf(input_ids=s[None]).logits[0] for s in seqs]
+            for seed in seeds:
+                refs[impl, seed] = [hf(input_ids=s[None]).logits[0] for s in sequences[seed]]
         del hf
     head = HeadKernel()
     print(f"model: {name}; machine: {machine()}; torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"{len(seqs)} random-token sequences of {min(ACCURACY_LENGTHS)}-{max(ACCURACY_LENGTHS)} tokens, each alone; "
-          "max |logit diff| over every row\n")
-    print("| attention | lm_head | vs sdpa | vs eager | rows with sdpa's bits |\n| --- | --- | --- | --- | --- |")
-    for label, fn in VARIANTS.items():
+    print(f"per seed: {len(ACCURACY_LENGTHS)} random-token sequences of {min(ACCURACY_LENGTHS)}-{max(ACCURACY_LENGTHS)} "
+          f"tokens ({sum(ACCURACY_LENGTHS)} rows), each alone; max |logit diff| over every row; seeds {seeds}\n")
+    columns = [f"vs {impl}, seed {seed}" for impl in refs_impl for seed in seeds]
+    print(f"| attention | lm_head | {' | '.join(columns)} | rows with sdpa's bits |")
+    print("| --- " * (3 + len(columns)) + "|")
+    for key in variants:
+        label, fn = VARIANTS[key]
         set_attention(runner, fn)
-        for mkl in (False, True):
-            head.use(mkl)
-            diffs = {"sdpa": 0.0, "eager": 0.0}
-            exact = 0
-            for i, seq in enumerate(seqs):
-                (out,) = runner.run(seq, torch.tensor([0, len(seq)]), [OutputSpec(return_logits=ReturnLogits.ALL)])
-                for impl in diffs:
-                    diffs[impl] = max(diffs[impl], float((out.logits - refs[impl][i]).abs().max()))
-                exact += int((out.logits == refs["sdpa"][i]).all(1).sum())
-            print(f"| {label} | {'F.linear (MKL)' if mkl else 'oneDNN'} | {diffs['sdpa']:.2e} | {diffs['eager']:.2e} "
-                  f"| {exact} of {sum(ACCURACY_LENGTHS)} |", flush=True)
+        for kernel in heads:
+            head.use(kernel == "mkl")
+            cells, exact, total = [], 0, 0
+            outs = {}
+            for seed in seeds:
+                outs[seed] = []
+                for seq in sequences[seed]:
+                    spec = OutputSpec(return_logits=ReturnLogits.ALL)
+                    (out,) = runner.run(seq, torch.tensor([0, len(seq)]), [spec])
+                    outs[seed].append(out.logits)
+            for impl in refs_impl:
+                for seed in seeds:
+                    pairs = list(zip(outs[seed], refs[impl, seed]))
+                    cells.append(f"{max(float((a - b).abs().max()) for a, b in pairs):.2e}")
+                    if impl == "sdpa":
+                        exact += sum(int((a == b).all(1).sum()) for a, b in pairs)
+                        total += sum(len(a) for a, _ in pairs)
+            kernel_name = "F.linear (MKL)" if kernel == "mkl" else "oneDNN"
+            print(f"| {label} | {kernel_name} | {' | '.join(cells)} | {exact} of {total} |", flush=True)
     head.use(False)
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+@dataclass
+class Seconds:
+    wall: float
+    cpu: float  # this process's CPU time (all threads): less disturbed by other processes than wall time
+
+
+def timed(fn: Callable[[], object]) -> Seconds:
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return Seconds(time.perf_counter() - w, time.process_time() - c)
+
+
+def interleaved(systems: dict[str, Callable[[], Seconds]], repeats: int) -> dict[str, list[Seconds]]:
+    """Each system once per round, the order reversed every other round; one warm-up round first."""
+    for fn in systems.values():
+        fn()
+    times: dict[str, list[Seconds]] = {name: [] for name in systems}
+    names = list(systems)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(systems[name]())
+    return times
+
+
+def medians(samples: list[Seconds]) -> Seconds:
+    return Seconds(statistics.median(s.wall for s in samples), statistics.median(s.cpu for s in samples))
+
+
+class TimedAttention:
+    """Wraps an attention function and adds up the time spent in it."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn, self.spent = fn, Seconds(0.0, 0.0)
+
+    def __call__(self, *args):
+        w, c = time.perf_counter(), time.process_time()
+        out = self.fn(*args)
+        self.spent.wall += time.perf_counter() - w
+        self.spent.cpu += time.process_time() - c
+        return out
+
+
+def cmd_cost(args) -> None:
+    """A perplexity-like batch: 16 sequences of 16..512 tokens, target log-probs of every row."""
+    folder, name = model_path(args.model)
+    runner = ModelRunner.load(folder, device="cpu", dtype="float32")
+    g = torch.Generator().manual_seed(args.seed)
+    lens = torch.randint(16, 513, (16,), generator=g).tolist()
+    ids = torch.cat([torch.randint(0, runner.config.vocab_size, (n,), generator=g) for n in lens])
+    offsets = torch.tensor([0, *lens]).cumsum(0)
+    specs = [OutputSpec(return_logits=ReturnLogits.ALL, logits=False, target_logprobs=True)] * len(lens)
+    attention = {"current": TimedAttention(ragged_attention), "prefix-stable": TimedAttention(prefix_stable_attention)}
+    attention_time: dict[str, list[Seconds]] = {k: [] for k in attention}
+
+    def system(label: str) -> Callable[[], Seconds]:
+        def run() -> Seconds:
+            set_attention(runner, attention[label])
+            attention[label].spent = Seconds(0.0, 0.0)
+            took = timed(lambda: runner.run(ids, offsets, specs))
+            attention_time[label].append(attention[label].spent)
+            return took
+
+        return run
+
+    times = interleaved({label: system(label) for label in attention}, args.repeats)
+    print(f"model: {name}; machine: {machine()}; 16 sequences, {sum(lens)} tokens (16..512 each), target log-probs "
+          f"of every row; {args.repeats} interleaved rounds, medians (wall / process CPU seconds)\n")
+    print("| attention | forward wall s | forward CPU s | attention wall s | attention CPU s | tokens/s (wall) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label in attention:
+        fwd, att = medians(times[label]), medians(attention_time[label][1:])  # [0]: the warm-up round
+        print(f"| {label} | {fwd.wall:.3f} | {fwd.cpu:.3f} | {att.wall:.3f} | {att.cpu:.3f} | {sum(lens) / fwd.wall:.0f} |")
+
+
+# ------------------------------------------------------------------------------------------------ sharing
+
+
+class SharingModel:
+    """The runner's model with the trunk replaced by prefix_sharing.shared_trunk (what the runner would call)."""
+
+    def __init__(self, model) -> None:
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def trunk(self, tokens, batch, capture=None, depth=None, final_rows=None):
+        h, captured, _ = shared_trunk(self._model, tokens, batch, capture, depth, final_rows)
+        return h, captured
+
+
+def sharing_workloads(vocab: int, seed: int) -> dict[str, tuple[list[torch.Tensor], list[OutputSpec]]]:
+    g = torch.Generator().manual_seed(seed)
+
+    def tokens(n: int) -> torch.Tensor:
+        return torch.randint(0, vocab, (n,), generator=g)
+
+    def between(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    workloads = {}
+    # (a) multiple choice (lm-evaluation-harness loglikelihood): contexts with 4 continuations each, log-probs of
+    # the continuation's tokens.
+    seqs, specs = [], []
+    for _ in range(4):
+        context = tokens(between(150, 500))
+        for _ in range(4):
+            cont = tokens(between(1, 12))
+            seqs.append(torch.cat([context, cont]))
+            specs.append(OutputSpec(return_logits=ReturnLogits.VARIABLE, return_n_logits=len(cont) + 1, logits=False,
+                                    target_logprobs=True))
+    workloads["(a) 4 contexts of 150-500 tokens x 4 continuations of 1-12"] = (seqs, specs)
+    # (b) reranking: one 300-token query, 16 items of 10-30 tokens, the last token's logits.
+    query = tokens(300)
+    seqs = [torch.cat([query, tokens(between(10, 30))]) for _ in range(16)]
+    workloads["(b) a 300-token query x 16 items of 10-30 tokens"] = (seqs, [OutputSpec()] * 16)
+    return workloads
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit equality, NaN included (a last position's target log-prob is NaN)."""
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def decoder_flops(config, layout: BlockLayout, rows: int) -> float:
+    """Matmul FLOPs of the decoder layers: the row-wise projections on `rows` rows and the attention blocks that
+    `layout` computes (q.k and weights.v, masked halves included)."""
+    d, hq, hkv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    per_row = 2 * (d * (hq + 2 * hkv) * hd + hq * hd * d + 3 * d * config.intermediate_size)
+    keys = 0
+    for call in layout.calls:
+        count = call.seqs.stop - call.seqs.start if isinstance(call.seqs, slice) else len(call.seqs)
+        keys += count * BLOCK * (call.block + 1)
+    return config.num_layers * (rows * per_row + 4 * keys * hd * hq)
+
+
+def cmd_sharing(args) -> None:
+    folder, name = model_path(args.model)
+    runner = ModelRunner.load(folder, device="cpu", dtype="float32")
+    plain_model, sharing_model = runner.model, SharingModel(runner.model)
+    print(f"model: {name}; machine: {machine()}; {args.repeats} interleaved rounds, medians; wall / process CPU "
+          "seconds. Ideal ratios: token rows, and decoder FLOPs (row-wise matmuls + attention blocks computed), "
+          "without over with sharing (both prefix-stable)\n")
+    print("| workload | tokens | unique rows | ideal (rows) | ideal (FLOPs) | off, current attention | off | on "
+          "| measured (wall) | measured (CPU) | same bits on/off |")
+    print("| --- " * 11 + "|")
+    for label, (seqs, specs) in sharing_workloads(runner.config.vocab_size, args.seed).items():
+        ids = torch.cat(seqs)
+        offsets = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
+        batch = RaggedBatch.from_offsets(offsets, torch.device("cpu"))
+        shared = SharedPrefixBatch.build(ids, batch)
+        flops_off = decoder_flops(runner.config, layout_of(batch), len(ids))
+        flops_on = decoder_flops(runner.config, shared.block_layout, shared.num_tokens)
+        outputs = {}
+
+        def system(key: str, model, attention: Callable) -> Callable[[], Seconds]:
+            def run() -> Seconds:
+                runner.model = model
+                set_attention(runner, attention)
+                return timed(lambda: outputs.__setitem__(key, runner.run(ids, offsets, specs)))
+
+            return run
+
+        times = interleaved(
+            {
+                "current": system("current", plain_model, ragged_attention),
+                "off": system("off", plain_model, prefix_stable_attention),
+                "on": system("on", sharing_model, prefix_stable_attention),
+            },
+            args.repeats,
+        )
+        runner.model = plain_model
+        same = all(
+            same_bits(getattr(a, f), getattr(b, f))
+            for a, b in zip(outputs["off"], outputs["on"])
+            for f in ("logits", "target_logprobs")
+            if getattr(a, f) is not None
+        )
+        cur, off, on = (medians(times[k]) for k in ("current", "off", "on"))
+        print(f"| {label} | {len(ids)} | {shared.num_tokens} | {len(ids) / shared.num_tokens:.2f} "
+              f"| {flops_off / flops_on:.2f} | {cur.wall:.2f} / {cur.cpu:.2f} | {off.wall:.2f} / {off.cpu:.2f} "
+              f"| {on.wall:.2f} / {on.cpu:.2f} | {off.wall / on.wall:.2f} | {off.cpu / on.cpu:.2f} | {same} |",
+              flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -188,12 +398,19 @@ def main() -> None:
     parser.add_argument("command", choices=["kernel", "accuracy", "cost", "sharing"])
     parser.add_argument("--model", default=None)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seeds", default="1", help="accuracy: comma-separated seeds of the sequence sets")
+    parser.add_argument("--variants", default="", help=f"accuracy: comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--references", default="sdpa,eager", help="accuracy: transformers attention implementations")
+    parser.add_argument("--heads", default="onednn,mkl", help="accuracy: lm_head kernels (onednn, mkl)")
     parser.add_argument("--max-len", type=int, default=800)
     parser.add_argument("--step", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    {"kernel": cmd_kernel, "accuracy": cmd_accuracy}[args.command](args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    {"kernel": cmd_kernel, "accuracy": cmd_accuracy, "cost": cmd_cost, "sharing": cmd_sharing}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -36,23 +36,43 @@ BLOCK = 64
 
 
 @dataclass(frozen=True)
-class BlockLayout:
-    """Where the rows of one batch lie in prefix_stable_attention's padded buffers, and which of the buffer's
-    sequences compute each query block.
+class BufferGroup:
+    """Sequences of similar block counts that share one rectangular [S, L, H, D] region of the padded buffers."""
 
-    The buffer holds S sequences of L = BLOCK * (most blocks) rows: slot ``s * L + p`` is position p of buffer
-    sequence s. The rows are those of q/k/v: the packed tokens of a plain batch, or the de-duplicated rows of a
-    shared-prefix batch (model/prefix_sharing.py), where several slots hold the same row."""
+    start: int  # the region's first slot
+    num_seqs: int  # S
+    padded_len: int  # L = BLOCK * (the group's most blocks)
+
+
+@dataclass(frozen=True)
+class BlockCall:
+    """One flash call: query block `block` of the sequences `seqs` of group `group`."""
+
+    block: int
+    group: int
+    seqs: slice | torch.Tensor  # indices into the group's sequences: a slice (views) or an index (gathers)
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where the rows of one batch lie in prefix_stable_attention's padded buffers, and the flash calls over them.
+
+    The buffers hold every sequence zero-padded to whole blocks, in groups whose block counts are within a factor
+    of two (``BufferGroup``): slot ``start + s * L + p`` is position p of the group's sequence s. One group per
+    batch would make a batch of one long and many short sequences pay the long one's length for every short one.
+    The rows are those of q/k/v: the packed tokens of a plain batch, or the de-duplicated rows of a shared-prefix
+    batch (model/prefix_sharing.py), where several slots hold the same row."""
 
     num_rows: int  # T: rows of q, k, v and of the output
-    num_seqs: int  # S
-    padded_len: int  # L
+    num_slots: int  # the buffers' rows
+    groups: tuple[BufferGroup, ...]
     key_slots: torch.Tensor  # int64 [K]: the slots that hold a key/value row (every position of every sequence)
     key_rows: torch.Tensor | None  # int64 [K]: the row in each key slot; None: key_slots[t] holds row t
     query_slots: torch.Tensor  # int64 [Q]: the slots whose query rows a computed block reads
     query_rows: torch.Tensor | None  # int64 [Q]: the row in each query slot; None: query_slots[t] holds row t
+    pad_slots: torch.Tensor  # int64 [P]: the slots past each sequence's end in its last block (zeros)
     out_slots: torch.Tensor  # int64 [T]: for every row, one computed slot holding its output
-    block_seqs: tuple[slice | torch.Tensor, ...]  # per block j: the buffer sequences that compute it
+    calls: tuple[BlockCall, ...]
 
     @classmethod
     def build(cls, seq_rows: list[list[int]], first_blocks: list[int], num_rows: int, device: torch.device) -> BlockLayout:
@@ -60,27 +80,38 @@ class BlockLayout:
         earlier ones are another sequence's: their rows are owned elsewhere). Every row must be owned by one
         computed block of some sequence."""
         blocks = [-(-len(rows) // BLOCK) for rows in seq_rows]
-        # Longest first: a plain batch's block j is then computed by buffer sequences [0, count_j), a view.
-        order = sorted(range(len(seq_rows)), key=lambda b: (first_blocks[b], -blocks[b]))
-        padded_len = BLOCK * max(blocks)
-        key_slots, key_rows, query_slots, query_rows = [], [], [], []
+        by_group: dict[int, list[int]] = {}
+        for b in range(len(seq_rows)):
+            by_group.setdefault((blocks[b] - 1).bit_length(), []).append(b)  # 1, 2, 3-4, 5-8, ... blocks
+        groups, calls = [], []
+        key_slots, key_rows, query_slots, query_rows, pad_slots = [], [], [], [], []
         out_slot = [-1] * num_rows
-        for s, b in enumerate(order):
-            rows, base, first = seq_rows[b], s * padded_len, BLOCK * first_blocks[b]
-            key_slots.extend(range(base, base + len(rows)))
-            key_rows.extend(rows)
-            query_slots.extend(range(base + first, base + len(rows)))
-            query_rows.extend(rows[first:])
-            for p in range(first, len(rows)):
-                if out_slot[rows[p]] < 0:
-                    out_slot[rows[p]] = base + p
+        start = 0
+        for members in by_group.values():
+            # Longest first: a plain batch's block j is then computed by the group's sequences [0, count_j), a view.
+            order = sorted(members, key=lambda b: (first_blocks[b], -blocks[b]))
+            padded_len = BLOCK * max(blocks[b] for b in order)
+            for s, b in enumerate(order):
+                rows, base, first = seq_rows[b], start + s * padded_len, BLOCK * first_blocks[b]
+                key_slots.extend(range(base, base + len(rows)))
+                key_rows.extend(rows)
+                query_slots.extend(range(base + first, base + len(rows)))
+                query_rows.extend(rows[first:])
+                pad_slots.extend(range(base + len(rows), base + BLOCK * blocks[b]))
+                for p in range(first, len(rows)):
+                    if out_slot[rows[p]] < 0:
+                        out_slot[rows[p]] = base + p
+            for j in range(padded_len // BLOCK):
+                seqs = [s for s, b in enumerate(order) if first_blocks[b] <= j < blocks[b]]
+                if not seqs:
+                    continue
+                contiguous = seqs == list(range(seqs[0], seqs[-1] + 1))
+                index = slice(seqs[0], seqs[-1] + 1) if contiguous else torch.tensor(seqs, device=device)
+                calls.append(BlockCall(j, len(groups), index))
+            groups.append(BufferGroup(start, len(order), padded_len))
+            start += len(order) * padded_len
         if min(out_slot, default=0) < 0:
             raise ValueError("a row is computed by no block")
-        block_seqs = []
-        for j in range(max(blocks)):
-            seqs = [s for s, b in enumerate(order) if first_blocks[b] <= j < blocks[b]]
-            contiguous = seqs == list(range(seqs[0], seqs[-1] + 1)) if seqs else True
-            block_seqs.append(slice(seqs[0], seqs[-1] + 1) if contiguous and seqs else torch.tensor(seqs, device=device))
 
         def fill(slots: list[int], rows: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
             """(slots, rows) as index tensors in row order; rows None when they are 0..T-1 (the source as is)."""
@@ -93,14 +124,15 @@ class BlockLayout:
         query_slots_t, query_rows_t = fill(query_slots, query_rows)
         return cls(
             num_rows=num_rows,
-            num_seqs=len(order),
-            padded_len=padded_len,
+            num_slots=start,
+            groups=tuple(groups),
             key_slots=key_slots_t,
             key_rows=key_rows_t,
             query_slots=query_slots_t,
             query_rows=query_rows_t,
+            pad_slots=torch.tensor(pad_slots, dtype=torch.int64, device=device),
             out_slots=torch.tensor(out_slot, dtype=torch.int64, device=device),
-            block_seqs=tuple(block_seqs),
+            calls=tuple(calls),
         )
 
     @classmethod
@@ -141,10 +173,19 @@ def layout_of(batch) -> BlockLayout:
 
 
 def _fill(rows_src: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor | None, layout: BlockLayout) -> torch.Tensor:
-    """[S, L, H, D] zeros with `rows_src`'s rows (of [T, H, D]) copied into their slots."""
-    buf = rows_src.new_zeros(layout.num_seqs * layout.padded_len, *rows_src.shape[1:])
+    """The [slots, H, D] buffer of `rows_src` ([T, H, D]): its rows in their slots, zeros in the padding. Slots that
+    no computed block reads (the blocks a sequence skips, the blocks past its last) stay unwritten."""
+    buf = rows_src.new_empty(layout.num_slots, *rows_src.shape[1:])
     buf.index_copy_(0, slots, rows_src if rows is None else rows_src.index_select(0, rows))
-    return buf.view(layout.num_seqs, layout.padded_len, *rows_src.shape[1:])
+    buf.index_fill_(0, layout.pad_slots, 0)  # finite, and masked: they add exact zeros
+    return buf
+
+
+def _group_view(buf: torch.Tensor, group: BufferGroup) -> torch.Tensor:
+    """[S, L, H, D] view of one group's region of a [slots, H, D] buffer."""
+    return buf[group.start : group.start + group.num_seqs * group.padded_len].view(
+        group.num_seqs, group.padded_len, *buf.shape[1:]
+    )
 
 
 def prefix_stable_attention(
@@ -155,17 +196,21 @@ def prefix_stable_attention(
     or carries a `block_layout` (shared prefixes)."""
     layout = layout_of(batch)
     gqa = q.shape[1] != k.shape[1]
-    qs = _fill(q, layout.query_slots, layout.query_rows, layout)  # [S, L, Hq, D]
-    ks = _fill(k, layout.key_slots, layout.key_rows, layout)  # [S, L, Hkv, D]
-    vs = _fill(v, layout.key_slots, layout.key_rows, layout)
-    out = q.new_empty(layout.num_seqs, layout.padded_len, *q.shape[1:])  # only computed blocks are read back
-    for j, seqs in enumerate(layout.block_seqs):
-        lo, hi = block_keys(j, window)
-        rows = slice(BLOCK * j, hi)
-        # [count, H, BLOCK or hi - lo, D] views (a slice of sequences) or gathers (an index of sequences)
+    buffers = (
+        _fill(q, layout.query_slots, layout.query_rows, layout),
+        _fill(k, layout.key_slots, layout.key_rows, layout),
+        _fill(v, layout.key_slots, layout.key_rows, layout),
+        q.new_empty(layout.num_slots, *q.shape[1:]),  # the output: only computed blocks are read back
+    )
+    views = [tuple(_group_view(buf, group) for buf in buffers) for group in layout.groups]
+    for call in layout.calls:
+        qs, ks, vs, out = views[call.group]  # [S, L, H, D]
+        lo, hi = block_keys(call.block, window)
+        rows, seqs = slice(BLOCK * call.block, hi), call.seqs
+        # [count, H, BLOCK or hi - lo, D]: views for a slice of sequences, gathers for an index
         qb, kb, vb = qs[seqs, rows].transpose(1, 2), ks[seqs, lo:hi].transpose(1, 2), vs[seqs, lo:hi].transpose(1, 2)
         o = F.scaled_dot_product_attention(
-            qb, kb, vb, attn_mask=block_mask(j, window, q.dtype, q.device), scale=scale, enable_gqa=gqa
+            qb, kb, vb, attn_mask=block_mask(call.block, window, q.dtype, q.device), scale=scale, enable_gqa=gqa
         )
         out[seqs, rows] = o.transpose(1, 2)
-    return out.view(-1, *q.shape[1:]).index_select(0, layout.out_slots)
+    return buffers[3].index_select(0, layout.out_slots)

@@ -76,10 +76,19 @@ def test_prefix_stable_attention_is_causal_attention(dtype, window):
     torch.testing.assert_close(got.float(), expected, atol=tol, rtol=0)
 
 
-def test_plain_layout_blocks_are_views():
-    layout = BlockLayout.for_ragged(ragged_batch([5, 3 * BLOCK, BLOCK + 1]))
-    assert layout.block_seqs == (slice(0, 3), slice(0, 2), slice(0, 1))  # longest first
-    assert layout.key_rows is None and layout.query_rows is None
+def test_plain_layout_calls_are_views_over_groups_of_similar_lengths():
+    """Sequences pad to whole blocks in groups of 1, 2, 3-4, 5-8... blocks (a long sequence does not make every short
+    one as long); within a group the longest come first, so a block's sequences are a slice (views, no gather)."""
+    lengths = [5, 3 * BLOCK, BLOCK + 1, 4 * BLOCK, 40, 20 * BLOCK]
+    layout = BlockLayout.for_ragged(ragged_batch(lengths))
+    assert [(g.num_seqs, g.padded_len) for g in layout.groups] == [(2, BLOCK), (2, 4 * BLOCK), (1, 2 * BLOCK),
+                                                                  (1, 20 * BLOCK)]
+    assert layout.num_slots == sum(g.num_seqs * g.padded_len for g in layout.groups)
+    assert all(isinstance(call.seqs, slice) for call in layout.calls)
+    assert [(c.block, c.seqs) for c in layout.calls if c.group == 1] == [(0, slice(0, 2)), (1, slice(0, 2)),
+                                                                        (2, slice(0, 2)), (3, slice(0, 1))]
+    assert len(layout.calls) == 1 + 4 + 2 + 20
+    assert layout.key_rows is None and layout.query_rows is None  # the packed rows as they are
 
 
 # ------------------------------------------------------------------------------------------------ sharing
