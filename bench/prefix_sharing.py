@@ -1,6 +1,7 @@
 """Prefix-stable attention and prefix sharing, measured on the default model (SmolLM2-135M, float32, CPU).
 
     python bench/prefix_sharing.py kernel      # which rows of torch's one causal call per sequence keep their bits
+    python bench/prefix_sharing.py stability   # prefix-stable attention: every prefix length, packed batches
     python bench/prefix_sharing.py accuracy    # max |logit diff| from transformers, per attention variant
     python bench/prefix_sharing.py cost        # attention and forward time: current vs prefix-stable attention
     python bench/prefix_sharing.py sharing     # shared-prefix forwards: time with sharing off / on, ideal ratio
@@ -81,6 +82,12 @@ VARIANTS: dict[str, tuple[str, Callable]] = {
     "stable64-keys512": ("prefix-stable, 64-row blocks, keys padded to a multiple of 512", stable_variant(64, 512)),
     "stable32-keys512": ("prefix-stable, 32-row blocks, keys padded to a multiple of 512", stable_variant(32, 512)),
     "stable64-plain": ("prefix-stable, 64-row blocks, plain softmax (bmm)", stable_variant(64, softmax="plain")),
+    "stable64-f64": (
+        "prefix-stable, 64-row blocks, computed in float64",
+        lambda q, k, v, batch, scale, window: prefix_stable_attention(
+            q.double(), k.double(), v.double(), batch, scale, window
+        ).to(q.dtype),
+    ),
 }
 
 
@@ -116,7 +123,7 @@ def cmd_kernel(args) -> None:
     batch = RaggedBatch.from_offsets(torch.tensor([0, n_max]), torch.device("cpu"))
     stable = prefix_stable_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), batch, 0.125,
                                      None)
-    lengths = range(1, n_max + 1, args.step)
+    lengths = range(1, n_max + 1, args.step or 1)
     alone = {}  # row r -> its bits in the (r + 1)-row call
     pairs = varied = same_as_alone = same_as_stable = 0
     rows_varying = set()
@@ -145,6 +152,44 @@ def cmd_kernel(args) -> None:
           f"({same_as_stable / total_rows:.1%}) |")
 
 
+def cmd_stability(args) -> None:
+    """prefix_stable_attention at the default model's head shapes: every prefix length 1..max_len alone against the
+    full sequence, and the full sequence packed among random others, bit for bit."""
+    import random
+
+    n_max = args.max_len
+    cpu = torch.device("cpu")
+
+    def batch_of(lengths):
+        return RaggedBatch.from_offsets(torch.tensor([0, *lengths]).cumsum(0), cpu)
+
+    print(f"machine: {machine()}; torch {torch.__version__}; q [n, 9, 64], k/v [n, 3, 64]\n")
+    print("| dtype | window | prefix lengths whose rows differ from the full sequence's | packed batches whose "
+          "sequence differs from it alone |\n| --- | --- | --- | --- |")
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(n_max, h, 64, generator=g).to(dtype) for h in (9, 3, 3))
+        lengths = range(1, n_max + 1, 1 if dtype == torch.float32 else args.step or 7)
+        for window in (None, 16, 200):
+            full = prefix_stable_attention(q, k, v, batch_of([n_max]), 0.125, window)
+            unstable = [n for n in lengths
+                        if not torch.equal(prefix_stable_attention(q[:n], k[:n], v[:n], batch_of([n]), 0.125, window),
+                                           full[:n])]
+            rng = random.Random(window or 0)
+            differing = 0
+            for _ in range(args.batches):
+                others = [rng.randint(1, n_max) for _ in range(rng.randint(1, 7))]
+                at = rng.randint(0, len(others))
+                lens = others[:at] + [n_max] + others[at:]
+                parts = [tuple(torch.randn(n, h, 64, generator=g).to(dtype) for h in (9, 3, 3)) for n in others]
+                parts = parts[:at] + [(q, k, v)] + parts[at:]
+                out = prefix_stable_attention(*(torch.cat(t) for t in zip(*parts)), batch_of(lens), 0.125, window)
+                start = sum(lens[:at])
+                differing += not torch.equal(out[start : start + n_max], full)
+            print(f"| {str(dtype).removeprefix('torch.')} | {window} | {len(unstable)} of {len(lengths)} "
+                  f"| {differing} of {args.batches} |", flush=True)
+
+
 # ------------------------------------------------------------------------------------------------ accuracy
 
 
@@ -159,10 +204,11 @@ def cmd_accuracy(args) -> None:
     variants = args.variants.split(",") if args.variants else list(VARIANTS)
     refs_impl = args.references.split(",")
     heads = args.heads.split(",")
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else ACCURACY_LENGTHS
     sequences = {}
     for seed in seeds:
         rng = np.random.default_rng(seed)
-        sequences[seed] = [torch.tensor(rng.integers(0, runner.config.vocab_size, n)) for n in ACCURACY_LENGTHS]
+        sequences[seed] = [torch.tensor(rng.integers(0, runner.config.vocab_size, n)) for n in lengths]
     refs: dict[tuple[str, int], list[torch.Tensor]] = {}
     for impl in refs_impl:
         hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=impl)
@@ -172,8 +218,8 @@ def cmd_accuracy(args) -> None:
         del hf
     head = HeadKernel()
     print(f"model: {name}; machine: {machine()}; torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"per seed: {len(ACCURACY_LENGTHS)} random-token sequences of {min(ACCURACY_LENGTHS)}-{max(ACCURACY_LENGTHS)} "
-          f"tokens ({sum(ACCURACY_LENGTHS)} rows), each alone; max |logit diff| over every row; seeds {seeds}\n")
+    print(f"per seed: random-token sequences of {lengths} tokens ({sum(lengths)} rows), each alone; max |logit diff| "
+          f"over every row; seeds {seeds}\n")
     columns = [f"vs {impl}, seed {seed}" for impl in refs_impl for seed in seeds]
     print(f"| attention | lm_head | {' | '.join(columns)} | rows with sdpa's bits |")
     print("| --- " * (3 + len(columns)) + "|")
@@ -395,22 +441,25 @@ def cmd_sharing(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["kernel", "accuracy", "cost", "sharing"])
+    parser.add_argument("command", choices=["kernel", "stability", "accuracy", "cost", "sharing"])
     parser.add_argument("--model", default=None)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--seeds", default="1", help="accuracy: comma-separated seeds of the sequence sets")
     parser.add_argument("--variants", default="", help=f"accuracy: comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--references", default="sdpa,eager", help="accuracy: transformers attention implementations")
+    parser.add_argument("--lengths", default="", help="accuracy: comma-separated sequence lengths")
     parser.add_argument("--heads", default="onednn,mkl", help="accuracy: lm_head kernels (onednn, mkl)")
     parser.add_argument("--max-len", type=int, default=800)
-    parser.add_argument("--step", type=int, default=1)
+    parser.add_argument("--step", type=int, default=0, help="kernel/stability: length step (default 1; 7 for "
+                        "float64/bfloat16 stability)")
+    parser.add_argument("--batches", type=int, default=20, help="stability: random packed batches per case")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"kernel": cmd_kernel, "accuracy": cmd_accuracy, "cost": cmd_cost, "sharing": cmd_sharing}[args.command](args)
+    {"kernel": cmd_kernel, "stability": cmd_stability, "accuracy": cmd_accuracy, "cost": cmd_cost, "sharing": cmd_sharing}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -65,16 +65,15 @@ class SharedPrefixBatch:
         order = sorted(range(len(seqs)), key=seqs.__getitem__)
         trie_rows: list[list[int]] = [[] for _ in seqs]
         first_blocks = [0] * len(seqs)
-        count, prev = 0, None
-        for b in order:
+        count = 0
+        for prev, b in zip([None, *order], order):
             n = len(seqs[b])
             shared = 0 if prev is None else _common_prefix(seqs[prev], seqs[b])
-            trie_rows[b] = trie_rows[prev][:shared] + list(range(count, count + n - shared)) if prev is not None else \
-                list(range(n))
+            trie_rows[b] = (trie_rows[prev][:shared] if shared else []) + list(range(count, count + n - shared))
             count += n - shared
-            # Query blocks made only of rows that an earlier sequence computes are skipped.
+            # Query blocks made only of rows that an earlier sequence computes are skipped (all, for a sequence
+            # that another one contains).
             first_blocks[b] = shared // BLOCK if shared < n else -(-n // BLOCK)
-            prev = b
         # Number the unique rows in order of first appearance in the packed batch: no sharing is then the identity.
         renumber: dict[int, int] = {}
         for rows in trie_rows:
@@ -112,7 +111,7 @@ def can_share(model) -> bool:
 
 
 def _is_prefix_stable(fn) -> bool:
-    return getattr(fn, "__wrapped__", fn) is prefix_stable_attention or fn is prefix_stable_attention
+    return getattr(fn, "__wrapped__", fn) is prefix_stable_attention  # also through torch.compiler.disable
 
 
 def _unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,6 @@ from model import ModelRunner
 from model.attention_stable import BLOCK, BlockLayout, prefix_stable_attention
 from model.modules import RaggedBatch
 from model.prefix_sharing import SharedPrefixBatch, can_share, shared_trunk, use_prefix_stable_attention
-from tests.model.test_attention import naive
 
 HQ, HKV, D = 4, 2, 16
 CPU = torch.device("cpu")
@@ -23,6 +22,21 @@ def ragged_batch(lengths: list[int]) -> RaggedBatch:
 def qkv(n: int, dtype: torch.dtype, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(n, h, D, generator=g, dtype=torch.float64).to(dtype) for h in (HQ, HKV, HKV))
+
+
+def naive(q, k, v, lengths, scale, window):
+    """softmax(q.k^T) v per sequence in float64, with the causal (and sliding-window) mask."""
+    out, start = [], 0
+    for n in lengths:
+        qs, ks, vs = (t[start : start + n].double() for t in (q, k, v))
+        group = qs.shape[1] // ks.shape[1]
+        ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        visible = (j <= i) & ((i - j < window) if window else True)
+        probs = (torch.einsum("ihd,jhd->hij", qs, ks) * scale).masked_fill(~visible, float("-inf")).softmax(-1)
+        out.append(torch.einsum("hij,jhd->ihd", probs, vs))
+        start += n
+    return torch.cat(out)
 
 
 @pytest.mark.parametrize("window", [None, 16, 200])
@@ -71,9 +85,9 @@ def test_prefix_stable_attention_is_causal_attention(dtype, window):
     lengths = [1, 7, BLOCK, BLOCK + 1, 3 * BLOCK + 5, 100]
     q, k, v = qkv(sum(lengths), dtype)
     got = prefix_stable_attention(q, k, v, ragged_batch(lengths), 0.3, window)
-    expected = naive(q.float(), k.float(), v.float(), lengths, 0.3, window)
+    expected = naive(q, k, v, lengths, 0.3, window)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=0)
+    torch.testing.assert_close(got.double(), expected, atol=tol, rtol=0)
 
 
 def test_plain_layout_calls_are_views_over_groups_of_similar_lengths():
