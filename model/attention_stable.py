@@ -2,11 +2,12 @@
 of the rows up to it, never on how many rows follow it or on what else shares the batch.
 
 torch's CPU flash kernel, called once per sequence as transformers does, does not have that property: it walks the
-queries in 32-, 64- or 256-row blocks chosen by the call's length, and every block multiplies its softmax weights
-by all of the call's keys up to the sequence's end (the masked ones as zeros), so the sums of a row's
-``softmax(q.k) v`` run over a number of terms, and in a summation order, that follow the sequence's length. Two
-sequences that share a prefix therefore get different bits for the prefix rows, and a prefix could not be computed
-once for both.
+queries in 32-, 64- or 256-row blocks chosen by the call's length, and each block's chunk of up to 512 keys runs to
+the sequence's end (the masked keys as zeros, the keys past the last multiple of the vector width through a scalar
+exp), so the sums of a row's ``softmax(q.k) v`` run over a number of terms, and in an order, that follow the
+sequence's length. Two sequences that share a prefix get different bits for the prefix rows, and a prefix could not
+be computed once for both. For the same reason no prefix-stable attention can give every sequence transformers'
+bits: a row's bits there change with the length of the sequence it ends up in.
 
 Here the geometry is fixed by the row alone. Queries go in ``BLOCK``-row blocks aligned at each sequence's
 position 0; block j is one flash call of exactly ``BLOCK`` query rows against the keys ``[lo_j, BLOCK * (j + 1))``
@@ -30,8 +31,9 @@ import torch.nn.functional as F
 
 from .modules import RaggedBatch
 
-# Query rows per block. Every block is one flash call of BLOCK query rows; the kernel then walks them in 32-row
-# slices against key chunks of 512.
+# Query rows per block. Every block is one flash call of BLOCK query rows (the kernel walks them in 32-row slices
+# against key chunks of 512). 64 is the kernel's own block for 192-767-token calls; other sizes were measured no
+# closer to transformers' logits (bench/prefix_sharing.py accuracy) and 32 doubles the calls.
 BLOCK = 64
 
 

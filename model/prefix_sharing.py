@@ -17,18 +17,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .attention_stable import BLOCK, BlockLayout, prefix_stable_attention
 from .modules import RaggedBatch
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
 
 
 @dataclass(frozen=True)
@@ -60,6 +59,7 @@ class SharedPrefixBatch:
         """input_ids int64 [T] packed as `batch` says."""
         ids = input_ids.tolist()
         seqs = [ids[s:e] for s, e in zip(batch.bounds[:-1], batch.bounds[1:])]
+        arrays = [np.asarray(seq, dtype=np.int64) for seq in seqs]
         # In lexicographic order, a sequence's longest common prefix with any earlier sequence is the one with
         # its predecessor: the rows of that prefix exist already, the rest are new trie nodes.
         order = sorted(range(len(seqs)), key=seqs.__getitem__)
@@ -68,7 +68,7 @@ class SharedPrefixBatch:
         count = 0
         for prev, b in zip([None, *order], order):
             n = len(seqs[b])
-            shared = 0 if prev is None else _common_prefix(seqs[prev], seqs[b])
+            shared = 0 if prev is None else _common_prefix(arrays[prev], arrays[b])
             trie_rows[b] = (trie_rows[prev][:shared] if shared else []) + list(range(count, count + n - shared))
             count += n - shared
             # Query blocks made only of rows that an earlier sequence computes are skipped (all, for a sequence
