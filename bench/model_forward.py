@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import Roofline, machine, model_path, real_flops  # noqa: E402
+from service.packing import pack_ids  # noqa: E402
 from model import ModelRunner, OutputSpec, ReturnLogits  # noqa: E402
 
 BATCH = 8
@@ -56,8 +57,7 @@ class Workload:
 
 def run_ours(runner: ModelRunner, work: Workload, batch: list[int], last_only: bool) -> float:
     seqs = [work.seqs[i] for i in batch]
-    ids = torch.cat(seqs)
-    offsets = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
+    ids, offsets = (torch.from_numpy(a) for a in pack_ids([s.numpy() for s in seqs]))
     spec = OutputSpec(return_logits=ReturnLogits.LAST_TOKEN if last_only else ReturnLogits.ALL)
     t0 = time.perf_counter()
     out = runner.run(ids, offsets, [spec] * len(seqs))

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import ModelRunner, OutputSpec, ReturnLogits  # noqa: E402
+from service.packing import row_offsets  # noqa: E402
 from model import modules  # noqa: E402
 
 LLAMA_1B = dict(  # Llama 3.2 1B shapes
@@ -51,9 +52,7 @@ def packed(total: int, vocab: int, lo: int = 256, hi: int = 2048, seed: int = 0)
     while sum(lens) < total:
         lens.append(min(int(torch.randint(lo, hi + 1, (1,), generator=g)), total - sum(lens)))
     ids = torch.randint(0, vocab, (total,), generator=g)
-    offsets = torch.zeros(len(lens) + 1, dtype=torch.int64)
-    offsets[1:] = torch.tensor(lens).cumsum(0)
-    return ids, offsets, lens
+    return ids, torch.from_numpy(row_offsets(lens)), lens
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

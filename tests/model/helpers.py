@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from service.packing import pack_ids
+
 
 def ragged(lengths: list[int], vocab: int, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Random sequences of the given lengths, packed: (sequences, input_ids [T], input_row_offsets [B+1])."""
     g = torch.Generator().manual_seed(seed)
     seqs = [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
-    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    offsets[1:] = torch.tensor(lengths).cumsum(0)
-    return seqs, torch.cat(seqs), offsets
+    ids, offsets = pack_ids([s.numpy() for s in seqs])
+    return seqs, torch.from_numpy(ids), torch.from_numpy(offsets)
 
 
 @torch.no_grad()
