@@ -6,8 +6,9 @@
     python bench/prefix_sharing.py cost        # attention and forward time: current vs prefix-stable attention
     python bench/prefix_sharing.py sharing     # shared-prefix forwards: time with sharing off / on, ideal ratio
 
-Every subcommand prints a markdown table (results go to docs/benchmarks.md by hand). Timings interleave the
-systems compared (round i runs each once, the order reversed every other round) and report medians.
+Every subcommand prints a markdown table (results: docs/prefix_sharing.md). Timings interleave the systems compared
+(round i runs each once, the order reversed every other round) and report medians of wall and process CPU time;
+on a shared machine `--threads 1` keeps parallel regions from waiting on descheduled threads.
 """
 
 from __future__ import annotations
@@ -322,7 +323,8 @@ def cmd_cost(args) -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for label in attention:
         fwd, att = medians(times[label]), medians(attention_time[label][1:])  # [0]: the warm-up round
-        print(f"| {label} | {fwd.wall:.3f} | {fwd.cpu:.3f} | {att.wall:.3f} | {att.cpu:.3f} | {sum(lens) / fwd.wall:.0f} |")
+        print(f"| {label} | {fwd.wall:.3f} | {fwd.cpu:.3f} | {att.wall:.3f} | {att.cpu:.3f} "
+              f"| {sum(lens) / fwd.wall:.0f} |")
 
 
 # ------------------------------------------------------------------------------------------------ sharing
@@ -459,7 +461,9 @@ def main() -> None:
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"kernel": cmd_kernel, "stability": cmd_stability, "accuracy": cmd_accuracy, "cost": cmd_cost, "sharing": cmd_sharing}[args.command](args)
+    commands = {"kernel": cmd_kernel, "stability": cmd_stability, "accuracy": cmd_accuracy, "cost": cmd_cost,
+                "sharing": cmd_sharing}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

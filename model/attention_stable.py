@@ -77,7 +77,9 @@ class BlockLayout:
     calls: tuple[BlockCall, ...]
 
     @classmethod
-    def build(cls, seq_rows: list[list[int]], first_blocks: list[int], num_rows: int, device: torch.device) -> BlockLayout:
+    def build(
+        cls, seq_rows: list[list[int]], first_blocks: list[int], num_rows: int, device: torch.device
+    ) -> BlockLayout:
         """seq_rows[b]: the row of each position of sequence b; first_blocks[b]: its first block to compute (the
         earlier ones are another sequence's: their rows are owned elsewhere). Every row must be owned by one
         computed block of some sequence."""

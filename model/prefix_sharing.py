@@ -138,7 +138,10 @@ def shared_trunk(
         return h, captured, 0
     index = shared.row_index  # packed row -> unique row
     depth = len(model.layers) if depth is None else depth
-    final_unique, final_inverse = (None, index) if final_rows is None else _unique_rows(index.index_select(0, final_rows))
+    if final_rows is None:
+        final_unique, final_inverse = None, index
+    else:
+        final_unique, final_inverse = _unique_rows(index.index_select(0, final_rows))
     unique_capture, inverses = {}, {}
     for layer, rows in (capture or {}).items():
         # capture[depth] indexes into final_rows when those are given (DistributedTransformer.trunk): its unique

@@ -54,8 +54,9 @@ def test_a_rows_bits_do_not_depend_on_the_rows_after_it(dtype, window):
         assert torch.equal(got, full[:n]), n
     if window is None and dtype == torch.float32:
         one_call = [
-            F.scaled_dot_product_attention(*(t[:n].transpose(0, 1)[None] for t in (q, k, v)), is_causal=True, scale=0.25,
-                                           enable_gqa=True)[0].transpose(0, 1)
+            F.scaled_dot_product_attention(
+                *(t[:n].transpose(0, 1)[None] for t in (q, k, v)), is_causal=True, scale=0.25, enable_gqa=True
+            )[0].transpose(0, 1)
             for n in (20, 40)
         ]
         assert not torch.equal(one_call[0], one_call[1][:20])
