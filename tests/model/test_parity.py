@@ -125,7 +125,7 @@ def test_float32_decoder_has_transformers_bits(arch, checkpoint_factory):
     separate gate output for a width of 112."""
     extra = PHI3_HEAD64 if arch == "phi3" else {}
     path = checkpoint_factory(arch, hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=256, **extra)
-    runner = ModelRunner.load(path, dtype="float32")
+    runner = ModelRunner.load(path, dtype="float32", prefix_sharing=False)  # the attention with its bits
     hf = load_reference(path, attention=None)  # transformers' default: SDPA, eager for Gemma 2
     n_layers = runner.config.num_layers
     spec = OutputSpec(logits=False, return_hidden_states=ReturnHiddenStates.ALL, layers=tuple(range(n_layers + 1)))
