@@ -194,6 +194,8 @@ class Batcher:
             self.metrics.inference_duration.observe(done.forward_s)
             if done.oom_retries:
                 self.metrics.oom_retries.inc(done.oom_retries)
+            if done.prefix_shared_tokens:
+                self.metrics.prefix_shared_tokens.inc(done.prefix_shared_tokens)
             self.metrics.replica_batches.labels(label).inc()
             self.metrics.replica_batch_tokens.labels(label).inc(batch.num_tokens)
             self.metrics.replica_busy_seconds.labels(label).inc(done.forward_s)

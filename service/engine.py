@@ -97,6 +97,11 @@ class Engine:
         """The dtype the workers loaded the weights in, as they reported it; None until one has."""
         return self.pool.dtype if self.pool is not None else None
 
+    @property
+    def prefix_sharing(self) -> bool | None:
+        """Whether the workers compute shared prefixes once, as they reported it; None until one has loaded."""
+        return self.pool.prefix_sharing if self.pool is not None else None
+
     def describe_workers(self) -> list[dict]:
         return self.pool.describe() if self.pool is not None else []
 

@@ -254,6 +254,7 @@ class InfoResponse(BaseModel):
     dtype: str
     limits: dict
     pooling: str
+    prefix_sharing: bool
     workers: list[dict]
 
 

@@ -58,6 +58,8 @@ async def info(served: ServedDep, engine: EngineDep, settings: SettingsDep) -> R
             "max_request_bytes": s.max_request_bytes,
         },
         "pooling": s.pooling,
+        # as the workers run it (a model or device that cannot share runs unshared); the request until they have
+        "prefix_sharing": engine.prefix_sharing if engine.prefix_sharing is not None else s.prefix_sharing == "on",
         "workers": engine.describe_workers(),
     })
 

@@ -71,6 +71,7 @@ class BatchDone:
     results: list[RequestResult]  # one per RequestSpan of the batch
     forward_s: float
     oom_retries: int  # sub-batches re-run after the device ran out of memory
+    prefix_shared_tokens: int = 0  # token rows not recomputed thanks to prefix sharing
 
 
 @dataclass
@@ -84,6 +85,7 @@ class WorkerReady:
     rank: int
     pid: int
     dtype: str  # the dtype the weights were loaded in (torch name without "torch."), what /info reports
+    prefix_sharing: bool = False  # whether shared prefixes are computed once, what /info reports
 
 
 WorkerMessage = WorkerReady | BatchDone | BatchFailed

@@ -56,6 +56,7 @@ class Replica:
         self.restarts = 0
         self.ever_ready = False
         self.dtype: str | None = None  # as the ranks loaded the weights
+        self.prefix_sharing: bool | None = None  # as the ranks run it
         self.inflight: OrderedDict[int, _InFlight] = OrderedDict()
         self.inflight_tokens = 0
         self._lock = threading.Lock()
@@ -121,7 +122,8 @@ class Replica:
             parent, child = ctx.Pipe(duplex=True)
             p = ctx.Process(
                 target=worker_main,
-                args=(self.index, rank, s.tp, port, self.pool.checkpoint, s.device, s.dtype, self.pool.threads, child),
+                args=(self.index, rank, s.tp, port, self.pool.checkpoint, s.device, s.dtype, self.pool.threads, child,
+                      s.prefix_sharing == "on"),
                 name=f"logitserve-r{self.index}-rank{rank}",
                 daemon=True,
             )
@@ -172,6 +174,7 @@ class Replica:
         if isinstance(message, WorkerReady):
             ready.add(message.rank)
             self.dtype = message.dtype
+            self.prefix_sharing = message.prefix_sharing
             if len(ready) == self.pool.settings.tp:
                 logger.info("replica %d ready (pids %s, %s)", self.index, self.pids, message.dtype)
                 self._set_state("ready", "ready")
@@ -302,6 +305,11 @@ class WorkerPool:
     def dtype(self) -> str | None:
         """The dtype the workers loaded the weights in; None until one has."""
         return next((r.dtype for r in self.replicas if r.dtype is not None), None)
+
+    @property
+    def prefix_sharing(self) -> bool | None:
+        """Whether the workers compute shared prefixes once; None until one has loaded."""
+        return next((r.prefix_sharing for r in self.replicas if r.prefix_sharing is not None), None)
 
     def reasons(self) -> list[str]:
         return [r.reason for r in self.replicas if r.state != "ready"]
