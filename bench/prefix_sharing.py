@@ -5,6 +5,7 @@
     python bench/prefix_sharing.py accuracy    # max |logit diff| from transformers, per attention variant
     python bench/prefix_sharing.py cost        # attention and forward time: current vs prefix-stable attention
     python bench/prefix_sharing.py sharing     # shared-prefix forwards: time with sharing off / on, ideal ratio
+    python bench/prefix_sharing.py http        # served: two servers, --prefix-sharing off / on, over HTTP
 
 Every subcommand prints a markdown table (results: docs/prefix_sharing.md). Timings interleave the systems compared
 (round i runs each once, the order reversed every other round) and report medians of wall and process CPU time;
@@ -14,6 +15,10 @@ on a shared machine `--threads 1` keeps parallel regions from waiting on desched
 from __future__ import annotations
 
 import argparse
+import asyncio
+import datetime
+import random
+import signal
 import statistics
 import sys
 import time
@@ -27,11 +32,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import model.layers as layers  # noqa: E402
-from bench.common import machine, model_path  # noqa: E402
+from bench.common import machine, model_path, start_server  # noqa: E402
 from model import ModelRunner, OutputSpec, ReturnLogits  # noqa: E402
 from model.attention_stable import BLOCK, BlockLayout, layout_of, prefix_stable_attention  # noqa: E402
 from model.modules import RaggedBatch, ragged_attention  # noqa: E402
-from model.prefix_sharing import SharedPrefixBatch, shared_trunk  # noqa: E402
+from model.prefix_sharing import SharedPrefixBatch  # noqa: E402
 
 ACCURACY_LENGTHS = [5, 17, 37, 64, 100, 150, 191, 250, 300, 384, 450, 500]
 
@@ -330,20 +335,6 @@ def cmd_cost(args) -> None:
 # ------------------------------------------------------------------------------------------------ sharing
 
 
-class SharingModel:
-    """The runner's model with the trunk replaced by prefix_sharing.shared_trunk (what the runner would call)."""
-
-    def __init__(self, model) -> None:
-        self._model = model
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def trunk(self, tokens, batch, capture=None, depth=None, final_rows=None):
-        h, captured, _ = shared_trunk(self._model, tokens, batch, capture, depth, final_rows)
-        return h, captured
-
-
 def sharing_workloads(vocab: int, seed: int) -> dict[str, tuple[list[torch.Tensor], list[OutputSpec]]]:
     g = torch.Generator().manual_seed(seed)
 
@@ -392,7 +383,6 @@ def decoder_flops(config, layout: BlockLayout, rows: int) -> float:
 def cmd_sharing(args) -> None:
     folder, name = model_path(args.model)
     runner = ModelRunner.load(folder, device="cpu", dtype="float32")
-    plain_model, sharing_model = runner.model, SharingModel(runner.model)
     print(f"model: {name}; machine: {machine()}; {args.repeats} interleaved rounds, medians; wall / process CPU "
           "seconds. Ideal ratios: token rows, and decoder FLOPs (row-wise matmuls + attention blocks computed), "
           "without over with sharing (both prefix-stable)\n")
@@ -408,23 +398,22 @@ def cmd_sharing(args) -> None:
         flops_on = decoder_flops(runner.config, shared.block_layout, shared.num_tokens)
         outputs = {}
 
-        def system(key: str, model, attention: Callable) -> Callable[[], Seconds]:
+        def system(key: str, sharing: bool, attention: Callable) -> Callable[[], Seconds]:
             def run() -> Seconds:
-                runner.model = model
                 set_attention(runner, attention)
+                runner.prefix_sharing = sharing
                 return timed(lambda: outputs.__setitem__(key, runner.run(ids, offsets, specs)))
 
             return run
 
         times = interleaved(
             {
-                "current": system("current", plain_model, ragged_attention),
-                "off": system("off", plain_model, prefix_stable_attention),
-                "on": system("on", sharing_model, prefix_stable_attention),
+                "current": system("current", False, ragged_attention),
+                "off": system("off", False, prefix_stable_attention),
+                "on": system("on", True, prefix_stable_attention),
             },
             args.repeats,
         )
-        runner.model = plain_model
         same = all(
             same_bits(getattr(a, f), getattr(b, f))
             for a, b in zip(outputs["off"], outputs["on"])
@@ -432,10 +421,121 @@ def cmd_sharing(args) -> None:
             if getattr(a, f) is not None
         )
         cur, off, on = (medians(times[k]) for k in ("current", "off", "on"))
-        print(f"| {label} | {len(ids)} | {shared.num_tokens} | {len(ids) / shared.num_tokens:.2f} "
+        print(f"| {label} | {len(ids)} | {shared.unique_rows} | {len(ids) / shared.unique_rows:.2f} "
               f"| {flops_off / flops_on:.2f} | {cur.wall:.2f} / {cur.cpu:.2f} | {off.wall:.2f} / {off.cpu:.2f} "
               f"| {on.wall:.2f} / {on.cpu:.2f} | {off.wall / on.wall:.2f} | {off.cpu / on.cpu:.2f} | {same} |",
               flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ http
+
+
+def trie_nodes(seqs: list[list[int]]) -> int:
+    return len({tuple(s[: p + 1]) for s in seqs for p in range(len(s))})
+
+
+def multiple_choice_requests(vocab: int, seed: int, contexts: int) -> list[list[list[int]]]:
+    """lm-evaluation-harness local-completions loglikelihood, multiple choice: contexts of 150-500 tokens with 4
+    continuations of 1-12 tokens, sorted as lm-eval's Collator sorts them (longest first, then by tokens) and sent
+    in requests of 8 prompts."""
+    rng = random.Random(seed)
+    seqs = []
+    for _ in range(contexts):
+        context = [rng.randrange(vocab) for _ in range(rng.randint(150, 500))]
+        seqs += [context + [rng.randrange(vocab) for _ in range(rng.randint(1, 12))] for _ in range(4)]
+    seqs.sort(key=lambda s: (-len(s), tuple(s)))
+    return [seqs[i : i + 8] for i in range(0, len(seqs), 8)]
+
+
+def score_request(vocab: int, seed: int) -> dict:
+    """/v1/score: a 300-token query and 16 items of 10-30 tokens (token ids), two label tokens."""
+    rng = random.Random(seed)
+    query = [rng.randrange(vocab) for _ in range(300)]
+    items = [[rng.randrange(vocab) for _ in range(rng.randint(10, 30))] for _ in range(16)]
+    return {"query": query, "items": items, "label_token_ids": [28, 253]}
+
+
+async def run_clients(url: str, path: str, bodies: list[dict], clients: int) -> tuple[float, list]:
+    """Seconds to answer every body with `clients` concurrent clients, and the answers in body order."""
+    import httpx
+
+    answers: list = [None] * len(bodies)
+    pending = list(range(len(bodies)))[::-1]
+    async with httpx.AsyncClient(base_url=url, timeout=1800) as c:
+
+        async def client():
+            while pending:
+                i = pending.pop()
+                r = await c.post(path, json=bodies[i])
+                r.raise_for_status()
+                answers[i] = r.json()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return time.perf_counter() - t0, answers
+
+
+def shared_counter(url: str) -> float:
+    import httpx
+
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("logitserve_prefix_shared_tokens_total "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def cmd_http(args) -> None:
+    """Two servers of the model, --prefix-sharing off and on, the same workloads on each in interleaved rounds."""
+    folder, name = model_path(args.model)
+    from model.config import ModelConfig
+
+    vocab = ModelConfig.from_pretrained(folder).vocab_size
+    requests = multiple_choice_requests(vocab, args.seed, args.contexts)
+    completions = [{"prompt": r, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0} for r in requests]
+    scores = [score_request(vocab, args.seed + i) for i in range(args.score_requests)]
+    workloads = {
+        f"(a) multiple choice: {args.contexts} contexts x 4 continuations, requests of 8 prompts, 4 clients, "
+        "/v1/completions echo + logprobs": ("/v1/completions", completions, 4,
+                                            [s for r in requests for s in r]),
+        f"(b) /v1/score: 300-token query x 16 items of 10-30 tokens ({args.score_requests} requests, one client)": (
+            "/v1/score", scores, 1, [s["query"] + item for s in scores for item in s["items"]]),
+    }
+    servers = {mode: start_server(folder, "--prefix-sharing", mode) for mode in ("off", "on")}
+    try:
+        print(f"model: {name}; machine: {machine()}; date: {datetime.date.today().isoformat()}; one server per "
+              f"mode (2 worker threads each, used one at a time), {args.repeats} interleaved rounds after a warm-up "
+              "round, medians of wall seconds\n")
+        print("| workload | tokens | ideal ratio (tokens / trie nodes) | realized ratio (tokens / computed) | off s "
+              "| on s | measured ratio | same answers on/off |")
+        print("| --- " * 8 + "|")
+        for label, (path, bodies, clients, seqs) in workloads.items():
+            times: dict[str, list[float]] = {"off": [], "on": []}
+            answers: dict[str, list] = {}
+            shared = []
+            for r in range(args.repeats + 1):
+                for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+                    url = servers[mode][1]
+                    before = shared_counter(url)
+                    took, answers[mode] = asyncio.run(run_clients(url, path, bodies, clients))
+                    if mode == "on":
+                        shared.append(shared_counter(url) - before)
+                    if r:  # round 0 warms up
+                        times[mode].append(took)
+            tokens = sum(map(len, seqs))
+            same = _without_timing(answers["off"]) == _without_timing(answers["on"])
+            off, on = statistics.median(times["off"]), statistics.median(times["on"])
+            computed = tokens - statistics.median(shared)
+            print(f"| {label} | {tokens} | {tokens / trie_nodes(seqs):.2f} | {tokens / computed:.2f} | {off:.2f} "
+                  f"| {on:.2f} | {off / on:.2f} | {same} |", flush=True)
+    finally:
+        for server, _ in servers.values():
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+
+
+def _without_timing(answers: list) -> list:
+    """The answers less the fields that differ between any two calls (ids, timestamps)."""
+    return [{k: v for k, v in a.items() if k not in ("id", "created")} for a in answers]
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -443,7 +543,7 @@ def cmd_sharing(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["kernel", "stability", "accuracy", "cost", "sharing"])
+    parser.add_argument("command", choices=["kernel", "stability", "accuracy", "cost", "sharing", "http"])
     parser.add_argument("--model", default=None)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--seeds", default="1", help="accuracy: comma-separated seeds of the sequence sets")
@@ -456,13 +556,15 @@ def main() -> None:
                         "float64/bfloat16 stability)")
     parser.add_argument("--batches", type=int, default=20, help="stability: random packed batches per case")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--contexts", type=int, default=16, help="http: multiple-choice contexts (4 prompts each)")
+    parser.add_argument("--score-requests", type=int, default=4, help="http: /v1/score requests per round")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
     commands = {"kernel": cmd_kernel, "stability": cmd_stability, "accuracy": cmd_accuracy, "cost": cmd_cost,
-                "sharing": cmd_sharing}
+                "sharing": cmd_sharing, "http": cmd_http}
     commands[args.command](args)
 
 

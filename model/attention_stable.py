@@ -12,9 +12,9 @@ bits: a row's bits there change with the length of the sequence it ends up in.
 Here the geometry is fixed by the row alone. Queries go in ``BLOCK``-row blocks aligned at each sequence's
 position 0; block j is one flash call of exactly ``BLOCK`` query rows against the keys ``[lo_j, BLOCK * (j + 1))``
 (``lo_j`` is 0, or the first key the block's first row sees under a sliding window), with an additive mask for the
-causal diagonal (and the window). A sequence's rows are laid out in a zero-padded buffer, so the last block of a
-sequence has the same shape as that block of a longer one: the padded rows are masked (weight exactly 0, finite
-values), and a row's sums run over the same terms in the same order whatever the sequence's length. The kernel
+causal diagonal (and the window). A sequence's rows are laid out in a padded buffer (the padding repeats its last
+row), so the last block of a sequence has the same shape as that block of a longer one: the padded rows are masked
+(weight exactly 0, finite values), and a row's sums run over the same terms in the same order whatever the sequence's length. The kernel
 computes every (sequence, head, 32-row query slice) of a call on its own with the same gemm shapes, so calls batch
 the sequences that need block j together (tests/model/test_prefix_stable_attention.py checks both properties bit
 for bit). The price: the rows of a partial last block and the masked half of each diagonal block are computed and
@@ -52,11 +52,7 @@ class BufferGroup:
 
     num_seqs: int  # S
     padded_len: int  # L = BLOCK * (the group's most blocks)
-    key_slots: torch.Tensor  # int64 [K]: the slots that hold a key/value row (every position of every sequence)
-    key_rows: torch.Tensor  # int64 [K]: the row of q/k/v in each key slot
-    query_slots: torch.Tensor  # int64 [Q]: the slots whose query rows a computed block reads
-    query_rows: torch.Tensor  # int64 [Q]: the row in each query slot
-    pad_slots: torch.Tensor  # int64 [P]: the slots past each sequence's end in its last block (zeros)
+    slot_rows: torch.Tensor  # int64 [S * L]: the row of q/k/v each slot holds; past a sequence's end, its last row
     out_rows: torch.Tensor  # int64 [O]: the rows whose output this group computes (each row in one group only)
     out_slots: torch.Tensor  # int64 [O]: the slot holding each one's output
 
@@ -78,7 +74,7 @@ class BlockCall:
 class BlockLayout:
     """Where the rows of one batch lie in prefix_stable_attention's padded buffers, and the flash calls over them.
 
-    The buffers hold every sequence zero-padded to whole blocks, in groups whose block counts are within a factor
+    The buffers hold every sequence padded to whole blocks, in groups whose block counts are within a factor
     of two (``BufferGroup``) and of at most ``MAX_GROUP_SLOTS`` slots: one group per batch would make a batch of one
     long and many short sequences pay the long one's length for every short one, and would hold the whole batch's
     padded copy of q/k/v at once. The rows are those of q/k/v: the packed tokens of a plain batch, or the
@@ -122,7 +118,7 @@ class BlockLayout:
                 take = max(1, max_group_slots // (BLOCK * max(blocks[b] for b in order)))
                 part, order = order[:take], order[take:]
                 padded_len = BLOCK * max(blocks[b] for b in part)
-                group = _group(part, seq_rows, first_blocks, blocks, padded_len, owned, device)
+                group = _group(part, seq_rows, first_blocks, padded_len, owned, device)
                 for j in range(padded_len // BLOCK):
                     seqs = [s for s, b in enumerate(part) if first_blocks[b] <= j < blocks[b]]
                     if not seqs:
@@ -145,21 +141,19 @@ def _group(
     part: list[int],
     seq_rows: list[list[int]],
     first_blocks: list[int],
-    blocks: list[int],
     padded_len: int,
     owned: list[bool],
     device: torch.device,
 ) -> BufferGroup:
     """The buffer group of sequences `part` (in slot order); marks the rows whose output it computes in `owned`."""
-    key_slots, key_rows, query_slots, query_rows, pad_slots, out_rows, out_slots = ([] for _ in range(7))
+    slot_rows, out_rows, out_slots = [], [], []
     for s, b in enumerate(part):
-        rows, base, first = seq_rows[b], s * padded_len, BLOCK * first_blocks[b]
-        key_slots.extend(range(base, base + len(rows)))
-        key_rows.extend(rows)
-        query_slots.extend(range(base + first, base + len(rows)))
-        query_rows.extend(rows[first:])
-        pad_slots.extend(range(base + len(rows), base + BLOCK * blocks[b]))
-        for p in range(first, len(rows)):
+        rows, base = seq_rows[b], s * padded_len
+        # Past the sequence's end its slots repeat its last row: finite values under a -inf mask, which add exact
+        # zeros to every sum (and depend on the sequence alone).
+        slot_rows.extend(rows)
+        slot_rows.extend([rows[-1]] * (padded_len - len(rows)))
+        for p in range(BLOCK * first_blocks[b], len(rows)):
             if not owned[rows[p]]:
                 owned[rows[p]] = True
                 out_rows.append(rows[p])
@@ -168,17 +162,7 @@ def _group(
     def tensor(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=device)
 
-    return BufferGroup(
-        num_seqs=len(part),
-        padded_len=padded_len,
-        key_slots=tensor(key_slots),
-        key_rows=tensor(key_rows),
-        query_slots=tensor(query_slots),
-        query_rows=tensor(query_rows),
-        pad_slots=tensor(pad_slots),
-        out_rows=tensor(out_rows),
-        out_slots=tensor(out_slots),
-    )
+    return BufferGroup(len(part), padded_len, tensor(slot_rows), tensor(out_rows), tensor(out_slots))
 
 
 @functools.lru_cache(maxsize=8)  # one per batch; every layer asks again
@@ -231,13 +215,9 @@ def layout_of(batch) -> BlockLayout:
     return layout if layout is not None else BlockLayout.for_ragged(batch)
 
 
-def _fill(src: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, group: BufferGroup) -> torch.Tensor:
-    """[S, L, H, D]: the group's buffer of `src` ([T, H, D]) rows in their slots, zeros in the padding. Slots that
-    no computed block reads (the blocks a sequence skips, the blocks past its last) stay unwritten."""
-    buf = src.new_empty(group.num_slots, *src.shape[1:])
-    buf.index_copy_(0, slots, src.index_select(0, rows))
-    buf.index_fill_(0, group.pad_slots, 0)  # finite, and masked: they add exact zeros
-    return buf.view(group.num_seqs, group.padded_len, *src.shape[1:])
+def _fill(src: torch.Tensor, group: BufferGroup) -> torch.Tensor:
+    """[S, L, H, D]: the group's buffer of `src` ([T, H, D]) rows, one gather."""
+    return src.index_select(0, group.slot_rows).view(group.num_seqs, group.padded_len, *src.shape[1:])
 
 
 def prefix_stable_attention(
@@ -253,9 +233,7 @@ def prefix_stable_attention(
     for call in layout.calls:
         calls_by_group.setdefault(call.group, []).append(call)
     for g, group in enumerate(layout.groups):
-        qs = _fill(q, group.query_slots, group.query_rows, group)  # [S, L, Hq, D]
-        ks = _fill(k, group.key_slots, group.key_rows, group)  # [S, L, Hkv, D]
-        vs = _fill(v, group.key_slots, group.key_rows, group)
+        qs, ks, vs = _fill(q, group), _fill(k, group), _fill(v, group)  # [S, L, Hq or Hkv, D]
         out = q.new_empty(qs.shape)  # only computed blocks are read back
         for call in calls_by_group.get(g, ()):
             lo, hi = block_keys(call.block, window)
