@@ -202,3 +202,19 @@ def test_tp2_on_off_alone_have_the_same_bits(runner, tmp_path):
             assert_same_bits(on[b], alone[b], (b, "alone"))
     for b in range(len(seqs)):
         assert_same_bits(per_rank[0][0][b], per_rank[1][0][b], (b, "ranks"))
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen3", "qwen3_moe", "gemma3", "olmo2", "smollm3"])
+def test_families_share_with_the_same_bits(tmp_path, arch):
+    """Sliding windows (Mistral, Gemma 3's local layers), q/k norms, per-type rope tables, a mixture of experts,
+    whole-projection q/k norms (OLMo 2), layers without rotary (SmolLM3): on, off and alone agree bit for bit."""
+    path = make_checkpoint(tmp_path / arch, arch, with_tokenizer=False, hidden_size=128, num_heads=4,
+                           num_kv_heads=2, intermediate_size=256, vocab_size=300)
+    runner = ModelRunner.load(path, dtype="float32")
+    assert runner.prefix_sharing
+    seqs = sharing_batch(seed=3)[:8]
+    on, off, alone, shared = on_off_alone(runner, seqs, SPECS["logits all + scores"])
+    assert shared == sum(map(len, seqs)) - trie_nodes(seqs) > 0
+    for b in range(len(seqs)):
+        assert_same_bits(on[b], off[b], (arch, b, "off"))
+        assert_same_bits(on[b], alone[b], (arch, b, "alone"))
