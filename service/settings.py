@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     revision: str | None = flag(None, "branch, tag or commit of a Hub id --model (default: its default branch)", "REV")
     reranker: Literal["qwen3", "bge-gemma"] | None = flag(
         None, "serve /v1/rerank from a causal LM with this family's prompt and yes/no tokens", "qwen3|bge-gemma")
+    batch_invariant: Literal["on", "off"] | None = flag(
+        None, "a sequence's outputs are the same bits whatever shares its batch (default: on for cpu, off for cuda, "
+        "where on is refused)", "on|off")
 
     # Operational knobs (environment only).
     served_model_name: str | None = Field(None, description="the model id clients see (default: the folder's name)")
@@ -57,6 +60,13 @@ class Settings(BaseSettings):
     def _device(cls, v: str) -> str:
         if v != "cpu" and not v.startswith("cuda"):
             raise ValueError("device must be cpu or cuda")
+        return v
+
+    @field_validator("batch_invariant")
+    @classmethod
+    def _invariance_device(cls, v: str | None, info) -> str | None:
+        if v == "on" and info.data.get("device", "cpu") != "cpu":
+            raise ValueError("batch invariance is implemented for the CPU only (see docs/batch_invariance.md)")
         return v
 
     @field_validator("api_key", "model", "served_model_name", mode="before")

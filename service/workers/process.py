@@ -8,7 +8,7 @@ import logging
 import os
 import time
 
-from .protocol import Batch, BatchDone, BatchFailed, Job, WorkerReady
+from .protocol import Batch, BatchDone, BatchFailed, Job, LoadedModel, RunnerOptions, WorkerReady
 from .wire import OutOfMemoryAlone, segment_name, write_results
 
 logger = logging.getLogger("logitserve.workers")
@@ -64,8 +64,8 @@ def run_splitting(runner, batch: Batch, fault_oom_tokens: int = 0) -> tuple[list
     return outs, retries
 
 
-def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, device: str, dtype: str,
-                threads: int, conn) -> None:
+def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, device: str,
+                options: RunnerOptions, threads: int, conn) -> None:
     import torch
 
     from model.distributed import destroy, init_process_group
@@ -77,8 +77,11 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
         device = f"cuda:{(replica * tp + rank) % count}"
     try:
         ctx = init_process_group(rank, tp, master_port=port, device=device)
-        runner = ModelRunner.load(checkpoint, device=ctx.device, dtype=dtype, parallel=ctx)
-        conn.send(WorkerReady(rank, os.getpid(), str(runner.dtype).removeprefix("torch.")))
+        runner = ModelRunner.load(
+            checkpoint, device=ctx.device, dtype=options.dtype, parallel=ctx, batch_invariant=options.batch_invariant
+        )
+        loaded = LoadedModel(str(runner.dtype).removeprefix("torch."), runner.batch_invariant)
+        conn.send(WorkerReady(rank, os.getpid(), loaded))
         counter = itertools.count()
         fault_oom_tokens = int(os.environ.get(FAULT_OOM_TOKENS_ENV) or 0)
         while True:
