@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, model_path  # noqa: E402
 from model import ModelRunner, OutputSpec, ReturnHiddenStates, ReturnLogits  # noqa: E402
+from service.packing import pack_ids  # noqa: E402
 
 PPL = OutputSpec(return_logits=ReturnLogits.ALL, logits=False, target_logprobs=True)
 LAST = OutputSpec()
@@ -42,8 +43,10 @@ EVERYTHING = OutputSpec(return_logits=ReturnLogits.ALL, target_logprobs=True, to
                         return_hidden_states=ReturnHiddenStates.ALL, layers=(0, 1, 15, -1))
 
 
-def pack(seqs):
-    return torch.cat(seqs), torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
+def pack(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids and offsets for ModelRunner.run, by the server's packer."""
+    ids, offsets = pack_ids([s.numpy() for s in seqs])
+    return torch.from_numpy(ids), torch.from_numpy(offsets)
 
 
 def batches(n: int, size: int, low: int, high: int, vocab: int, seed: int) -> list[list[torch.Tensor]]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from model import ModelRunner, OutputSpec, ReturnHiddenStates, ReturnLogits, invariance, launch_local
 from model.layers import gelu_tanh, head_linear
 from tests.checkpoints import load_reference, make_checkpoint
-from tests.model.helpers import ragged, reference
+from tests.model.helpers import pack, ragged, reference
 
 OUTPUTS = ("logits", "target_logprobs", "top_k_ids", "top_k_logprobs", "vocab_logprobs", "target_ranks", "entropy",
            "hidden_states", "positions", "hidden_positions")
@@ -54,12 +54,6 @@ def assert_same_bits(got, want, where: str) -> None:
         if a is not None:
             assert a.shape == b.shape and torch.equal(bits(a), bits(b)), (where, name)
     assert got.layers == want.layers
-
-
-def pack(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    offsets = torch.zeros(len(seqs) + 1, dtype=torch.int64)
-    offsets[1:] = torch.tensor([len(s) for s in seqs]).cumsum(0)
-    return torch.cat(seqs), offsets
 
 
 def run_alone(runner, seqs, specs):
