@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="the model id clients see (default: the folder's name)")
     worker_timeout: float = Field(600.0, gt=0, description="seconds a replica may hold one batch before it counts "
                                                            "as hung and is restarted")
+    send_timeout: float = Field(60.0, gt=0, description="seconds one send of a response body may wait for the client "
+                                                        "to read before the connection is dropped and its results "
+                                                        "released")
     max_startup_failures: int = Field(3, ge=1, description="consecutive failed starts of a replica before giving up")
     log_level: str = Field("info", description="uvicorn's log level")
 
