@@ -9,8 +9,10 @@ timeout drops the connection at once (the transport's `abort`, which discards wh
 for a reader that may never read), counts it in `logitserve_send_timeouts_total`, and raises `SendTimedOut` into
 the response, which releases its results as on a disconnect (`responses.BudgetedResponse`).
 
-The timeout is per send, not per body: a send waits only for the client to take about one chunk (a 1 MiB slice
-of a safetensors body, ~256 KiB of JSON), so a client that reads steadily, however long the body, never meets it.
+The timeout is per send, not per body: a send waits only until the client has taken about one chunk (a 1 MiB
+slice of a safetensors body, ~256 KiB of JSON) and the part of the kernel's send buffer that must free up before
+the socket counts as writable again (a third of it), so a client that reads steadily, however long the body, never
+meets it. Rates measured on either side of the line are in docs/reliability.md.
 """
 
 from __future__ import annotations
