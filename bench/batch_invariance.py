@@ -14,7 +14,7 @@ Parts (``--parts``, default all):
 * parity: lone sequences of 1-12, 37 and 300 tokens against transformers: max |logit difference|, on and off.
 
     python bench/batch_invariance.py [--model CKPT] [--sequences 48] [--seed 0] [--parts cost,bits,parity]
-        [--repeats 4] [--json F]
+        [--repeats 4] [--threads 2] [--json F]
 
 Without --model it uses the default model (service.default_model.ensure_default_model).
 """
@@ -135,9 +135,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parts", default="cost,bits,parity")
     parser.add_argument("--repeats", type=int, default=4, help="runs of each cost batch per runner")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (1 on a shared machine: each run's "
+                        "CPU time then follows its own work, not the wait for a descheduled thread)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
+    torch.set_num_threads(args.threads)
 
     path, label = model_path(args.model)
     on = ModelRunner.load(path, dtype="float32", batch_invariant=True)
@@ -164,7 +167,8 @@ def main() -> None:
         hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
         results["parity"] = parity(on, off, hf, vocab, args.seed)
     if args.json:
-        results.update(model=label, machine=machine(), torch=torch.__version__, date=str(datetime.date.today()))
+        results.update(model=label, machine=machine(), torch=torch.__version__, threads=args.threads,
+                       date=str(datetime.date.today()))
         Path(args.json).write_text(json.dumps(results, indent=1))
 
 
