@@ -1,7 +1,8 @@
 """Which of torch's CPU kernels give a row other bits depending on the rest of the call: the measurements behind
 model/invariance.py and docs/batch_invariance.md, to re-run on another machine or torch.
 
-    python bench/invariance_probe.py [--threads 1,2,3,4,8,16] [--parts matmul,elementwise,reduction,attention,topk,allreduce]
+    python bench/invariance_probe.py [--threads 1,2,3,4,8,16]
+        [--parts matmul,elementwise,reduction,attention,topk,allreduce]
 
 Each part prints what it found; nothing is assumed from torch's sources.
 """
@@ -82,8 +83,8 @@ def elementwise() -> None:
     a = torch.view_as_complex(torch.randn(n, 2, generator=G))
     b = torch.view_as_complex(torch.randn(n, 2, generator=G))
     vector, scalar = a * b, torch.cat([a[i : i + 7] * b[i : i + 7] for i in range(0, n, 7)])
-    print(f"elementwise complex mul: vector != scalar code on "
-          f"{(torch.view_as_real(vector) != torch.view_as_real(scalar)).any(-1).sum().item()} of {n} inputs", flush=True)
+    differ = (torch.view_as_real(vector) != torch.view_as_real(scalar)).any(-1).sum().item()
+    print(f"elementwise complex mul: vector != scalar code on {differ} of {n} inputs", flush=True)
     for t in (2, 3):
         torch.set_num_threads(t)
         for width in (101, 112, 256, 1536):
@@ -119,7 +120,8 @@ def attention(threads: list[int]) -> None:
                                    for i in range(4)])
                 if not torch.equal(_causal_sdpa(q, k, v, d**-0.5, window, hq != hkv), alone):
                     bad.append((n, hq, hkv, d, window))
-        print(f"attention {t} threads: [4, H, n, D] calls with other bits than 4 lone calls: {bad or 'none'}", flush=True)
+        print(f"attention {t} threads: [4, H, n, D] calls with other bits than 4 lone calls: {bad or 'none'}",
+              flush=True)
 
 
 def topk() -> None:

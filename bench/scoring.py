@@ -13,7 +13,9 @@ Systems, each in its own process (so each has its own peak RSS), all float32, 2 
   ``logits_to_keep=1`` for last; log_softmax + gather on the padded logits for ppl);
 * llama.cpp: ``llama-cpp-python`` on the same weights written as an F32 GGUF (F32 KV cache: llama.cpp's default
   F16 cache and its flash attention move logits by ~0.1), one sequence at a time, ``logits_all`` for ppl/all;
-* ours in-process: ``ModelRunner.run`` on the slice packed in arrival order up to --max-batch-tokens;
+* ours in-process: ``ModelRunner.run`` on the slice packed in arrival order up to --max-batch-tokens (batch
+  invariance on, the CPU default); "ours in-process (invariance off)" the same with ``batch_invariant=False``:
+  the switch's cost;
 * ours over HTTP: ``logitserve serve`` in a subprocess, --clients concurrent httpx async clients, one sequence per
   request, responses decoded by the client (JSON parsed, safetensors loaded);
 * roofline: ``F.linear`` with the model's weights on the real tokens' matmul shapes (bench/common.Roofline), and
@@ -54,7 +56,7 @@ from service.packing import budget_batches, pack_ids  # noqa: E402  (the server'
 
 HF_BATCH = 8
 CASES = ("last", "ppl", "all")
-SYSTEMS = ("transformers", "llama.cpp", "ours in-process", "ours HTTP")
+SYSTEMS = ("transformers", "llama.cpp", "ours in-process", "ours in-process (invariance off)", "ours HTTP")
 # The machine's float32 matmul rate, two ways (bench/common.Roofline): F.linear (MKL), and per shape the faster
 # of MKL and oneDNN (our lm_head uses oneDNN, so only this one shows overhead without a kernel choice's credit).
 ROOFLINES = {"roofline": "mkl", "roofline best": "best"}
@@ -82,10 +84,10 @@ def _worker(system: str, path: str, gguf: str, budget: int, conn) -> None:
 def _make_system(system: str, path: str, gguf: str, budget: int):
     import torch
 
-    if system == "ours in-process":
+    if system.startswith("ours in-process"):
         from model import ModelRunner, OutputSpec, ReturnLogits
 
-        runner = ModelRunner.load(path, device="cpu", dtype="float32")
+        runner = ModelRunner.load(path, device="cpu", dtype="float32", batch_invariant=not system.endswith("(invariance off)"))
         specs = {"last": OutputSpec(return_logits=ReturnLogits.LAST_TOKEN),
                  "ppl": OutputSpec(return_logits=ReturnLogits.ALL, logits=False, target_logprobs=True),
                  "all": OutputSpec(return_logits=ReturnLogits.ALL)}

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from .invariance import all_reduce_in_rank_order
 
 @dataclass(frozen=True)
 class ParallelContext:
@@ -24,6 +25,8 @@ class ParallelContext:
     world_size: int = 1
     group: Any = None  # torch.distributed ProcessGroup, None when world_size == 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # Sum all-reduces in rank order (batch invariance with 3 or more ranks: model/invariance.py).
+    sum_in_rank_order: bool = False
 
     @classmethod
     def single(cls, device: str | torch.device = "cpu") -> ParallelContext:
@@ -36,6 +39,8 @@ class ParallelContext:
     # Collectives: no-ops on a single rank.
     def all_reduce(self, x: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
         if self.is_distributed:
+            if op == dist.ReduceOp.SUM and self.sum_in_rank_order and self.world_size > 2:
+                return all_reduce_in_rank_order(x, self.world_size, self.group)
             dist.all_reduce(x, op=op, group=self.group)
         return x
 

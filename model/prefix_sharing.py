@@ -28,16 +28,9 @@ import numpy as np
 import torch
 
 from .attention_stable import BLOCK, BlockLayout, prefix_stable_attention
+from .invariance import ROW_MULTIPLE, padded_count
 from .modules import RaggedBatch, ragged_attention
 from .rope import LongRopeEmbedding, RotaryEmbedding
-
-# A matmul whose row count is a multiple of this gives each row the bits it has in any other such call (MKL's sgemm
-# on CPU; the batch-invariant path pads every batch to it). The de-duplicated rows are padded to it too.
-ROW_MULTIPLE = 4
-
-
-def padded_count(n: int) -> int:
-    return -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:

@@ -14,6 +14,7 @@ import torch
 
 from .architectures import GLOBAL_ROPE, LOCAL_ROPE, gemma3_rope_parameters, phi3_rope_parameters
 from .config import ModelConfig, RopeConfig
+from .invariance import complex_mul_rows
 
 
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -143,7 +144,8 @@ def apply_rotary_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     if x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
         if pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
             pairs = pairs.clone(memory_format=torch.contiguous_format)  # a complex view needs even strides and offset
-        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin)[:, None])
+        # each (token, head) run on the code path it takes alone: torch's vector and scalar complex products differ
+        rotated = torch.view_as_real(complex_mul_rows(torch.view_as_complex(pairs), torch.complex(cos, sin)[:, None]))
         halves = rotated.new_empty(*rotated.shape[:-2], 2, rotated.shape[-2])  # [T, heads, 2, D/2]
         return halves.copy_(rotated.transpose(-1, -2)).flatten(-2)
     x1, x2 = pairs[..., 0], pairs[..., 1]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import invariance
 from .config import ModelConfig
 from .distributed import ParallelContext
 from .distributed_transformer import DistributedTransformer
@@ -58,11 +59,22 @@ class _VocabOutputs:
 
 
 class ModelRunner:
-    def __init__(self, model: DistributedTransformer, config: ModelConfig, parallel: ParallelContext, dtype: torch.dtype):
+    def __init__(
+        self,
+        model: DistributedTransformer,
+        config: ModelConfig,
+        parallel: ParallelContext,
+        dtype: torch.dtype,
+        batch_invariant: bool = False,
+    ):
         self.model = model
         self.config = config
         self.parallel = parallel
         self.dtype = dtype
+        # A sequence's outputs are the same bits whatever shares its batch (model/invariance.py): every matmul of
+        # run() gets a multiple of invariance.ROW_MULTIPLE rows.
+        self.batch_invariant = batch_invariant
+        self.row_multiple = invariance.ROW_MULTIPLE if batch_invariant else 1
         # Shared prefixes computed once (model/prefix_sharing.py): in force where the model's attention is
         # prefix-stable (ModelRunner.load's prefix_sharing); the count of token rows not recomputed so far.
         self._prefix_sharing = can_share(model)
@@ -71,7 +83,8 @@ class ModelRunner:
         # A classifier's replicated score head holds every label on every rank.
         vocab_start = head.vocab.start if hasattr(head, "vocab") else 0
         self.scores = ScoreReducer(
-            model.compute_logits, vocab_start, config.vocab_size, parallel, head.weight.dtype == torch.float32
+            model.compute_logits, vocab_start, config.vocab_size, parallel, head.weight.dtype == torch.float32,
+            row_multiple=self.row_multiple,
         )
 
     @classmethod
@@ -83,11 +96,15 @@ class ModelRunner:
         dtype: str | torch.dtype = "auto",
         parallel: ParallelContext | None = None,
         retain_memory: bool = True,
+        batch_invariant: bool | None = None,
         prefix_sharing: bool | None = None,
         **model_kwargs,
     ) -> ModelRunner:
         """retain_memory: on CPU, keep freed activations in the process for the next batch (see model/memory.py:
         no page faults on fresh memory per batch, at the price of holding the peak working set).
+
+        batch_invariant: every output of a sequence is the same bits whatever else shares its batch and wherever it
+        sits there (model/invariance.py); None: on for the CPU, off for CUDA, where True is refused.
 
         prefix_sharing: sequences of a batch that start with the same tokens compute them once, every sequence on
         prefix-stable attention (model/prefix_sharing.py); None: wherever the model supports it (CPU, SDPA
@@ -97,9 +114,12 @@ class ModelRunner:
         if retain_memory and parallel.device.type == "cpu":
             retain_freed_memory()
         torch_dtype = resolve_dtype(dtype, config, parallel.device)
+        invariant = invariance.resolve(batch_invariant, parallel.device)
+        if invariant:
+            parallel = replace(parallel, sum_in_rank_order=True)
         model = load_model(str(checkpoint), config, parallel, torch_dtype, **model_kwargs)
         enable_prefix_sharing(model, prefix_sharing)
-        return cls(model, config, parallel, torch_dtype)
+        return cls(model, config, parallel, torch_dtype, batch_invariant=invariant)
 
     @property
     def prefix_sharing(self) -> bool:
@@ -188,13 +208,20 @@ class ModelRunner:
     def _vocab_outputs(self, h: torch.Tensor, plan: _RowPlan, specs: Sequence[OutputSpec]) -> _VocabOutputs:
         """Logits-derived tensors for the vocab rows, on the CPU."""
         dev = h.device
-        every_row = plan.vocab_rows == list(range(h.shape[0]))  # every row, in order: no gather copy of h
-        row_index = None if every_row else torch.tensor(plan.vocab_rows, device=dev)
+        rows, row_targets = plan.vocab_rows, plan.targets
         flags = [s.logits for s, (_, c) in zip(specs, plan.vocab_slices) for _ in range(c)]
+        ks = [s.top_k for s, (_, c) in zip(specs, plan.vocab_slices) for _ in range(c)]
+        # Whole row groups for the lm_head under batch invariance: copies of the last row, never read.
+        fill = -len(rows) % self.row_multiple
+        rows, row_targets = rows + rows[-1:] * fill, row_targets + [-1] * fill
+        flags, ks = flags + [False] * fill, ks + [0] * fill
+        every_row = rows == list(range(h.shape[0]))  # every row, in order: no gather copy of h
+        row_index = None if every_row else torch.tensor(rows, device=dev)
         asking = [s for s in specs if s.needs_vocab]
-        targets = torch.tensor(plan.targets, device=dev) if any(s.needs_targets for s in asking) else None
-        ask = ScoreAsk(top_k=max((s.top_k for s in asking), default=0),
-                       vocab_ids=self._vocab_ids(plan, specs, dev),
+        targets = torch.tensor(row_targets, device=dev) if any(s.needs_targets for s in asking) else None
+        ask = ScoreAsk(top_k=max(ks, default=0),
+                       row_top_k=torch.tensor(ks, dtype=torch.int64, device=dev),
+                       vocab_ids=self._vocab_ids(plan, specs, len(rows), dev),
                        target_logprobs=any(s.target_logprobs for s in asking),
                        target_ranks=any(s.target_ranks for s in asking),
                        entropy=any(s.entropy for s in asking))
@@ -202,12 +229,17 @@ class ModelRunner:
 
         if not any(flags):
             # Scores only (perplexity, top-k): the lm_head runs in row chunks, no [R, vocab] tensor exists.
-            n, step = len(plan.vocab_rows), self.SCORE_CHUNK_ROWS
+            # SCORE_CHUNK_ROWS is a multiple of invariance.ROW_MULTIPLE: every chunk is whole row groups.
+            n, step = len(rows), self.SCORE_CHUNK_ROWS
             chunks = []
             for s in range(0, n, step):
                 e = min(n, s + step)
                 rows_h = h[s:e] if every_row else h.index_select(0, row_index[s:e])
-                chunk_ask = ask if ask.vocab_ids is None else replace(ask, vocab_ids=ask.vocab_ids[s:e])
+                chunk_ask = replace(
+                    ask,
+                    row_top_k=ask.row_top_k[s:e],
+                    vocab_ids=None if ask.vocab_ids is None else ask.vocab_ids[s:e],
+                )
                 chunks.append(self.scores(rows_h, None if targets is None else targets[s:e], chunk_ask))
             return _VocabOutputs(RowScores.cat(chunks))
 
@@ -224,12 +256,13 @@ class ModelRunner:
         )
 
     @staticmethod
-    def _vocab_ids(plan: _RowPlan, specs: Sequence[OutputSpec], dev: torch.device) -> torch.Tensor | None:
-        """int64 [R, n_max]: each vocab row's chosen ids (its sequence's vocab_ids), -1 past them; None if none."""
+    def _vocab_ids(plan: _RowPlan, specs: Sequence[OutputSpec], rows: int, dev: torch.device) -> torch.Tensor | None:
+        """int64 [rows, n_max]: each vocab row's chosen ids (its sequence's vocab_ids), -1 past them and in the rows
+        past the plan's (padding); None if none."""
         widths = [len(s.vocab_ids) if s.vocab_ids is not None else 0 for s in specs]
         if not any(widths):
             return None
-        ids = torch.full((len(plan.vocab_rows), max(widths)), -1, dtype=torch.int64)
+        ids = torch.full((rows, max(widths)), -1, dtype=torch.int64)
         for spec, (start, count), width in zip(specs, plan.vocab_slices, widths):
             if width and count:
                 ids[start : start + count, :width] = torch.tensor(spec.vocab_ids, dtype=torch.int64)
@@ -254,6 +287,12 @@ class ModelRunner:
         pooled = self._pooled_positions(input_ids, batch)
         plan = self._plan(input_ids.tolist(), batch.bounds, specs, pooled)
         depth, final_rows = self._prune(plan, batch.num_tokens)
+        if self.batch_invariant:
+            # Every matmul gets a multiple of invariance.ROW_MULTIPLE rows: a filler sequence after the real ones
+            # (nothing reads its rows) and copies of the last row in the last block's row subset.
+            input_ids, input_row_offsets = invariance.pad_batch(input_ids, input_row_offsets)
+            batch = RaggedBatch.from_offsets(input_row_offsets, dev)
+            final_rows = None if final_rows is None else invariance.pad_rows(final_rows)
         capture = {layer: torch.tensor(rows, device=dev) for layer, rows in plan.hidden_rows.items()}
         final = None if final_rows is None else torch.tensor(final_rows, device=dev)
         if self.prefix_sharing:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.distributed as dist
 
+from . import invariance
 from .distributed import ParallelContext
 
 
@@ -25,6 +26,7 @@ class ScoreAsk:
     """What a chunk of rows asks the reducer for, besides target log-probabilities (given by `targets`)."""
 
     top_k: int = 0
+    row_top_k: torch.Tensor | None = None  # int64 [R]: each row's own k (<= top_k, 0: none); None: top_k for all
     vocab_ids: torch.Tensor | None = None  # int64 [R, n]: per row, the ids to read (-1: padding)
     target_logprobs: bool = True  # with `targets`: their log-probabilities (False: only what else reads them)
     target_ranks: bool = False  # with `targets`
@@ -59,7 +61,12 @@ class ScoreReducer:
     vocab_start: the first vocabulary id of this rank's columns; vocab_size: the whole vocabulary.
 
     The fast path: on one process, with float32 weights, logits this reducer computed itself are exponentiated in
-    place for the log-sum-exp (no second [R, V] tensor, two passes over it instead of four); see _normalizers."""
+    place for the log-sum-exp (no second [R, V] tensor, two passes over it instead of four); see _normalizers.
+
+    A row's scores do not depend on the other rows of the chunk: one log-sum-exp formula whether the caller keeps
+    the logits or not, and top-k as each row's own k gives it (`ScoreAsk.row_top_k`). `row_multiple`: the rows of
+    an lm_head call this reducer makes itself (the log-sum-exp's redo) are padded to a multiple of it (batch
+    invariance: model/invariance.py)."""
 
     def __init__(
         self,
@@ -68,12 +75,14 @@ class ScoreReducer:
         vocab_size: int,
         parallel: ParallelContext,
         float32_weights: bool,
+        row_multiple: int = 1,
     ) -> None:
         self.compute_logits = compute_logits
         self.vocab_start = vocab_start
         self.vocab_size = vocab_size
         self.parallel = parallel
         self.in_place = not parallel.is_distributed and float32_weights
+        self.row_multiple = row_multiple
 
     def __call__(
         self,
@@ -93,8 +102,8 @@ class ScoreReducer:
         target_logit = self._target_logit(logits, targets) if targets is not None else None
         ranks = self._target_ranks(logits, target_logit, targets) if ask.target_ranks else None
         picked = self._picked_logits(logits, ask.vocab_ids) if ask.vocab_ids is not None else None
-        top_values, top_ids = self._top_k(logits, ask.top_k) if ask.top_k else (None, None)
-        lse, entropy = self._normalizers(logits, rows_h if owned and self.in_place else None, ask.entropy)  # [R]
+        top_values, top_ids = self._top_k_as_alone(logits, ask) if ask.top_k else (None, None)
+        lse, entropy = self._normalizers(logits, rows_h, owned and self.in_place, ask.entropy)  # [R]
         scores = RowScores(target_ranks=ranks, entropy=entropy)
         if target_logit is not None and ask.target_logprobs:
             logprobs = target_logit - lse
@@ -130,6 +139,16 @@ class ScoreReducer:
         higher = self.parallel.all_reduce(higher)
         return torch.where(targets >= 0, higher + 1, torch.full_like(higher, -1))
 
+    def _top_k_as_alone(self, logits: torch.Tensor, ask: ScoreAsk) -> tuple[torch.Tensor, torch.Tensor]:
+        """[R, ask.top_k] values and ids; each row's first k entries (k: its row_top_k) are the top-k its own k
+        gives, whatever k its neighbours ask for (torch orders equal values in a way that follows k)."""
+        k = ask.top_k
+        row_k = ask.row_top_k if ask.row_top_k is not None else torch.full(
+            (logits.shape[0],), k, dtype=torch.int64, device=logits.device)
+        values, ids = self._top_k(logits, min(k + 1, self.vocab_size))
+        return invariance.top_k_as_alone(
+            values, ids, row_k, k, lambda rows, row_k: self._top_k(logits.index_select(0, rows), row_k))
+
     def _top_k(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Values and vocabulary ids [R, k] of the k largest logits: each rank's own k, merged across ranks."""
         ctx = self.parallel
@@ -147,10 +166,10 @@ class ScoreReducer:
         return values, ids.gather(1, order)
 
     def _normalizers(
-        self, logits: torch.Tensor, rows_h: torch.Tensor | None, entropy: bool
+        self, logits: torch.Tensor, rows_h: torch.Tensor, overwrite: bool, entropy: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[R] log sum_v exp(logit_v) over the whole vocabulary, and with `entropy` the rows' entropy [R] in nats:
-        H = lse - sum_v p_v * logit_v. With `rows_h` (the fast path) `logits` is overwritten."""
+        H = lse - sum_v p_v * logit_v. With `overwrite` (the fast path) `logits` is exponentiated in place."""
         ctx = self.parallel
         if ctx.is_distributed:
             m = logits.max(dim=-1).values
@@ -162,13 +181,10 @@ class ScoreReducer:
             ctx.all_reduce(sums)
             log_sum = torch.log(sums[:, 0])
             return m + log_sum, (log_sum - sums[:, 1] / sums[:, 0]) if entropy else None
-        if rows_h is None:
-            lse = torch.logsumexp(logits, dim=-1)
-            return lse, self._entropy(logits, lse) if entropy else None
-        # Without the max shift. Logits stay far inside exp's float32 range in practice; a row whose sum overflows
-        # (a logit above ~88) or falls so low that denormal terms could matter (below 2^-60, so the largest term
-        # is under 2^-78) is redone with the shift, from its recomputed logits.
-        exps = logits.exp_()  # [R, V] in place
+        # Without the max shift, one formula whether the logits are kept or overwritten. Logits stay far inside
+        # exp's float32 range in practice; a row whose sum overflows (a logit above ~88) or falls so low that
+        # denormal terms could matter (below 2^-60, so the largest term is under 2^-78) is redone with the shift.
+        exps = logits.exp_() if overwrite else torch.exp(logits)  # [R, V]
         sums = exps.sum(dim=-1)
         unsafe = ~(torch.isfinite(sums) & (sums >= 2.0**-60))
         lse = sums.log()
@@ -178,10 +194,18 @@ class ScoreReducer:
             ent = lse - exps.xlogy_(exps).sum(dim=-1) / sums
         if unsafe.any():
             redo = unsafe.nonzero().squeeze(1)
-            again = self.compute_logits(rows_h.index_select(0, redo))
-            lse[redo] = torch.logsumexp(again, dim=-1)
+            # the rows again, padded to whole row groups: the redo's lm_head call and its reductions over the
+            # vocabulary then give a row the bits it gets whatever else is redone with it
+            padded = redo.tolist()
+            padded = torch.tensor(padded + padded[-1:] * (-len(padded) % self.row_multiple), device=redo.device)
+            if overwrite:
+                again = self.compute_logits(rows_h.index_select(0, padded))
+            else:
+                again = logits.index_select(0, padded)
+            again_lse = torch.logsumexp(again, dim=-1)
+            lse[redo] = again_lse[: len(redo)]
             if entropy:
-                ent[redo] = self._entropy(again, lse[redo])
+                ent[redo] = self._entropy(again, again_lse)[: len(redo)]
         return lse, ent
 
     @staticmethod

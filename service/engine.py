@@ -21,6 +21,7 @@ from .inputs import PackedInputs
 from .metrics import Metrics
 from .settings import Settings
 from .workers import RequestOutputs
+from .workers.protocol import LoadedModel
 
 logger = logging.getLogger("logitserve.engine")
 
@@ -93,14 +94,9 @@ class Engine:
             raise NotReady(f"not ready: {self.not_ready_reason()}", retry_after=2)
 
     @property
-    def dtype(self) -> str | None:
-        """The dtype the workers loaded the weights in, as they reported it; None until one has."""
-        return self.pool.dtype if self.pool is not None else None
-
-    @property
-    def prefix_sharing(self) -> bool | None:
-        """Whether the workers compute shared prefixes once, as they reported it; None until one has loaded."""
-        return self.pool.prefix_sharing if self.pool is not None else None
+    def loaded(self) -> LoadedModel | None:
+        """What the workers loaded (dtype, batch invariance), as they reported it; None until one has."""
+        return self.pool.loaded if self.pool is not None else None
 
     def describe_workers(self) -> list[dict]:
         return self.pool.describe() if self.pool is not None else []

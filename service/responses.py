@@ -3,7 +3,8 @@
 
 Large bodies are never built whole: safetensors is sent from views of the workers' shared memory, and JSON is
 encoded row by row as it is sent (`iter_json`), with the socket's backpressure. A scored response releases its
-results' bytes in the results budget once it is fully sent or its client is gone (`BudgetedResponse`)."""
+results' bytes in the results budget once it is fully sent, its client is gone or stopped reading past the send
+timeout (`BudgetedResponse`, `send_timeout.py`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from model.outputs import OUTPUT_KINDS, Rows
 from .engine import Scored
 from .packing import row_offsets
 from .schemas import SAFETENSORS_MEDIA as SAFETENSORS
+from .send_timeout import SendTimedOut
 
 STREAM_BYTES = 1 << 20  # binary bodies above this are streamed in slices of this size
 JSON_STREAM_BYTES = 1 << 20  # JSON of results above this many bytes is streamed, encoded as it is sent
@@ -231,7 +233,8 @@ async def _slices(parts: list, step: int):
 
 class BudgetedResponse(StreamingResponse):
     """A streamed body built from one request's results: their bytes in the results budget are released when the
-    body is fully sent or the client is gone (and the views over them dropped, so the mapping goes too)."""
+    body is fully sent, the client is gone, or a send waited past the send timeout (the connection is then dropped
+    already); the views over them are dropped too, so the mapping goes."""
 
     def __init__(self, content, release: Callable[[], None], **kwargs):
         super().__init__(content, **kwargs)
@@ -241,6 +244,8 @@ class BudgetedResponse(StreamingResponse):
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except SendTimedOut:  # counted and logged where it timed out: this body ends here, as on a disconnect
+            pass
         finally:
             self._release()
             for iterator in (self.body_iterator, self._content):

@@ -252,6 +252,7 @@ class InfoResponse(BaseModel):
     replicas: int
     device: str
     dtype: str
+    batch_invariant: bool
     limits: dict
     pooling: str
     prefix_sharing: bool

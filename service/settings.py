@@ -47,11 +47,17 @@ class Settings(BaseSettings):
     prefix_sharing: Literal["on", "off"] = flag(
         "on", "sequences of a batch that start with the same tokens compute them once (where the model supports "
               "it: CPU, SDPA attention; /info reports it)")
+    batch_invariant: Literal["on", "off"] | None = flag(
+        None, "a sequence's outputs are the same bits whatever shares its batch (default: on for cpu, off for cuda, "
+        "where on is refused)", "on|off")
 
     # Operational knobs (environment only).
     served_model_name: str | None = Field(None, description="the model id clients see (default: the folder's name)")
     worker_timeout: float = Field(600.0, gt=0, description="seconds a replica may hold one batch before it counts "
                                                            "as hung and is restarted")
+    send_timeout: float = Field(60.0, gt=0, description="seconds one send of a response body may wait for the client "
+                                                        "to read before the connection is dropped and its results "
+                                                        "released")
     max_startup_failures: int = Field(3, ge=1, description="consecutive failed starts of a replica before giving up")
     log_level: str = Field("info", description="uvicorn's log level")
 
@@ -60,6 +66,13 @@ class Settings(BaseSettings):
     def _device(cls, v: str) -> str:
         if v != "cpu" and not v.startswith("cuda"):
             raise ValueError("device must be cpu or cuda")
+        return v
+
+    @field_validator("batch_invariant")
+    @classmethod
+    def _invariance_device(cls, v: str | None, info) -> str | None:
+        if v == "on" and info.data.get("device", "cpu") != "cpu":
+            raise ValueError("batch invariance is implemented for the CPU only (see docs/batch_invariance.md)")
         return v
 
     @field_validator("api_key", "model", "served_model_name", mode="before")

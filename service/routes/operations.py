@@ -37,7 +37,7 @@ async def metrics_text(metrics: MetricsDep) -> Response:
 
 @router.get("/info", dependencies=[Authorized], responses=responses(InfoResponse, 401))
 async def info(served: ServedDep, engine: EngineDep, settings: SettingsDep) -> Response:
-    s = settings
+    s, loaded = settings, engine.loaded
     return json_response({
         "model": served.name,
         "model_path": served.checkpoint,
@@ -49,7 +49,9 @@ async def info(served: ServedDep, engine: EngineDep, settings: SettingsDep) -> R
         "tp": s.tp,
         "replicas": s.replicas,
         "device": s.device,
-        "dtype": engine.dtype or s.dtype,  # as the workers loaded the weights; the requested one until they have
+        # as the workers loaded the model; until they have, what was asked (batch invariance: the device's default)
+        "dtype": loaded.dtype if loaded else s.dtype,
+        "batch_invariant": loaded.batch_invariant if loaded else s.batch_invariant != "off" and s.device == "cpu",
         "limits": {
             "max_batch_tokens": s.max_batch_tokens,
             "max_seq_len": served.max_seq_len,
@@ -58,8 +60,8 @@ async def info(served: ServedDep, engine: EngineDep, settings: SettingsDep) -> R
             "max_request_bytes": s.max_request_bytes,
         },
         "pooling": s.pooling,
-        # as the workers run it (a model or device that cannot share runs unshared); the request until they have
-        "prefix_sharing": engine.prefix_sharing if engine.prefix_sharing is not None else s.prefix_sharing == "on",
+        # as the workers run it (a model that cannot share runs unshared); until they have, what was asked (CPU only)
+        "prefix_sharing": loaded.prefix_sharing if loaded else s.prefix_sharing == "on" and s.device == "cpu",
         "workers": engine.describe_workers(),
     })
 

@@ -8,7 +8,7 @@ import logging
 import os
 import time
 
-from .protocol import Batch, BatchDone, BatchFailed, Job, WorkerReady
+from .protocol import Batch, BatchDone, BatchFailed, Job, LoadedModel, RunnerOptions, WorkerReady
 from .wire import OutOfMemoryAlone, segment_name, write_results
 
 logger = logging.getLogger("logitserve.workers")
@@ -64,13 +64,11 @@ def run_splitting(runner, batch: Batch, fault_oom_tokens: int = 0) -> tuple[list
     return outs, retries
 
 
-def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, device: str, dtype: str,
-                threads: int, conn, prefix_sharing: bool = True) -> None:
-    """prefix_sharing: compute shared prefixes once where the model supports it. Off keeps the prefix-stable
-    attention where the model has it, so that the switch changes no output bit (API.md): only the de-duplication
-    stops."""
+def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, device: str,
+                options: RunnerOptions, threads: int, conn) -> None:
     import torch
 
+    from model import invariance
     from model.distributed import destroy, init_process_group
     from model.runner import ModelRunner
 
@@ -80,9 +78,16 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
         device = f"cuda:{(replica * tp + rank) % count}"
     try:
         ctx = init_process_group(rank, tp, master_port=port, device=device)
-        runner = ModelRunner.load(checkpoint, device=ctx.device, dtype=dtype, parallel=ctx)
-        runner.prefix_sharing = runner.prefix_sharing and prefix_sharing
-        conn.send(WorkerReady(rank, os.getpid(), str(runner.dtype).removeprefix("torch."), runner.prefix_sharing))
+        # --prefix-sharing off keeps the prefix-stable attention under batch invariance, so that the switch changes
+        # no output bit (API.md); with both off the attention is the one with transformers' bits.
+        stable = options.prefix_sharing or invariance.resolve(options.batch_invariant, ctx.device)
+        runner = ModelRunner.load(
+            checkpoint, device=ctx.device, dtype=options.dtype, parallel=ctx, batch_invariant=options.batch_invariant,
+            prefix_sharing=None if stable else False,
+        )
+        runner.prefix_sharing = runner.prefix_sharing and options.prefix_sharing
+        loaded = LoadedModel(str(runner.dtype).removeprefix("torch."), runner.batch_invariant, runner.prefix_sharing)
+        conn.send(WorkerReady(rank, os.getpid(), loaded))
         counter = itertools.count()
         fault_oom_tokens = int(os.environ.get(FAULT_OOM_TOKENS_ENV) or 0)
         while True:

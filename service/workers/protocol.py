@@ -80,12 +80,36 @@ class BatchFailed:
     message: str
 
 
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How the ranks load the model (the serve settings' choices; None: the runner's default for the device)."""
+
+    dtype: str  # "auto", "float32", ...
+    batch_invariant: bool | None = None
+    prefix_sharing: bool = True  # where the model supports it
+
+    @classmethod
+    def from_settings(cls, settings) -> RunnerOptions:
+        """From service.settings.Settings."""
+        on_off = {None: None, "on": True, "off": False}
+        return cls(dtype=settings.dtype, batch_invariant=on_off[settings.batch_invariant],
+                   prefix_sharing=settings.prefix_sharing == "on")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What the ranks loaded, as /info reports it."""
+
+    dtype: str  # the dtype of the weights (torch name without "torch.")
+    batch_invariant: bool
+    prefix_sharing: bool = False  # shared prefixes computed once
+
+
 @dataclass
 class WorkerReady:
     rank: int
     pid: int
-    dtype: str  # the dtype the weights were loaded in (torch name without "torch."), what /info reports
-    prefix_sharing: bool = False  # whether shared prefixes are computed once, what /info reports
+    loaded: LoadedModel
 
 
 WorkerMessage = WorkerReady | BatchDone | BatchFailed

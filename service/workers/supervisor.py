@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from ..errors import InternalError, WorkerFailed
 from .process import worker_main
-from .protocol import Batch, BatchDone, BatchFailed, Job, WorkerReady
+from .protocol import Batch, BatchDone, BatchFailed, Job, LoadedModel, RunnerOptions, WorkerReady
 from .wire import MappedBatch, remove_segments
 
 logger = logging.getLogger("logitserve.workers")
@@ -55,8 +55,7 @@ class Replica:
         self.pids: list[int] = []
         self.restarts = 0
         self.ever_ready = False
-        self.dtype: str | None = None  # as the ranks loaded the weights
-        self.prefix_sharing: bool | None = None  # as the ranks run it
+        self.loaded: LoadedModel | None = None  # as the ranks loaded the model
         self.inflight: OrderedDict[int, _InFlight] = OrderedDict()
         self.inflight_tokens = 0
         self._lock = threading.Lock()
@@ -122,8 +121,8 @@ class Replica:
             parent, child = ctx.Pipe(duplex=True)
             p = ctx.Process(
                 target=worker_main,
-                args=(self.index, rank, s.tp, port, self.pool.checkpoint, s.device, s.dtype, self.pool.threads, child,
-                      s.prefix_sharing == "on"),
+                args=(self.index, rank, s.tp, port, self.pool.checkpoint, s.device, RunnerOptions.from_settings(s),
+                      self.pool.threads, child),
                 name=f"logitserve-r{self.index}-rank{rank}",
                 daemon=True,
             )
@@ -173,10 +172,10 @@ class Replica:
     def _receive(self, message, ready: set[int]) -> None:
         if isinstance(message, WorkerReady):
             ready.add(message.rank)
-            self.dtype = message.dtype
-            self.prefix_sharing = message.prefix_sharing
+            self.loaded = message.loaded
             if len(ready) == self.pool.settings.tp:
-                logger.info("replica %d ready (pids %s, %s)", self.index, self.pids, message.dtype)
+                logger.info("replica %d ready (pids %s, %s, batch invariant: %s)", self.index, self.pids,
+                            message.loaded.dtype, message.loaded.batch_invariant)
                 self._set_state("ready", "ready")
         elif isinstance(message, BatchDone):
             try:
@@ -302,14 +301,9 @@ class WorkerPool:
         return any(r.state == "ready" or (r.ever_ready and r.state == "restarting") for r in self.replicas)
 
     @property
-    def dtype(self) -> str | None:
-        """The dtype the workers loaded the weights in; None until one has."""
-        return next((r.dtype for r in self.replicas if r.dtype is not None), None)
-
-    @property
-    def prefix_sharing(self) -> bool | None:
-        """Whether the workers compute shared prefixes once; None until one has loaded."""
-        return next((r.prefix_sharing for r in self.replicas if r.prefix_sharing is not None), None)
+    def loaded(self) -> LoadedModel | None:
+        """What the workers loaded; None until one replica has."""
+        return next((r.loaded for r in self.replicas if r.loaded is not None), None)
 
     def reasons(self) -> list[str]:
         return [r.reason for r in self.replicas if r.state != "ready"]

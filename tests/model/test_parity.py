@@ -122,16 +122,24 @@ def test_float32_decoder_has_transformers_bits(arch, checkpoint_factory):
     (transformers' weights lie at the file's offsets); the parity tests bound both. The widths are a real model's
     multiples (head_dim 64, intermediate 256): torch's elementwise kernels take a scalar tail, with other bits, on
     rows of odd widths, so silu of the fused gate|up output's gate half would differ from silu of transformers'
-    separate gate output for a width of 112."""
+    separate gate output for a width of 112.
+
+    Batch invariance (the CPU default) runs every matmul on whole groups of 4 rows (model/invariance.py), which are
+    transformers' bits where transformers' own call is whole groups too (300 tokens; MKL gives a short call's last
+    n % 4 rows other bits, see tests/model/test_batch_invariance.py): the plain path is held to transformers' bits
+    on every length, the invariant one on 300 tokens."""
     extra = PHI3_HEAD64 if arch == "phi3" else {}
     path = checkpoint_factory(arch, hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=256, **extra)
-    runner = ModelRunner.load(path, dtype="float32", prefix_sharing=False)  # the attention with its bits
+    plain = ModelRunner.load(path, dtype="float32", batch_invariant=False, prefix_sharing=False)  # attention: its bits
+    invariant = ModelRunner.load(path, dtype="float32", prefix_sharing=False)
+    assert invariant.batch_invariant
     hf = load_reference(path, attention=None)  # transformers' default: SDPA, eager for Gemma 2
-    n_layers = runner.config.num_layers
+    n_layers = plain.config.num_layers
     spec = OutputSpec(logits=False, return_hidden_states=ReturnHiddenStates.ALL, layers=tuple(range(n_layers + 1)))
-    seqs, _, _ = ragged([300, 37, 7], runner.config.vocab_size, seed=3)
+    seqs, _, _ = ragged([300, 37, 7], plain.config.vocab_size, seed=3)
     for seq in seqs:
-        (out,) = runner.run(seq, torch.tensor([0, len(seq)]), [spec])
         _, hidden = reference(hf, seq)
-        for i in range(n_layers):
-            assert torch.equal(out.hidden_states[i], hidden[i]), (arch, len(seq), i)
+        for runner in (plain, invariant) if len(seq) % 4 == 0 else (plain,):
+            (out,) = runner.run(seq, torch.tensor([0, len(seq)]), [spec])
+            for i in range(n_layers):
+                assert torch.equal(out.hidden_states[i], hidden[i]), (arch, len(seq), i, runner.batch_invariant)

@@ -2,7 +2,8 @@
 matches what the worker writes; streamed JSON is today's JSON byte for byte; the batcher holds batches back while
 the budget is spent and splits batches by result bytes; a real server refuses an oversize response before any
 forward, frees a disconnected client's results, and keeps its process tree's memory within the budget under
-concurrent large requests from slow readers, answering every one in full."""
+concurrent large requests from slow readers, answering every one in full; a reader that stops reading is dropped
+after the send timeout and its results released, while a slow reader that keeps reading is served in full."""
 
 from __future__ import annotations
 
@@ -346,3 +347,181 @@ def test_streamed_completions_echo_equals_prompt_by_prompt(wide_server):
         [one] = a.json()["choices"]
         assert choices[i] == {**one, "index": i}
     assert _wait_gauge(wide_server, 0)
+
+
+# ------------------------------------------------------------------------------------------ the send timeout
+
+
+class _Transport:
+    def __init__(self):
+        self.aborted = 0
+
+    def abort(self):
+        self.aborted += 1
+
+
+class _Cycle:
+    """uvicorn's request cycle as the send timeout sees it: a `send` bound to an object holding the transport. Each
+    body send waits `waits[i]` seconds (None: forever, a client that stopped reading) before it is written."""
+
+    def __init__(self, waits):
+        self.transport = _Transport()
+        self.waits = list(waits)
+        self.body = []
+
+    async def send(self, message):
+        if message["type"] == "http.response.body" and message.get("body"):
+            wait = self.waits.pop(0)
+            await (asyncio.Event().wait() if wait is None else asyncio.sleep(wait))
+            self.body.append(message["body"])
+
+
+def _guarded_response(waits, timeout_s: float):
+    """Send a 10-chunk BudgetedResponse through the send timeout to a client whose sends wait `waits`."""
+    from service.send_timeout import SendTimeoutGuard
+
+    released, metrics, cycle = [], Metrics(), _Cycle(waits)
+
+    async def chunks():
+        for i in range(10):
+            yield bytes([i]) * 100
+
+    response = responses.BudgetedResponse(chunks(), lambda: released.append(True))
+
+    async def receive():  # the client never disconnects by itself
+        await asyncio.Event().wait()
+
+    async def main():
+        guard = SendTimeoutGuard(lambda scope, rcv, snd: response(scope, rcv, snd), timeout_s,
+                                 metrics.send_timeouts)
+        t0 = time.monotonic()
+        await guard({"type": "http", "method": "POST", "path": "/v1/logits", "client": ("127.0.0.1", 1)},
+                    receive, cycle.send)
+        return time.monotonic() - t0
+
+    elapsed = asyncio.run(main())
+    return elapsed, cycle, released, metrics.send_timeouts._value.get()
+
+
+def test_a_stalled_send_drops_the_connection_and_releases():
+    elapsed, cycle, released, timeouts = _guarded_response([0, 0, 0, None], timeout_s=0.3)
+    assert len(cycle.body) == 3 and cycle.transport.aborted == 1 and released == [True] and timeouts == 1
+    assert 0.3 <= elapsed < 2
+
+
+def test_a_slow_reader_within_the_send_timeout_gets_every_chunk():
+    """Ten sends of 0.1 s each with a 0.3 s timeout: the body takes 1 s, three times the timeout, and completes."""
+    elapsed, cycle, released, timeouts = _guarded_response([0.1] * 10, timeout_s=0.3)
+    assert b"".join(cycle.body) == b"".join(bytes([i]) * 100 for i in range(10))
+    assert cycle.transport.aborted == 0 and released == [True] and timeouts == 0 and elapsed >= 1.0
+
+
+SEND_TIMEOUT = 2.0
+
+
+@pytest.fixture(scope="module")
+def stall_server(checkpoint_factory, start_server):
+    """The wide model with a 2 s send timeout."""
+    model = checkpoint_factory("llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=1,
+                               num_heads=2, num_kv_heads=1, max_position_embeddings=4096)
+    return start_server(model, "--max-result-bytes", str(BUDGET), "--max-batch-tokens", "2048",
+                        env={"LOGITSERVE_SEND_TIMEOUT": str(SEND_TIMEOUT)})
+
+
+def _stalled_client(server, path: str, body: dict, accept: str):
+    """A raw connection with a small receive buffer that asks for a large body, reads its head and 64 KiB of it,
+    then stops reading without closing. Returns the socket and the bytes read."""
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    sock.settimeout(60)
+    sock.connect(("127.0.0.1", server.port))
+    payload = orjson.dumps(body)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\naccept: {accept}\r\n"
+                 f"content-length: {len(payload)}\r\n\r\n".encode() + payload)
+    got = b""
+    while len(got) < 1 << 16:
+        piece = sock.recv(1 << 14)
+        assert piece, got[:300]
+        got += piece
+    assert got.startswith(b"HTTP/1.1 200"), got[:300]
+    return sock, got
+
+
+def _read_to_end(sock, limit: int) -> int:
+    """Bytes the server still sends before its side is closed (the kernel's buffers hold some), up to `limit`."""
+    total = 0
+    try:
+        while total < limit:
+            piece = sock.recv(1 << 16)
+            if not piece:
+                break
+            total += len(piece)
+    except ConnectionResetError:
+        pass
+    return total
+
+
+STALLED = {
+    "safetensors": ("/v1/logits", {"input_ids": [_ids(TOKENS, 20)], "return_logits": "all"}, SAFETENSORS),
+    "json": ("/v1/logits", {"input_ids": [_ids(TOKENS, 21)], "return_logits": "all"}, "application/json"),
+}
+
+
+@pytest.mark.parametrize("kind", STALLED)
+def test_a_stalled_reader_is_dropped_after_the_send_timeout(stall_server, kind):
+    """A client that stops reading a 32 MiB body without closing its connection: within the send timeout (and the
+    time to fill the socket buffers) its results are released, the connection is dropped (the body ends short),
+    the drop is counted and logged, and the next request is answered."""
+    server = stall_server
+    before = server.metric("logitserve_send_timeouts_total")
+    path, body, accept = STALLED[kind]
+    sock, got = _stalled_client(server, path, body, accept)
+    stopped = time.monotonic()
+    try:
+        time.sleep(SEND_TIMEOUT / 2)
+        assert server.metric("logitserve_result_bytes") >= REQUEST_BYTES  # held while the client stalls
+        assert _wait_gauge(server, 0, timeout=SEND_TIMEOUT + 15), server.metric("logitserve_result_bytes")
+        released_after = time.monotonic() - stopped
+        assert server.metric("logitserve_send_timeouts_total") == before + 1
+        rest = _read_to_end(sock, 2 * REQUEST_BYTES)
+    finally:
+        sock.close()
+    print(f"{kind}: results released {released_after:.2f} s after the client stopped reading "
+          f"(send timeout {SEND_TIMEOUT:g} s); it had read {len(got)} bytes, {rest} more were buffered")
+    assert len(got) + rest < REQUEST_BYTES  # the body was cut short
+    log = server.log()
+    assert "(send timeout): connection dropped" in log
+    assert "Exception in ASGI application" not in log and "without completing response" not in log
+    with server.client() as c:
+        r = c.post("/v1/logits", json={"input_ids": [_ids(40, 22)], "return_logits": "all"},
+                   headers={"accept": accept})
+        assert r.status_code == 200 and len(r.content) > 40 * VOCAB * 4
+    assert _wait_gauge(server, 0)
+
+
+def test_a_slow_reader_within_the_send_timeout_is_served_in_full(stall_server):
+    """A client that reads 2 MiB every 0.5 s (4 MiB/s) of a 26 MB safetensors body: the body takes three times the
+    send timeout and arrives in full, equal to a fast reader's; nothing is counted as a send timeout. (A send waits
+    until the client has taken about one 1 MiB slice plus a third of the kernel's send buffer, ~2 MiB on loopback:
+    here ~0.5 s of reading.)"""
+    server = stall_server
+    before = server.metric("logitserve_send_timeouts_total")
+    body = {"input_ids": [_ids(400, 23)], "return_logits": "all"}
+    with server.client() as c:
+        fast = c.post("/v1/logits", json=body, headers={"accept": SAFETENSORS})
+        assert fast.status_code == 200 and len(fast.content) > 26e6
+        t0 = time.monotonic()
+        with c.stream("POST", "/v1/logits", json=body, headers={"accept": SAFETENSORS}) as r:
+            assert r.status_code == 200
+            chunks = []
+            for chunk in r.iter_bytes(2 << 20):
+                chunks.append(chunk)
+                time.sleep(0.5)
+        elapsed = time.monotonic() - t0
+    print(f"slow reader: {len(fast.content)} bytes in {elapsed:.1f} s (send timeout {SEND_TIMEOUT:g} s)")
+    assert b"".join(chunks) == fast.content
+    assert elapsed > 2 * SEND_TIMEOUT
+    assert server.metric("logitserve_send_timeouts_total") == before
+    assert _wait_gauge(server, 0)
