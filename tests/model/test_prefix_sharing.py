@@ -4,13 +4,10 @@ sharing on, with it off and alone, at tp 1 and tp 2; which models share; the cou
 from __future__ import annotations
 
 import random
-from contextlib import contextmanager
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import model.layers as layers
 from model import ModelRunner, OutputSpec, ReturnHiddenStates, ReturnLogits, launch_local
 from model.attention_stable import BLOCK, prefix_stable_attention
 from model.modules import ragged_attention
@@ -59,47 +56,25 @@ def trie_nodes(seqs: list[list[int]]) -> int:
     return len({tuple(s[: p + 1]) for s in seqs for p in range(len(s))})
 
 
-@contextmanager
-def row_invariant_matmuls():
-    """Every linear and lm_head call of fewer than 16 rows padded to 16: a row then has the same bits in every
-    call (MKL's kernels for under 12 rows, not a multiple of 4, sum in another order; oneDNN's for 1 row). The
-    batch-invariant serving path pads its matmuls to multiples of 4 for the same reason; this stands in for it."""
-
-    def padded(fn):
-        def call(x, weight, *args, **kwargs):
-            rows = x.reshape(-1, x.shape[-1])
-            if 0 < rows.shape[0] < 16:
-                full = torch.cat([rows, rows.new_zeros(16 - rows.shape[0], rows.shape[1])])
-                return fn(full, weight, *args, **kwargs)[: rows.shape[0]].reshape(*x.shape[:-1], weight.shape[0])
-            return fn(x, weight, *args, **kwargs)
-
-        return call
-
-    saved = F.linear, layers.head_linear
-    F.linear, layers.head_linear = padded(F.linear), padded(layers.head_linear)
-    try:
-        yield
-    finally:
-        F.linear, layers.head_linear = saved
-
-
 def run(runner: ModelRunner, seqs: list[list[int]], spec: OutputSpec):
     ids, offsets = pack_ids(seqs)
     return runner.run(torch.from_numpy(ids), torch.from_numpy(offsets), [spec] * len(seqs))
 
 
 def on_off_alone(runner: ModelRunner, seqs: list[list[int]], spec: OutputSpec):
-    """(outputs with sharing on, with it off, each sequence alone (sharing on), tokens not recomputed)."""
-    with row_invariant_matmuls():
-        before = runner.prefix_shared_tokens
-        on = run(runner, seqs, spec)
-        shared = runner.prefix_shared_tokens - before
-        runner.prefix_sharing = False
-        try:
-            off = run(runner, seqs, spec)
-        finally:
-            runner.prefix_sharing = True
-        alone = [run(runner, [s], spec)[0] for s in seqs]
+    """(outputs with sharing on, with it off, each sequence alone (sharing on), tokens not recomputed). The runner
+    is batch-invariant (the CPU default: every matmul on whole groups of 4 rows, model/invariance.py), without which
+    a sequence alone runs other matmul shapes than in a batch, shared or not."""
+    assert runner.batch_invariant
+    before = runner.prefix_shared_tokens
+    on = run(runner, seqs, spec)
+    shared = runner.prefix_shared_tokens - before
+    runner.prefix_sharing = False
+    try:
+        off = run(runner, seqs, spec)
+    finally:
+        runner.prefix_sharing = True
+    alone = [run(runner, [s], spec)[0] for s in seqs]
     return on, off, alone, shared
 
 
@@ -137,13 +112,12 @@ def test_mixed_specs_in_one_batch_share_and_keep_their_bits(runner):
     seqs = sharing_batch(seed=5)
     specs = [list(SPECS.values())[b % len(SPECS)] for b in range(len(seqs))]
     ids, offsets = pack_ids(seqs)
-    with row_invariant_matmuls():
-        on = runner.run(torch.from_numpy(ids), torch.from_numpy(offsets), specs)
-        runner.prefix_sharing = False
-        try:
-            off = runner.run(torch.from_numpy(ids), torch.from_numpy(offsets), specs)
-        finally:
-            runner.prefix_sharing = True
+    on = runner.run(torch.from_numpy(ids), torch.from_numpy(offsets), specs)
+    runner.prefix_sharing = False
+    try:
+        off = runner.run(torch.from_numpy(ids), torch.from_numpy(offsets), specs)
+    finally:
+        runner.prefix_sharing = True
     for b in range(len(seqs)):
         assert_same_bits(on[b], off[b], b)
 

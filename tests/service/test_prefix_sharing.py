@@ -12,8 +12,8 @@ from safetensors.torch import load as st_load
 from model.outputs import OUTPUT_KINDS
 
 SHARED = "logitserve_prefix_shared_tokens_total"
-# Every output kind on every row: a sequence alone then runs matmuls of as many rows as it has tokens (>= 12 here),
-# where MKL gives a row the bits it has in any larger call (no batch-invariant padding is needed for that).
+# Every output kind on every row (the server is batch-invariant, the CPU default: alone and batched run their
+# matmuls on whole groups of 4 rows).
 BODY = {"return_logits": "all", "target_logprobs": True, "top_k": 4, "vocab_ids": [3, 250], "target_ranks": True,
         "entropy": True, "return_hidden_states": "all"}
 
