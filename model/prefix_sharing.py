@@ -7,7 +7,7 @@ matmuls, and attention when it is prefix-stable (model/attention_stable.py). The
 into one row per distinct (prefix, token) -- the nodes of the batch's token trie -- the row-wise layers run on those
 rows once, and attention gathers each sequence's rows from them, computing a query block only where the sequence
 has rows of its own. The results are the same bits as without sharing and as each sequence alone
-(tests/model/test_prefix_stable_attention.py).
+(tests/model/test_prefix_stable_attention.py, tests/model/test_prefix_sharing.py).
 
 Not shareable: rotary embeddings whose frequencies follow the sequence's length (dynamic NTK past the trained
 context, LongRoPE), where the same prefix row differs between sequences of different lengths; transformers' eager
@@ -44,8 +44,8 @@ class SharedPrefixBatch:
     """A ragged batch de-duplicated along its token trie. Stands in for the RaggedBatch that the trunk and the
     attention see (positions(), seq_lens, block_layout): the trunk then runs on the U unique rows."""
 
-    tokens: torch.Tensor  # int64 [U]: token of each unique row
-    row_positions: torch.Tensor  # int64 [U]: its position in every sequence that holds it
+    tokens: torch.Tensor  # int64 [N]: token of each unique row, then of the filler rows (N = num_tokens)
+    row_positions: torch.Tensor  # int64 [N]: its position in every sequence that holds it
     row_index: torch.Tensor  # int64 [T]: packed token row -> unique row
     seq_rows: tuple[tuple[int, ...], ...]  # per sequence (batch order): the unique row of each position
     seq_lens: list[int]  # the sequences' lengths (as RaggedBatch.seq_lens)
