@@ -21,6 +21,7 @@ from .loader import load_model
 from .memory import retain_freed_memory
 from .modules import RaggedBatch, classifier_rows
 from .outputs import OutputSpec, ReturnLogits, SequenceOutput
+from .prefix_sharing import can_share, enable_prefix_sharing, shared_trunk
 from .scores import RowScores, ScoreAsk, ScoreReducer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,6 +75,10 @@ class ModelRunner:
         # run() gets a multiple of invariance.ROW_MULTIPLE rows.
         self.batch_invariant = batch_invariant
         self.row_multiple = invariance.ROW_MULTIPLE if batch_invariant else 1
+        # Shared prefixes computed once (model/prefix_sharing.py): in force where the model's attention is
+        # prefix-stable (ModelRunner.load's prefix_sharing); the count of token rows not recomputed so far.
+        self._prefix_sharing = can_share(model)
+        self.prefix_shared_tokens = 0
         head = model.lm_head
         # A classifier's replicated score head holds every label on every rank.
         vocab_start = head.vocab.start if hasattr(head, "vocab") else 0
@@ -92,13 +97,18 @@ class ModelRunner:
         parallel: ParallelContext | None = None,
         retain_memory: bool = True,
         batch_invariant: bool | None = None,
+        prefix_sharing: bool | None = None,
         **model_kwargs,
     ) -> ModelRunner:
         """retain_memory: on CPU, keep freed activations in the process for the next batch (see model/memory.py:
         no page faults on fresh memory per batch, at the price of holding the peak working set).
 
         batch_invariant: every output of a sequence is the same bits whatever else shares its batch and wherever it
-        sits there (model/invariance.py); None: on for the CPU, off for CUDA, where True is refused."""
+        sits there (model/invariance.py); None: on for the CPU, off for CUDA, where True is refused.
+
+        prefix_sharing: sequences of a batch that start with the same tokens compute them once, every sequence on
+        prefix-stable attention (model/prefix_sharing.py); None: wherever the model supports it (CPU, SDPA
+        attention, rotary by position); False keeps the attention with transformers' bits."""
         config = ModelConfig.from_pretrained(checkpoint)
         parallel = parallel or ParallelContext.single(device)
         if retain_memory and parallel.device.type == "cpu":
@@ -108,7 +118,20 @@ class ModelRunner:
         if invariant:
             parallel = replace(parallel, sum_in_rank_order=True)
         model = load_model(str(checkpoint), config, parallel, torch_dtype, **model_kwargs)
+        enable_prefix_sharing(model, prefix_sharing)
         return cls(model, config, parallel, torch_dtype, batch_invariant=invariant)
+
+    @property
+    def prefix_sharing(self) -> bool:
+        """Whether shared prefixes are computed once. Turning it off keeps the prefix-stable attention: the outputs
+        keep their bits, every row of every sequence is computed."""
+        return self._prefix_sharing
+
+    @prefix_sharing.setter
+    def prefix_sharing(self, on: bool) -> None:
+        if on and not can_share(self.model):
+            raise ValueError("this model was not loaded with prefix-stable attention (ModelRunner.load)")
+        self._prefix_sharing = on
 
     def _logit_rows(self, spec: OutputSpec, n: int, pooled: int | None) -> range:
         """The positions whose head rows a sequence of n tokens gets: for a classifier's last_token, its pooled
@@ -272,7 +295,11 @@ class ModelRunner:
             final_rows = None if final_rows is None else invariance.pad_rows(final_rows)
         capture = {layer: torch.tensor(rows, device=dev) for layer, rows in plan.hidden_rows.items()}
         final = None if final_rows is None else torch.tensor(final_rows, device=dev)
-        h, captured = self.model.trunk(input_ids.to(dev), batch, capture, depth=depth, final_rows=final)
+        if self.prefix_sharing:
+            h, captured, shared = shared_trunk(self.model, input_ids.to(dev), batch, capture, depth, final)
+            self.prefix_shared_tokens += shared
+        else:
+            h, captured = self.model.trunk(input_ids.to(dev), batch, capture, depth=depth, final_rows=final)
         vocab = self._vocab_outputs(h, plan, specs) if plan.vocab_rows else None
         captured_cpu = {layer: t.cpu() for layer, t in captured.items()}
 

@@ -6,11 +6,18 @@ requests by the token budget and the result-bytes share of a batch (`packing.fit
 the results budget (`budget.ResultBudget`) is spent, and sends a batch to the least-loaded replica as soon as one has a
 free slot: every replica holds one running and one prefetched batch, so a worker never idles while work is
 queued, and nothing waits for a batch to fill.
+
+Batches are grouped by shared prefix (the workers compute a prefix shared within a batch once): after the oldest
+request, a batch takes first the queued requests, among the next ``SHARING_LOOKAHEAD``, whose sequences start with
+the same ``SHARING_KEY_TOKENS`` tokens as one already taken, then the rest in arrival order. Every batch starts with
+the oldest request, so a request waits at most one batch per request queued before it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
 import time
 from collections import deque
@@ -26,6 +33,12 @@ from .packing import fits, row_offsets
 from .workers import Batch, MappedBatch, Replica, RequestOutputs, RequestSpan, Requeue, WorkerPool
 
 logger = logging.getLogger("logitserve.batcher")
+
+# Leading tokens that mark two sequences as sharing a prefix worth grouping (a context's continuations, few-shot
+# prompts); shorter sequences are packed in arrival order.
+SHARING_KEY_TOKENS = 16
+# Queued requests searched for ones that share a prefix with the batch being formed.
+SHARING_LOOKAHEAD = 256
 
 
 @dataclass(eq=False)
@@ -45,6 +58,16 @@ class Work:
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @functools.cached_property
+    def prefix_keys(self) -> frozenset[bytes]:
+        """The first SHARING_KEY_TOKENS tokens of each of its sequences that has as many."""
+        keys, start = set(), 0
+        for n in self.lengths:
+            if n >= SHARING_KEY_TOKENS:
+                keys.add(self.input_ids[start : start + SHARING_KEY_TOKENS].tobytes())
+            start += n
+        return frozenset(keys)
 
 
 @dataclass
@@ -129,27 +152,46 @@ class Batcher:
                 del batch, fut, task, works
 
     def _take(self) -> list[Work]:
-        """The next batch, in arrival order; empty while the head of the queue waits for the results budget (a
-        request never overtakes an older one that is held back, so a large one is not starved)."""
+        """The next batch: the oldest request, then those sharing a prefix with the batch (``_sharing``), then the
+        rest in arrival order; empty while the head of the queue waits for the results budget (a request never
+        overtakes an older one that is held back, so a large one is not starved)."""
         works: list[Work] = []
+        keys: set[bytes] = set()
         tokens = nbytes = 0
         while self._queue:
             w = self._queue[0]
             if w.future.done():
                 self._queue.popleft()
                 continue
-            if not fits(tokens, w.num_tokens, self.max_batch_tokens, nbytes, w.result_bytes, self.budget.batch_limit):
-                break
             if not self.budget.fits(w.result_bytes):
                 break  # held back until responses being sent release their bytes (budget wakes us)
-            self._queue.popleft()
+            pick = self._sharing(keys, tokens, nbytes) if keys else None
+            if pick is None:
+                if not fits(tokens, w.num_tokens, self.max_batch_tokens, nbytes, w.result_bytes,
+                            self.budget.batch_limit):
+                    break
+                pick = 0
+            w = self._queue[pick]
+            del self._queue[pick]
             works.append(w)
+            keys |= w.prefix_keys
             tokens += w.num_tokens
             nbytes += w.result_bytes
             w.reservation = self.budget.reserve(w.result_bytes)
             w.queued = False
             self._add_tokens(-w.num_tokens)
         return works
+
+    def _sharing(self, keys: set[bytes], tokens: int, nbytes: int) -> int | None:
+        """Queue index of the first request among the next SHARING_LOOKAHEAD that shares a prefix key with the
+        batch (`keys`) and joins it within its budgets; None if there is none."""
+        for i, w in enumerate(itertools.islice(self._queue, SHARING_LOOKAHEAD)):
+            if (not w.future.done() and not keys.isdisjoint(w.prefix_keys)
+                    and fits(tokens, w.num_tokens, self.max_batch_tokens, nbytes, w.result_bytes,
+                             self.budget.batch_limit)
+                    and self.budget.fits(w.result_bytes)):
+                return i
+        return None
 
     def _send(self, replica: Replica, works: list[Work]):
         now = time.perf_counter()
@@ -194,6 +236,8 @@ class Batcher:
             self.metrics.inference_duration.observe(done.forward_s)
             if done.oom_retries:
                 self.metrics.oom_retries.inc(done.oom_retries)
+            if done.prefix_shared_tokens:
+                self.metrics.prefix_shared_tokens.inc(done.prefix_shared_tokens)
             self.metrics.replica_batches.labels(label).inc()
             self.metrics.replica_batch_tokens.labels(label).inc(batch.num_tokens)
             self.metrics.replica_busy_seconds.labels(label).inc(done.forward_s)

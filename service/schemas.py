@@ -255,6 +255,7 @@ class InfoResponse(BaseModel):
     batch_invariant: bool
     limits: dict
     pooling: str
+    prefix_sharing: bool
     workers: list[dict]
 
 

@@ -60,6 +60,8 @@ async def info(served: ServedDep, engine: EngineDep, settings: SettingsDep) -> R
             "max_request_bytes": s.max_request_bytes,
         },
         "pooling": s.pooling,
+        # as the workers run it (a model or device that cannot share runs unshared); the request until they have
+        "prefix_sharing": loaded.prefix_sharing if loaded else s.prefix_sharing == "on",
         "workers": engine.describe_workers(),
     })
 

@@ -66,6 +66,9 @@ def run_splitting(runner, batch: Batch, fault_oom_tokens: int = 0) -> tuple[list
 
 def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, device: str,
                 options: RunnerOptions, threads: int, conn) -> None:
+    """options.prefix_sharing: compute shared prefixes once where the model supports it. Off keeps the
+    prefix-stable attention where the model has it, so that the switch changes no output bit (API.md): only the
+    de-duplication stops."""
     import torch
 
     from model.distributed import destroy, init_process_group
@@ -80,7 +83,8 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
         runner = ModelRunner.load(
             checkpoint, device=ctx.device, dtype=options.dtype, parallel=ctx, batch_invariant=options.batch_invariant
         )
-        loaded = LoadedModel(str(runner.dtype).removeprefix("torch."), runner.batch_invariant)
+        runner.prefix_sharing = runner.prefix_sharing and options.prefix_sharing
+        loaded = LoadedModel(str(runner.dtype).removeprefix("torch."), runner.batch_invariant, runner.prefix_sharing)
         conn.send(WorkerReady(rank, os.getpid(), loaded))
         counter = itertools.count()
         fault_oom_tokens = int(os.environ.get(FAULT_OOM_TOKENS_ENV) or 0)
@@ -92,13 +96,15 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
             if job is None:
                 break
             t0 = time.perf_counter()
+            shared_before = runner.prefix_shared_tokens
             try:
                 outs, retries = run_splitting(runner, job.batch, fault_oom_tokens)
                 forward_s = time.perf_counter() - t0
                 if rank == 0:
                     name = segment_name(os.getpid(), next(counter))
                     results = write_results(outs, job.batch.spans, name)
-                    conn.send(BatchDone(job.batch_id, results, forward_s, retries))
+                    shared = runner.prefix_shared_tokens - shared_before
+                    conn.send(BatchDone(job.batch_id, results, forward_s, retries, shared))
                 del outs
             except Exception as exc:  # a bug or a device error: report it for this batch
                 logger.exception("batch %s failed on rank %d", job.batch_id, rank)

@@ -71,6 +71,7 @@ class BatchDone:
     results: list[RequestResult]  # one per RequestSpan of the batch
     forward_s: float
     oom_retries: int  # sub-batches re-run after the device ran out of memory
+    prefix_shared_tokens: int = 0  # token rows not recomputed thanks to prefix sharing
 
 
 @dataclass
@@ -85,12 +86,14 @@ class RunnerOptions:
 
     dtype: str  # "auto", "float32", ...
     batch_invariant: bool | None = None
+    prefix_sharing: bool = True  # where the model supports it
 
     @classmethod
     def from_settings(cls, settings) -> RunnerOptions:
         """From service.settings.Settings."""
         on_off = {None: None, "on": True, "off": False}
-        return cls(dtype=settings.dtype, batch_invariant=on_off[settings.batch_invariant])
+        return cls(dtype=settings.dtype, batch_invariant=on_off[settings.batch_invariant],
+                   prefix_sharing=on_off[settings.prefix_sharing])
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class LoadedModel:
 
     dtype: str  # the dtype of the weights (torch name without "torch.")
     batch_invariant: bool
+    prefix_sharing: bool  # whether shared prefixes are computed once
 
 
 @dataclass

@@ -13,9 +13,6 @@ PROMQL_FUNCTIONS_AND_KEYWORDS = {
     "bottomk", "clamp_min", "clamp_max", "abs", "delta", "deriv", "vector", "scalar", "time",
 }
 METRIC_RE = re.compile(r"\b(logitserve_[a-zA-Z0-9_:]+)")
-# Series of the contract's /metrics list whose panels exist before the code that exposes them lands (prefix sharing,
-# result back-pressure); queried names outside this set must be exposed today.
-CONTRACT_METRICS_NOT_YET_EXPOSED = {"logitserve_prefix_shared_tokens_total", "logitserve_result_bytes"}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +55,7 @@ def exposed() -> set[str]:
 def test_every_queried_metric_is_exposed(dashboard, exposed):
     referenced = {name for _, expr in _exprs(dashboard) for name in METRIC_RE.findall(expr)}
     assert referenced, "the dashboard queries no logitserve metric"
-    missing = referenced - exposed - CONTRACT_METRICS_NOT_YET_EXPOSED
+    missing = referenced - exposed
     assert not missing, f"queried but not exposed by service.metrics.Metrics: {sorted(missing)}"
 
 

@@ -176,7 +176,7 @@ def test_bfloat16_hidden_states_have_transformers_bits(name, checkpoint_factory)
     """In bfloat16 each family's blocks round where transformers' do (Gemma's float32 (1 + w) norms, OLMo 2's
     float32 rotary, Gemma 2's eager softmax in float32...): a lone sequence's hidden states bit for bit."""
     path = checkpoint_factory(name, with_tokenizer=False)
-    runner = ModelRunner.load(path, dtype="bfloat16")
+    runner = ModelRunner.load(path, dtype="bfloat16", prefix_sharing=False)  # the attention with its bits
     hf = load_reference(path, dtype=torch.bfloat16, attention=None)
     layers = tuple(range(runner.config.num_layers))
     seqs, _, _ = ragged([20], runner.config.vocab_size, seed=2)

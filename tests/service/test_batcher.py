@@ -140,3 +140,75 @@ def test_least_loaded_replica():
         await b.stop()
 
     asyncio.run(main())
+
+
+def context_work(context: int, n: int, loop, sequences: int = 1):
+    """A request of `sequences` sequences of n (>= SHARING_KEY_TOKENS) tokens, each starting with that many tokens
+    `context`."""
+    from service.batcher import SHARING_KEY_TOKENS
+
+    seq = np.concatenate([np.full(SHARING_KEY_TOKENS, context), np.arange(n - SHARING_KEY_TOKENS)]).astype(np.int64)
+    return Work(np.tile(seq, sequences), [n] * sequences, None, loop.create_future())
+
+
+def test_batches_group_requests_that_share_a_prefix_without_starving_others():
+    """Interleaved requests of two contexts: each batch starts with the oldest request, then takes the requests of
+    its context (within the budget), then the rest in arrival order. Requests sharing nothing are never overtaken
+    by more than one batch per request queued before them."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        g = FakeReplica()
+        b = Batcher(FakePool([g]), max_batch_tokens=60, max_queue_tokens=1000, metrics=Metrics())
+        b.start()
+        blocker = [work(60, loop), work(60, loop)]  # fill both slots: what follows queues
+        for w in blocker:
+            b.submit(w)
+        await _settle()
+        a = [context_work(1, 20, loop) for _ in range(3)]
+        c = [context_work(2, 20, loop) for _ in range(3)]
+        lone = work(20, loop)  # shares nothing (too short a key)
+        order = [a[0], c[0], lone, a[1], c[1], a[2], c[2]]
+        for w in order:
+            b.submit(w)
+        await _settle()
+        for _ in range(4):
+            g.finish_all()
+            await _settle()
+        batches = g.batches[2:]
+        # requests by their first token: 1 and 2 for the contexts, 0 for the lone one
+        firsts = [[int(t) for t in bt.input_ids[bt.offsets[:-1]]] for bt in batches]
+        assert firsts == [[1, 1, 1], [2, 2, 2], [0]]
+        assert all(w.future.done() for w in order)
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_the_oldest_request_is_always_in_the_next_batch():
+    """A stream of requests sharing a context does not starve an older one that shares nothing."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        g = FakeReplica()
+        b = Batcher(FakePool([g]), max_batch_tokens=40, max_queue_tokens=10000, metrics=Metrics())
+        b.start()
+        for w in [work(40, loop), work(40, loop)]:
+            b.submit(w)
+        await _settle()
+        b.submit(context_work(3, 20, loop))
+        lone = work(20, loop)
+        b.submit(lone)
+        for _ in range(4):
+            for _ in range(3):
+                b.submit(context_work(3, 20, loop))
+            g.finish_all()
+            await _settle()
+            if lone.future.done():
+                break
+        sent = [[int(t) for t in bt.input_ids[bt.offsets[:-1]]] for bt in g.batches[2:]]
+        assert sent[0] == [3, 3]  # the oldest, then one sharing its context ahead of the lone request
+        assert sent[1][0] == 0  # the lone request heads the next batch
+        await b.stop()
+
+    asyncio.run(main())

@@ -103,3 +103,24 @@ def test_loglikelihood_rolling(server, monkeypatch, hf_reference, tokenizer):
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     want, _ = reference(hf_reference, [1], ids)
     assert got == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_multiple_choice_scores_are_the_same_with_prefix_sharing_on_and_off(server, start_server, tiny_checkpoint,
+                                                                           monkeypatch):
+    """lm-eval's multiple-choice shape (each context with 4 continuations, 8 prompts per request, concurrent
+    clients) gets every log-likelihood and is_greedy bit for bit the same from a server sharing prefixes (the
+    default) and from one with --prefix-sharing off; the shared one computed fewer rows."""
+    off_server = shared_server(start_server, tiny_checkpoint, "--prefix-sharing", "off")
+    contexts = ["The quick brown fox jumps over the lazy dog while the cat sleeps.",
+                "Language models score text by predicting the next token, one at a time.",
+                "Tensor parallelism splits each weight matrix across the ranks of a group."]
+    choices = [" yes", " no, not at all", " perhaps later", " the answer is four"]
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=(c, k), idx=i)
+                for i, (c, k) in enumerate((c, k) for c in contexts for k in choices)]
+    before = server.metric("logitserve_prefix_shared_tokens_total")
+    on = make_lm(server, monkeypatch, batch_size=8, num_concurrent=2).loglikelihood(requests, disable_tqdm=True)
+    off = make_lm(off_server, monkeypatch, batch_size=8, num_concurrent=2).loglikelihood(requests, disable_tqdm=True)
+    assert on == off
+    assert server.metric("logitserve_prefix_shared_tokens_total") > before
+    assert off_server.metric("logitserve_prefix_shared_tokens_total") == 0

@@ -1,0 +1,213 @@
+"""Shared-prefix forwards: sequences of one batch that start with the same tokens compute those tokens once.
+
+A token row's hidden states depend only on its own token, its position and the rows before it in its sequence.
+Two sequences with a common prefix therefore have the same prefix rows, provided every operation gives a row the
+same bits whatever else is computed beside it: the row-wise ones (projections, norms, MLP) under batch-invariant
+matmuls, and attention when it is prefix-stable (model/attention_stable.py). Then the batch is de-duplicated
+into one row per distinct (prefix, token) -- the nodes of the batch's token trie -- the row-wise layers run on those
+rows once, and attention gathers each sequence's rows from them, computing a query block only where the sequence
+has rows of its own. The results are the same bits as without sharing and as each sequence alone
+(tests/model/test_prefix_stable_attention.py).
+
+Not shareable: rotary embeddings whose frequencies follow the sequence's length (dynamic NTK past the trained
+context, LongRoPE), where the same prefix row differs between sequences of different lengths; transformers' eager
+attention with a soft-cap (Gemma 2), which has no prefix-stable form here; CUDA, whose flash varlen kernel is not
+prefix-stable (``supports_sharing``).
+
+Extra memory: the attention's padded buffers, one group of at most ``attention_stable.MAX_GROUP_SLOTS`` slots at a
+time, hold every sequence's full length (a shared prefix is copied into each sequence's keys); the index tensors
+of the trie (O(tokens)); the masks' cache (``attention_stable.MASK_CACHE_BYTES``). The row-wise layers hold fewer
+rows than without sharing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .attention_stable import BLOCK, BlockLayout, prefix_stable_attention
+from .modules import RaggedBatch, ragged_attention
+from .rope import LongRopeEmbedding, RotaryEmbedding
+
+# A matmul whose row count is a multiple of this gives each row the bits it has in any other such call (MKL's sgemm
+# on CPU; the batch-invariant path pads every batch to it). The de-duplicated rows are padded to it too.
+ROW_MULTIPLE = 4
+
+
+def padded_count(n: int) -> int:
+    return -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
+@dataclass(frozen=True)
+class SharedPrefixBatch:
+    """A ragged batch de-duplicated along its token trie. Stands in for the RaggedBatch that the trunk and the
+    attention see (positions(), seq_lens, block_layout): the trunk then runs on the U unique rows."""
+
+    tokens: torch.Tensor  # int64 [U]: token of each unique row
+    row_positions: torch.Tensor  # int64 [U]: its position in every sequence that holds it
+    row_index: torch.Tensor  # int64 [T]: packed token row -> unique row
+    seq_rows: tuple[tuple[int, ...], ...]  # per sequence (batch order): the unique row of each position
+    seq_lens: list[int]  # the sequences' lengths (as RaggedBatch.seq_lens)
+    unique_rows: int  # U: the trie's nodes; rows [U, num_tokens) are filler
+    block_layout: BlockLayout  # the prefix-stable attention's geometry over the unique rows and the filler
+
+    @property
+    def num_tokens(self) -> int:
+        """Rows the trunk runs on: the unique rows and the filler, a multiple of ROW_MULTIPLE."""
+        return int(self.tokens.shape[0])
+
+    @property
+    def shared_tokens(self) -> int:
+        """Token rows not recomputed: packed rows minus unique rows."""
+        return int(self.row_index.shape[0]) - self.unique_rows
+
+    def positions(self) -> torch.Tensor:
+        return self.row_positions
+
+    @classmethod
+    def build(cls, input_ids: torch.Tensor, batch: RaggedBatch) -> SharedPrefixBatch:
+        """input_ids int64 [T] packed as `batch` says."""
+        ids = input_ids.tolist()
+        seqs = [ids[s:e] for s, e in zip(batch.bounds[:-1], batch.bounds[1:])]
+        arrays = [np.asarray(seq, dtype=np.int64) for seq in seqs]
+        # In lexicographic order, a sequence's longest common prefix with any earlier sequence is the one with
+        # its predecessor: the rows of that prefix exist already, the rest are new trie nodes.
+        order = sorted(range(len(seqs)), key=seqs.__getitem__)
+        trie_rows: list[list[int]] = [[] for _ in seqs]
+        first_blocks = [0] * len(seqs)
+        count = 0
+        for prev, b in zip([None, *order], order):
+            n = len(seqs[b])
+            shared = 0 if prev is None else _common_prefix(arrays[prev], arrays[b])
+            trie_rows[b] = (trie_rows[prev][:shared] if shared else []) + list(range(count, count + n - shared))
+            count += n - shared
+            # Query blocks made only of rows that an earlier sequence computes are skipped (all, for a sequence
+            # that another one contains).
+            first_blocks[b] = shared // BLOCK if shared < n else -(-n // BLOCK)
+        # Number the unique rows in order of first appearance in the packed batch: no sharing is then the identity.
+        renumber: dict[int, int] = {}
+        for rows in trie_rows:
+            for r in rows:
+                renumber.setdefault(r, len(renumber))
+        seq_rows = tuple(tuple(renumber[r] for r in rows) for rows in trie_rows)
+        # Filler rows (token 0, a sequence of their own, read by nobody) make the row count a multiple of
+        # ROW_MULTIPLE, so that the row-wise matmuls give every row the bits it has without sharing.
+        filler = tuple(range(count, padded_count(count)))
+        layout_rows = [list(r) for r in seq_rows] + ([list(filler)] if filler else [])
+        layout_first = first_blocks + ([0] if filler else [])
+        tokens, positions = [0] * (count + len(filler)), [*([0] * count), *range(len(filler))]
+        for seq, rows in zip(seqs, seq_rows):
+            for p, (t, r) in enumerate(zip(seq, rows)):
+                tokens[r], positions[r] = t, p
+        device = batch.offsets.device
+        flat = [r for rows in seq_rows for r in rows]
+        return cls(
+            tokens=torch.tensor(tokens, dtype=torch.int64, device=device),
+            row_positions=torch.tensor(positions, dtype=torch.int64, device=device),
+            row_index=torch.tensor(flat, dtype=torch.int64, device=device),
+            seq_rows=seq_rows,
+            seq_lens=list(batch.seq_lens),
+            unique_rows=count,
+            block_layout=BlockLayout.build(layout_rows, layout_first, count + len(filler), device),
+        )
+
+
+def supports_sharing(model) -> bool:
+    """Whether `model` (a DistributedTransformer) can run prefix-stable attention and share prefixes: on the CPU,
+    every layer on SDPA attention (not the soft-capped eager path), and rotary tables that depend on a row's position
+    only (not dynamic NTK, not LongRoPE, whose frequencies follow the sequence's length)."""
+    if model.parallel.device.type != "cpu":
+        return False
+    for rope in model.ropes.values():
+        if isinstance(rope, LongRopeEmbedding):
+            return False
+        if isinstance(rope, RotaryEmbedding) and rope.rope.rope_type == "dynamic":
+            return False
+        if not isinstance(rope, (RotaryEmbedding, LongRopeEmbedding)):
+            return False
+    return all(_unwrapped(layer.self_attn.attention_fn) in (ragged_attention, prefix_stable_attention)
+               for layer in model.layers)
+
+
+def enable_prefix_sharing(model, requested: bool | None) -> bool:
+    """Put every layer of `model` on prefix_stable_attention when sharing is requested (None: wherever supported)
+    and supported; returns whether sharing is in force. Asked for explicitly where unsupported, it is refused."""
+    if requested is False:
+        return False
+    if not supports_sharing(model):
+        if requested:
+            raise ValueError("prefix sharing is supported on CPU for SDPA-attention models whose rotary frequencies "
+                             "follow the position only (not soft-capped attention, dynamic NTK or LongRoPE)")
+        return False
+    use_prefix_stable_attention(model)
+    return True
+
+
+def use_prefix_stable_attention(model) -> None:
+    """Every layer of `model` (a DistributedTransformer) attends with prefix_stable_attention."""
+    for layer in model.layers:
+        layer.self_attn.attention_fn = prefix_stable_attention
+
+
+def can_share(model) -> bool:
+    """Whether a row's hidden states depend only on its prefix in this model: prefix-stable attention in every layer
+    and rotary frequencies that do not follow the sequence's length."""
+    return supports_sharing(model) and all(
+        _unwrapped(layer.self_attn.attention_fn) is prefix_stable_attention for layer in model.layers
+    )
+
+
+def _unwrapped(fn):
+    return getattr(fn, "__wrapped__", fn)  # also through torch.compiler.disable
+
+
+def _unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows int64 [R] -> (distinct rows [R'] ascending, inverse [R]: rows == distinct[inverse])."""
+    return torch.unique(rows, sorted=True, return_inverse=True)
+
+
+def shared_trunk(
+    model,
+    tokens: torch.Tensor,
+    batch: RaggedBatch,
+    capture: dict[int, torch.Tensor] | None = None,
+    depth: int | None = None,
+    final_rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor], int]:
+    """``DistributedTransformer.trunk`` with shared prefixes computed once: the same arguments (`capture` and
+    `final_rows` index packed token rows) and the same results, plus the count of token rows not recomputed.
+
+    Requires `can_share(model)`; the results are then the bits of the unshared trunk when the row-wise layers are
+    batch-invariant. A batch with no common prefix runs the plain trunk."""
+    shared = SharedPrefixBatch.build(tokens, batch)
+    if shared.shared_tokens == 0:
+        h, captured = model.trunk(tokens, batch, capture, depth, final_rows)
+        return h, captured, 0
+    index = shared.row_index  # packed row -> unique row
+    depth = len(model.layers) if depth is None else depth
+    if final_rows is None:
+        final_unique, final_inverse = None, index
+    else:
+        final_unique, final_inverse = _unique_rows(index.index_select(0, final_rows))
+        # The last block's o_proj and MLP run on these rows: a multiple of ROW_MULTIPLE of them, as without sharing
+        # (copies of the last one, computed and not read).
+        final_unique = torch.cat([final_unique, final_unique[-1:].expand(padded_count(len(final_unique)) -
+                                                                        len(final_unique))])
+    unique_capture, inverses = {}, {}
+    for layer, rows in (capture or {}).items():
+        # capture[depth] indexes into final_rows when those are given (DistributedTransformer.trunk): its unique
+        # rows are then positions in final_unique.
+        into = final_inverse if layer == depth and final_rows is not None else index
+        unique_capture[layer], inverses[layer] = _unique_rows(into.index_select(0, rows))
+    h, captured = model.trunk(shared.tokens, shared, unique_capture, depth, final_unique)
+    h = h.index_select(0, final_inverse)  # [T or R, dim], packed order
+    captured = {layer: t.index_select(0, inverses[layer]) for layer, t in captured.items()}
+    return h, captured, shared.shared_tokens
