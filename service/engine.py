@@ -95,7 +95,7 @@ class Engine:
 
     @property
     def loaded(self) -> LoadedModel | None:
-        """What the workers loaded (dtype, batch invariance), as they reported it; None until one has."""
+        """What the workers loaded (dtype, batch invariance, prefix sharing), as they reported it; None until one has."""
         return self.pool.loaded if self.pool is not None else None
 
     def describe_workers(self) -> list[dict]:

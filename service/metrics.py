@@ -38,11 +38,11 @@ class Metrics:
             p + "oom_retries", "Sub-batches retried after a batch ran out of device memory (split in halves).",
             registry=r)
         self.worker_restarts = Counter(p + "worker_restarts", "Worker group restarts after a rank failed.", registry=r)
-        self.prefix_shared_tokens = Counter(
-            p + "prefix_shared_tokens", "Token rows not recomputed because a batch shared their prefix.", registry=r)
         self.send_timeouts = Counter(
             p + "send_timeouts", "Responses whose connection was dropped because one send of the body waited longer "
             "than the send timeout (LOGITSERVE_SEND_TIMEOUT) for the client to read.", registry=r)
+        self.prefix_shared_tokens = Counter(
+            p + "prefix_shared_tokens", "Token rows not recomputed because a batch shared their prefix.", registry=r)
         # Per-replica batch statistics.
         self.replica_batches = Counter(p + "replica_batches", "Batches run per replica.", ["replica"], registry=r)
         self.replica_batch_tokens = Counter(p + "replica_batch_tokens", "Tokens run per replica.", ["replica"], registry=r)

@@ -44,12 +44,12 @@ class Settings(BaseSettings):
     revision: str | None = flag(None, "branch, tag or commit of a Hub id --model (default: its default branch)", "REV")
     reranker: Literal["qwen3", "bge-gemma"] | None = flag(
         None, "serve /v1/rerank from a causal LM with this family's prompt and yes/no tokens", "qwen3|bge-gemma")
-    prefix_sharing: Literal["on", "off"] = flag(
-        "on", "sequences of a batch that start with the same tokens compute them once (where the model supports "
-              "it: CPU, SDPA attention; /info reports it)")
     batch_invariant: Literal["on", "off"] | None = flag(
         None, "a sequence's outputs are the same bits whatever shares its batch (default: on for cpu, off for cuda, "
         "where on is refused)", "on|off")
+    prefix_sharing: Literal["on", "off"] = flag(
+        "on", "sequences of a batch that start with the same tokens compute them once (where the model supports "
+              "it: CPU, SDPA attention; /info reports it)")
 
     # Operational knobs (environment only).
     served_model_name: str | None = Field(None, description="the model id clients see (default: the folder's name)")

@@ -66,6 +66,9 @@ def run_splitting(runner, batch: Batch, fault_oom_tokens: int = 0) -> tuple[list
 
 def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, device: str,
                 options: RunnerOptions, threads: int, conn) -> None:
+    """options.prefix_sharing: compute shared prefixes once where the model supports it. Off keeps the
+    prefix-stable attention under batch invariance, so that the switch changes no output bit (API.md): only the
+    de-duplication stops; with both switches off the attention is the one with transformers' bits."""
     import torch
 
     from model import invariance

@@ -93,7 +93,7 @@ class RunnerOptions:
         """From service.settings.Settings."""
         on_off = {None: None, "on": True, "off": False}
         return cls(dtype=settings.dtype, batch_invariant=on_off[settings.batch_invariant],
-                   prefix_sharing=settings.prefix_sharing == "on")
+                   prefix_sharing=on_off[settings.prefix_sharing])
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class LoadedModel:
 
     dtype: str  # the dtype of the weights (torch name without "torch.")
     batch_invariant: bool
-    prefix_sharing: bool = False  # shared prefixes computed once
+    prefix_sharing: bool  # whether shared prefixes are computed once
 
 
 @dataclass

@@ -174,7 +174,8 @@ def test_lone_sequences_keep_transformers_bits_where_its_matmuls_are_whole_row_g
     torch.set_num_threads(2)
     try:
         path = checkpoint_factory("llama", hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=256)
-        runner = ModelRunner.load(path, dtype="float32", prefix_sharing=False)  # the attention with its bits
+        # the attention with transformers' bits (prefix-stable attention sums in another order: prefix_sharing.md)
+        runner = ModelRunner.load(path, dtype="float32", prefix_sharing=False)
         hf = load_reference(path, attention="sdpa")
         n_layers = runner.config.num_layers
         spec = OutputSpec(logits=False, return_hidden_states=ReturnHiddenStates.ALL, layers=tuple(range(n_layers + 1)))

@@ -130,7 +130,8 @@ def test_float32_decoder_has_transformers_bits(arch, checkpoint_factory):
     on every length, the invariant one on 300 tokens."""
     extra = PHI3_HEAD64 if arch == "phi3" else {}
     path = checkpoint_factory(arch, hidden_size=128, num_heads=2, num_kv_heads=1, intermediate_size=256, **extra)
-    plain = ModelRunner.load(path, dtype="float32", batch_invariant=False, prefix_sharing=False)  # attention: its bits
+    # the attention with its bits (prefix-stable attention is another summation order)
+    plain = ModelRunner.load(path, dtype="float32", batch_invariant=False, prefix_sharing=False)
     invariant = ModelRunner.load(path, dtype="float32", prefix_sharing=False)
     assert invariant.batch_invariant
     hf = load_reference(path, attention=None)  # transformers' default: SDPA, eager for Gemma 2
