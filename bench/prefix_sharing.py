@@ -500,6 +500,7 @@ def cmd_http(args) -> None:
         f"(b) /v1/score: 300-token query x 16 items of 10-30 tokens ({args.score_requests} requests, one client)": (
             "/v1/score", scores, 1, [s["query"] + item for s in scores for item in s["items"]]),
     }
+    workloads = {label: w for label, w in workloads.items() if label[1] in args.workloads.split(",")}
     servers = {mode: start_server(folder, "--prefix-sharing", mode) for mode in ("off", "on")}
     try:
         print(f"model: {name}; machine: {machine()}; date: {datetime.date.today().isoformat()}; one server per "
@@ -558,6 +559,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--contexts", type=int, default=16, help="http: multiple-choice contexts (4 prompts each)")
     parser.add_argument("--score-requests", type=int, default=4, help="http: /v1/score requests per round")
+    parser.add_argument("--workloads", default="a,b", help="http: which of the workloads (a, b) to run")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
