@@ -81,7 +81,10 @@ def test_queue_full_429_while_admitted_requests_succeed(server, runner):
     body = {"input_ids": SEQ8, "target_logprobs": True}
     with cf.ThreadPoolExecutor(16) as pool:
         with paused(server):
-            held = [pool.submit(_post, server, body) for _ in range(2)]  # running + prefetched in the paused group
+            # running + prefetched in the paused group: one after the other, so that they are two batches
+            held = [pool.submit(_post, server, body)]
+            time.sleep(0.5)
+            held.append(pool.submit(_post, server, body))
             time.sleep(0.5)
             flood = [pool.submit(_post, server, body) for _ in range(12)]
             deadline = time.monotonic() + 2  # refusals are immediate; admitted requests wait for the paused worker
