@@ -54,15 +54,15 @@ def resolve(batch_invariant: bool | None, device: torch.device) -> bool:
     return batch_invariant
 
 
-def padded_count(n: int) -> int:
-    """The row count a matmul over n rows runs with: a multiple of ROW_MULTIPLE (n = 0 stays 0)."""
-    return -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
+def padded_count(n: int, multiple: int = ROW_MULTIPLE) -> int:
+    """The row count a matmul over n rows runs with: a multiple of `multiple` (n = 0 stays 0)."""
+    return -(-n // multiple) * multiple
 
 
-def pad_rows(rows: list[int]) -> list[int]:
+def pad_rows(rows: list[int], multiple: int = ROW_MULTIPLE) -> list[int]:
     """``rows`` (token indices) and copies of its last one up to ``padded_count``: the extra rows' results are
-    computed and never read."""
-    return rows + rows[-1:] * (padded_count(len(rows)) - len(rows))
+    computed and never read. `multiple` 1 leaves them as they are."""
+    return rows + rows[-1:] * (padded_count(len(rows), multiple) - len(rows))
 
 
 def pad_batch(input_ids: torch.Tensor, input_row_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

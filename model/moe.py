@@ -14,8 +14,8 @@ Batch invariance on CPU (float32, MKL): a call of n rows gives each row the bits
 when n is a multiple of 4; other small n (1-3 always, up to 27 depending on the thread count) round differently.
 So each expert's row group, and the router's rows, are padded with zero rows to a multiple of ``ROW_MULTIPLE``:
 a token's output does not depend on how many other tokens chose its experts (at most 3 wasted rows per expert).
-The activation runs in row blocks below torch's parallel grain so that no thread split cuts a row (vectorised
-silu rounds a row's cut-off tail differently).
+The activation is the dense MLP's row-canonical one (model/invariance.activation): no thread split moves a row's
+elements between vectorised and scalar silu, which round differently.
 """
 
 from __future__ import annotations
@@ -28,14 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UnsupportedModelError
+# Rows per matmul call are padded to a multiple of ROW_MULTIPLE on CPU (see the module docstring; measured on MKL
+# sgemm, checked by tests/model/test_moe.py::test_matmul_rows_keep_their_bits_in_calls_of_a_multiple_of_four_rows).
+from .invariance import ROW_MULTIPLE, activation
 from .distributed import ParallelContext, split_evenly
 from .weights import CheckpointError, CheckpointReader
 
-# Rows per matmul call are padded to a multiple of this on CPU (see the module docstring; measured on MKL sgemm,
-# checked by tests/model/test_moe.py::test_matmul_rows_keep_their_bits_in_calls_of_a_multiple_of_four_rows).
-ROW_MULTIPLE = 4
-# torch splits an element-wise op across threads once it has this many elements (at::internal::GRAIN_SIZE).
-_PARALLEL_GRAIN = 32768
 
 
 @dataclass(frozen=True)
@@ -256,20 +254,11 @@ def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_rows: list[int]
 
 
 def _silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[P, 2I] (gate | up) -> silu(gate) * up [P, I], transformers' ``act_fn(gate) * up``.
-
-    On CPU with several threads, in row blocks small enough for torch to run each on one thread: a call it
-    splits across threads may cut a row, and the vectorised silu rounds the cut-off part of that row differently
-    (the block's output would then depend on how many rows were in the batch). The blocks cost little beside the
-    expert matmuls (6 * hidden multiply-adds per activation element)."""
+    """[P, 2I] (gate | up) -> silu(gate) * up [P, I], transformers' ``act_fn(gate) * up``, each row's silu with the
+    bits it has alone (invariance.activation: a call torch splits across threads may cut a row, and the vectorised
+    silu rounds the cut-off part of that row differently)."""
     gate, up = gate_up.chunk(2, dim=-1)
-    if gate_up.device.type != "cpu" or torch.get_num_threads() == 1 or gate.numel() < _PARALLEL_GRAIN:
-        return F.silu(gate).mul_(up)  # one thread: rows stay whole
-    out = gate.new_empty(gate.shape)
-    step = max(1, (_PARALLEL_GRAIN - 1) // gate.shape[1])
-    for s in range(0, gate.shape[0], step):
-        torch.mul(F.silu(gate[s : s + step]), up[s : s + step], out=out[s : s + step])
-    return out
+    return activation(F.silu, gate).mul_(up)
 
 
 class SparseMoeBlock(nn.Module):

@@ -212,8 +212,9 @@ class ModelRunner:
         flags = [s.logits for s, (_, c) in zip(specs, plan.vocab_slices) for _ in range(c)]
         ks = [s.top_k for s, (_, c) in zip(specs, plan.vocab_slices) for _ in range(c)]
         # Whole row groups for the lm_head under batch invariance: copies of the last row, never read.
-        fill = -len(rows) % self.row_multiple
-        rows, row_targets = rows + rows[-1:] * fill, row_targets + [-1] * fill
+        rows = invariance.pad_rows(rows, self.row_multiple)
+        fill = len(rows) - len(plan.vocab_rows)
+        row_targets = row_targets + [-1] * fill
         flags, ks = flags + [False] * fill, ks + [0] * fill
         every_row = rows == list(range(h.shape[0]))  # every row, in order: no gather copy of h
         row_index = None if every_row else torch.tensor(rows, device=dev)

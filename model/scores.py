@@ -196,8 +196,7 @@ class ScoreReducer:
             redo = unsafe.nonzero().squeeze(1)
             # the rows again, padded to whole row groups: the redo's lm_head call and its reductions over the
             # vocabulary then give a row the bits it gets whatever else is redone with it
-            padded = redo.tolist()
-            padded = torch.tensor(padded + padded[-1:] * (-len(padded) % self.row_multiple), device=redo.device)
+            padded = torch.tensor(invariance.pad_rows(redo.tolist(), self.row_multiple), device=redo.device)
             if overwrite:
                 again = self.compute_logits(rows_h.index_select(0, padded))
             else:

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import PlainTextResponse, Response
+
+from model import invariance
 
 from .. import __version__
 from ..deps import Authorized, EngineDep, MetricsDep, ServedDep, SettingsDep
 from ..errors import NotReady, error_response
 from ..responses import json_response
 from ..schemas import InfoResponse, ModelsResponse, StatusResponse, responses
+from ..workers.protocol import RunnerOptions
 from .metered import MeteredRoute
 
 router = APIRouter(route_class=MeteredRoute)
@@ -38,6 +42,7 @@ async def metrics_text(metrics: MetricsDep) -> Response:
 @router.get("/info", dependencies=[Authorized], responses=responses(InfoResponse, 401))
 async def info(served: ServedDep, engine: EngineDep, settings: SettingsDep) -> Response:
     s, loaded = settings, engine.loaded
+    asked = RunnerOptions.from_settings(s)
     return json_response({
         "model": served.name,
         "model_path": served.checkpoint,
@@ -51,7 +56,8 @@ async def info(served: ServedDep, engine: EngineDep, settings: SettingsDep) -> R
         "device": s.device,
         # as the workers loaded the model; until they have, what was asked (batch invariance: the device's default)
         "dtype": loaded.dtype if loaded else s.dtype,
-        "batch_invariant": loaded.batch_invariant if loaded else s.batch_invariant != "off" and s.device == "cpu",
+        "batch_invariant": loaded.batch_invariant if loaded else invariance.resolve(asked.batch_invariant,
+                                                                                      torch.device(s.device)),
         "limits": {
             "max_batch_tokens": s.max_batch_tokens,
             "max_seq_len": served.max_seq_len,
