@@ -160,11 +160,16 @@ class _HubHandler(BaseHTTPRequestHandler):
             self._error(status, "RepoNotFound", "Repository not found")
         return repo
 
-    def _commit(self, repo: HubRepo, revision: str) -> str | None:
+    def _repo_at(self, repo_id: str, revision: str) -> tuple[HubRepo, str] | None:
+        """The repository and the commit `revision` names; None once the Hub's error is answered."""
+        repo = self._repo(repo_id)
+        if repo is None:
+            return None
         sha = repo.resolve(revision)
         if sha is None:
             self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
-        return sha
+            return None
+        return repo, sha
 
     # ------------------------------------------------------------------------------------------------ routes
     def do_HEAD(self):
@@ -196,12 +201,10 @@ class _HubHandler(BaseHTTPRequestHandler):
         self._error(404, None, f"no route {url.path}")
 
     def _model_info(self, repo_id: str, revision: str):
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._repo_at(repo_id, revision)
+        if found is None:
             return
-        sha = self._commit(repo, revision)
-        if sha is None:
-            return
+        repo, sha = found
         files = repo.commits[sha]
         body = {
             "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24],
@@ -220,12 +223,10 @@ class _HubHandler(BaseHTTPRequestHandler):
         self._send(200, json.dumps(body).encode())
 
     def _tree(self, repo_id: str, revision: str, folder: str, recursive: bool):
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._repo_at(repo_id, revision)
+        if found is None:
             return
-        sha = self._commit(repo, revision)
-        if sha is None:
-            return
+        repo, sha = found
         prefix = folder + "/" if folder else ""
         entries, folders = [], set()
         for path, content in sorted(repo.commits[sha].items()):
@@ -248,12 +249,10 @@ class _HubHandler(BaseHTTPRequestHandler):
         self._send(200, json.dumps(entries).encode())
 
     def _resolve(self, repo_id: str, revision: str, path: str):
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._repo_at(repo_id, revision)
+        if found is None:
             return
-        sha = self._commit(repo, revision)
-        if sha is None:
-            return
+        repo, sha = found
         commit_header = {"X-Repo-Commit": sha}
         if repo.gated:
             token = self._token()
