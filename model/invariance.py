@@ -30,7 +30,6 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 # A matmul whose row count is a multiple of this gives each row the bits it has in any other such call.
 ROW_MULTIPLE = 4
@@ -159,11 +158,6 @@ def activation(
     return out
 
 
-def silu(x: torch.Tensor) -> torch.Tensor:
-    """``activation(F.silu, x)``."""
-    return activation(F.silu, x)
-
-
 def complex_mul_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a * b`` for complex a [T, heads, n] and b [T, 1, n] (rotary): each (row, head) run of n elements on the
     code path it takes alone (torch's vector and scalar complex multiply round differently)."""
@@ -224,6 +218,5 @@ __all__ = [
     "resolve",
     "row_blocks",
     "rowwise",
-    "silu",
     "top_k_as_alone",
 ]

@@ -283,7 +283,7 @@ def test_matmul_rows_keep_their_bits_in_calls_of_whole_row_groups():
 
 
 def test_silu_and_rotary_products_keep_each_rows_bits():
-    """invariance.silu and complex_mul_rows give each row the bits of its lone call at 3 threads, where torch's
+    """invariance.activation (silu) and complex_mul_rows give each row the bits of its lone call at 3 threads, where torch's
     own calls cut rows of odd width between threads (F.silu's scalar tail rounds otherwise)."""
     g = torch.Generator().manual_seed(1)
     before = torch.get_num_threads()
@@ -297,7 +297,7 @@ def test_silu_and_rotary_products_keep_each_rows_bits():
         alone_ab = torch.cat([a[i : i + 1] * b[i : i + 1] for i in range(len(a))])
         plain_varied = 0
         for t in (1100, 1101, 1102, 999, 500, 333, 7):
-            assert torch.equal(invariance.silu(gate[:t]), alone[:t]), t
+            assert torch.equal(invariance.activation(F.silu, gate[:t]), alone[:t]), t
             product = invariance.complex_mul_rows(a[:t], b[:t])
             assert torch.equal(torch.view_as_real(product), torch.view_as_real(alone_ab[:t])), t
             plain_varied += not torch.equal(F.silu(gate[:t]), alone[:t])
