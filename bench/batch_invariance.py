@@ -1,4 +1,4 @@
-"""Batch invariance (model/invariance.py) on a real model: what it costs, that it holds, and what it does to a lone
+"""Batch invariance (model/runtime/invariance.py) on a real model: what it costs, that it holds, and what it does to a lone
 sequence's parity with transformers. Two runners of the same checkpoint, the switch on and off, in one run.
 
 Parts (``--parts``, default all):

@@ -87,12 +87,12 @@ class Roofline:
     per token (the experts' work with no split into groups: what a perfectly balanced grouped matmul would cost).
 
     kernel "mkl": ``F.linear`` (MKL's sgemm, what transformers and our decoder layers run); "best": each matmul
-    shape timed with both MKL and oneDNN and the faster one counted (our lm_head runs on oneDNN, model/layers.py),
+    shape timed with both MKL and oneDNN and the faster one counted (our lm_head runs on oneDNN, model/layers/base.py),
     so a share against it cannot gain from a kernel choice."""
 
     def __init__(self, runner, kernel: str = "mkl") -> None:
         assert kernel in ("mkl", "best"), kernel
-        from model.moe import SparseMoeBlock
+        from model.layers.moe import SparseMoeBlock
 
         self.kernel = kernel
         m = runner.model
@@ -123,7 +123,7 @@ class Roofline:
     def __call__(self, tokens: int, rows: int) -> tuple[float, float]:
         seconds = self._time(F.linear, tokens, rows)
         if self.kernel == "best":
-            from model.layers import head_linear  # oneDNN for float32 on CPU (F.linear where it is unavailable)
+            from model.layers.base import head_linear  # oneDNN for float32 on CPU (F.linear where it is unavailable)
 
             seconds = min(seconds, self._time(head_linear, tokens, rows))
         flops = sum(2 * tokens * per_token * w.numel() for w, per_token in self.mats)

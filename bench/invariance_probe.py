@@ -1,5 +1,5 @@
 """Which of torch's CPU kernels give a row other bits depending on the rest of the call: the measurements behind
-model/invariance.py and docs/batch_invariance.md, to re-run on another machine or torch.
+model/runtime/invariance.py and docs/batch_invariance.md, to re-run on another machine or torch.
 
     python bench/invariance_probe.py [--threads 1,2,3,4,8,16]
         [--parts matmul,elementwise,reduction,attention,topk,allreduce]
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cpu_name  # noqa: E402
-from model.layers import head_linear  # noqa: E402
-from model.modules import _causal_sdpa  # noqa: E402
+from model.layers.base import head_linear  # noqa: E402
+from model.layers.modules import _causal_sdpa  # noqa: E402
 
 G = torch.Generator().manual_seed(0)
 

@@ -43,7 +43,7 @@ def bench_server(model: Path, repeats: int) -> dict[str, float]:
     import numpy as np
 
     rng = np.random.default_rng(0)
-    from model.config import ModelConfig
+    from model.families.config import ModelConfig
 
     vocab = ModelConfig.from_pretrained(model).vocab_size
     query = rng.integers(0, vocab, 300).tolist()
@@ -74,8 +74,8 @@ def bench_server(model: Path, repeats: int) -> dict[str, float]:
 def bench_runner(model: Path, repeats: int) -> dict[str, float]:
     import torch
 
-    from model.outputs import OutputSpec, ReturnLogits
-    from model.runner import ModelRunner
+    from model.runtime.outputs import OutputSpec, ReturnLogits
+    from model.runtime.runner import ModelRunner
     from service.packing import pack_ids
 
     runner = ModelRunner.load(model, device="cpu", dtype="float32")

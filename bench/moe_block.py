@@ -1,4 +1,4 @@
-"""Cost of the mixture-of-experts block (model/moe.py) against transformers' Qwen3-MoE block, in one run.
+"""Cost of the mixture-of-experts block (model/layers/moe.py) against transformers' Qwen3-MoE block, in one run.
 
 A tiny but wide random configuration (hidden 32, expert intermediate 1024, 4096 tokens): the cost should follow
 the experts chosen per token (top-k), not the number of experts. Systems, for 8 and 64 experts at top-2 and 64
@@ -9,7 +9,7 @@ at top-8:
 * hf eager: transformers' per-expert loop.
 
 One thread, CPU time of this process (robust to a busy machine), freed memory retained as the server does
-(model/memory.py), systems interleaved, fastest of the repeats.
+(model/runtime/memory.py), systems interleaved, fastest of the repeats.
 
     python bench/moe_block.py [--repeats 5] [--threads 1]
 """
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine  # noqa: E402
 from model.distributed import ParallelContext  # noqa: E402
-from model.memory import retain_freed_memory  # noqa: E402
-from model.moe import QWEN3_MOE_WEIGHTS, MoeConfig, SparseMoeBlock  # noqa: E402
+from model.runtime.memory import retain_freed_memory  # noqa: E402
+from model.layers.moe import QWEN3_MOE_WEIGHTS, MoeConfig, SparseMoeBlock  # noqa: E402
 
 HIDDEN, INTERMEDIATE, TOKENS = 32, 1024, 4096
 CASES = ((8, 2), (64, 2), (64, 8))

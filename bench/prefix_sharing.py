@@ -31,12 +31,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import model.layers as layers  # noqa: E402
+import model.layers.base as layers  # noqa: E402
 from bench.common import machine, model_path, start_server  # noqa: E402
 from model import ModelRunner, OutputSpec, ReturnLogits  # noqa: E402
-from model.attention_stable import BLOCK, BlockLayout, layout_of, prefix_stable_attention  # noqa: E402
-from model.modules import RaggedBatch, ragged_attention  # noqa: E402
-from model.prefix_sharing import SharedPrefixBatch  # noqa: E402
+from model.layers.attention_stable import BLOCK, BlockLayout, layout_of, prefix_stable_attention  # noqa: E402
+from model.layers.modules import RaggedBatch, ragged_attention  # noqa: E402
+from model.runtime.prefix_sharing import SharedPrefixBatch  # noqa: E402
 
 ACCURACY_LENGTHS = [5, 17, 37, 64, 100, 150, 191, 250, 300, 384, 450, 500]
 
@@ -82,7 +82,7 @@ def stable_variant(block: int, key_multiple: int = 0, softmax: str = "flash") ->
 
 VARIANTS: dict[str, tuple[str, Callable]] = {
     "current": ("current (one causal call per sequence: transformers' bits)", ragged_attention),
-    "stable64": ("prefix-stable, 64-row blocks (model/attention_stable.py)", prefix_stable_attention),
+    "stable64": ("prefix-stable, 64-row blocks (model/layers/attention_stable.py)", prefix_stable_attention),
     "stable32": ("prefix-stable, 32-row blocks", stable_variant(32)),
     "stable128": ("prefix-stable, 128-row blocks", stable_variant(128)),
     "stable64-keys512": ("prefix-stable, 64-row blocks, keys padded to a multiple of 512", stable_variant(64, 512)),
@@ -487,7 +487,7 @@ def shared_counter(url: str) -> float:
 def cmd_http(args) -> None:
     """Two servers of the model, --prefix-sharing off and on, the same workloads on each in interleaved rounds."""
     folder, name = model_path(args.model)
-    from model.config import ModelConfig
+    from model.families.config import ModelConfig
 
     vocab = ModelConfig.from_pretrained(folder).vocab_size
     requests = multiple_choice_requests(vocab, args.seed, args.contexts)

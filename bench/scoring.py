@@ -328,7 +328,7 @@ def main() -> None:
     import httpx
     import torch
 
-    from model.config import ModelConfig
+    from model.families.config import ModelConfig
 
     path, label = model_path(args.model)
     cfg = ModelConfig.from_pretrained(path)

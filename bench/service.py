@@ -43,8 +43,8 @@ def make_requests(n: int, seq_len: int, vocab: int) -> list[list[int]]:
 def in_process(model: str, requests, options: dict, max_batch_tokens: int) -> float:
     import torch
 
-    from model.outputs import OutputSpec, ReturnLogits
-    from model.runner import ModelRunner
+    from model.runtime.outputs import OutputSpec, ReturnLogits
+    from model.runtime.runner import ModelRunner
 
     torch.set_num_threads(os.cpu_count() or 1)
     runner = ModelRunner.load(model, device="cpu", dtype="float32")
@@ -99,7 +99,7 @@ def main() -> None:
         model = str(make_checkpoint(Path(tempfile.mkdtemp()) / "bench-llama", "llama", vocab_size=8192, hidden_size=256,
                                     intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=2,
                                     with_tokenizer=False, max_position_embeddings=4096))
-    from model.config import ModelConfig
+    from model.families.config import ModelConfig
 
     vocab = ModelConfig.from_pretrained(model).vocab_size
     requests = make_requests(args.requests, args.seq_len, vocab)

@@ -1,8 +1,8 @@
 """logitserve's model: a PyTorch re-creation of MAX's distributed transformer over ragged batches."""
 
-from .config import ModelConfig, UnsupportedModelError
-from .distributed import ParallelContext, init_process_group, launch_local
-from .distributed_transformer import (
+from model.families.config import ModelConfig, UnsupportedModelError
+from model.distributed import ParallelContext, init_process_group, launch_local
+from model.distributed_transformer import (
     DistributedLogitsPostprocessMixin,
     DistributedTransformer,
     DistributedTransformerBlock,
@@ -11,8 +11,8 @@ from .distributed_transformer import (
     forward_sharded_layers,
     take,
 )
-from .outputs import OutputSpec, ReturnHiddenStates, ReturnLogits, SequenceOutput
-from .runner import ModelRunner
+from model.runtime.outputs import OutputSpec, ReturnHiddenStates, ReturnLogits, SequenceOutput
+from model.runtime.runner import ModelRunner
 
 __all__ = [
     "DistributedLogitsPostprocessMixin",

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from .invariance import all_reduce_in_rank_order
+from model.runtime.invariance import all_reduce_in_rank_order
 
 @dataclass(frozen=True)
 class ParallelContext:
@@ -25,7 +25,7 @@ class ParallelContext:
     world_size: int = 1
     group: Any = None  # torch.distributed ProcessGroup, None when world_size == 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # Sum all-reduces in rank order (batch invariance with 3 or more ranks: model/invariance.py).
+    # Sum all-reduces in rank order (batch invariance with 3 or more ranks: model/runtime/invariance.py).
     sum_in_rank_order: bool = False
 
     @classmethod

@@ -14,7 +14,7 @@ per-device lists ``xs``         a sequence holding this rank's tensor (length 1)
 ``signal_buffers``, Allreduce   ``torch.distributed`` collectives on ``parallel.group`` (NCCL/gloo),
                                 issued inside ``RowParallelLinear`` and the vocab-parallel layers
 ``ShardingStrategy`` / shard()  each architecture's TP plan (module name -> colwise / rowwise / vocab
-                                style, model/architectures.py), applied by ``model/tp.py``
+                                style, model/families/architectures.py), applied by ``model/families/tp.py``
 ``*_shards`` of replicated      the replicated module itself (norms are replicated)
 norms
 ``VocabParallelEmbedding``,     ``layers.VocabParallelEmbedding``; ``VocabParallelLMHead`` whose
@@ -30,7 +30,7 @@ norms
 own rows and the offsets follow the real counts (MAX would read a neighbour's rows).
 
 The model's serving surface is vLLM's: ``trunk`` (tokens -> hidden states), ``compute_logits`` (hidden rows ->
-logits) and model/loader.py's ``load_checkpoint``. MAX's call and the serving path (model/runner.py) get their
+logits) and model/families/loader.py's ``load_checkpoint``. MAX's call and the serving path (model/runtime/runner.py) get their
 logits from the same function, ``hidden_to_logits``.
 """
 
@@ -43,12 +43,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .architectures import GLOBAL_ROPE
-from .distributed import ParallelContext
-from .layers import embedding_scale
-from .modules import RaggedBatch, classifier_rows
-from .outputs import ReturnHiddenStates, ReturnLogits
-from .rope import RotaryEmbedding
+from model.families.architectures import GLOBAL_ROPE
+from model.distributed import ParallelContext
+from model.layers.base import embedding_scale
+from model.layers.modules import RaggedBatch, classifier_rows
+from model.runtime.outputs import ReturnHiddenStates, ReturnLogits
+from model.layers.rope import RotaryEmbedding
 
 __all__ = [
     "DistributedLogitsPostprocessMixin",
@@ -273,7 +273,7 @@ class DistributedTransformerBlock(nn.Module):
 
 class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
     """Embedding, blocks, final norm and (vocab-parallel) lm_head over ragged inputs: ``trunk`` gives hidden
-    states, ``compute_logits`` their logits, ``forward`` MAX's call. model/loader.py builds one per architecture."""
+    states, ``compute_logits`` their logits, ``forward`` MAX's call. model/families/loader.py builds one per architecture."""
 
     def __init__(
         self,

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import ModelRunner, OutputSpec, ReturnLogits  # noqa: E402
 from service.packing import row_offsets  # noqa: E402
-from model import modules  # noqa: E402
+from model.layers import modules  # noqa: E402
 
 LLAMA_1B = dict(  # Llama 3.2 1B shapes
     vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.outputs import OutputSpec
+from model.runtime.outputs import OutputSpec
 
 from .budget import Reservation, ResultBudget
 from .errors import InternalError, NotReady, OutOfMemory, QueueFull, ServiceError

@@ -2,7 +2,7 @@
 workers' shared memory and the front end together.
 
 A request's result size is known before any forward runs: rows (from its OutputSpec) x elements per row (each
-output kind's `per_row`, `model.outputs.OUTPUT_KINDS`) x element size, laid out as the workers' result segment
+output kind's `per_row`, `model.runtime.outputs.OUTPUT_KINDS`) x element size, laid out as the workers' result segment
 lays it (`wire.py`, each tensor 64-byte aligned). The batcher reserves a request's bytes when it dispatches it and
 holds batches back while the budget is spent; the bytes come back when the response is fully sent, or at once
 when the request fails, times out or its client goes away (`Reservation.release`, idempotent).
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.outputs import OUTPUT_KINDS, OutputKind, OutputSpec, Rows
+from model.runtime.outputs import OUTPUT_KINDS, OutputKind, OutputSpec, Rows
 
 ALIGN = 64  # each tensor of a result segment starts on this boundary (wire.py)
 

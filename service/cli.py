@@ -121,7 +121,7 @@ def serve(settings) -> int:
     from service.app import create_app
 
     settings = settings.model_copy(update={"model": resolve_model(settings.model)})
-    from model.config import UnsupportedModelError
+    from model.families.config import UnsupportedModelError
     from service.rerankers import RerankerSetupError
 
     try:

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from model.outputs import OUTPUT_KINDS, Rows
+from model.runtime.outputs import OUTPUT_KINDS, Rows
 
 SAFETENSORS = "application/x-safetensors"
 
@@ -38,7 +38,7 @@ class LogitserveError(Exception):
         self.status, self.type, self.message, self.param = status, type, message, param
 
 
-# The outputs of one sequence: one field per output kind (model.outputs.OUTPUT_KINDS: positions [R] (hidden-state
+# The outputs of one sequence: one field per output kind (model.runtime.outputs.OUTPUT_KINDS: positions [R] (hidden-state
 # rows for /v1/hidden_states), logits [R, vocab], target_logprobs float32 [R] (NaN where there is no next token),
 # top_k_ids / top_k_logprobs [R, k], hidden_states [L, Rh, hidden], hidden_positions [Rh], ...); fields the request
 # did not ask for are None.

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from model.outputs import OutputSpec
+from model.runtime.outputs import OutputSpec
 
 from .batcher import Batcher, Work
 from .budget import Reservation, ResultBudget, ResultDims, format_bytes, result_bytes

@@ -1,5 +1,5 @@
 """Response bodies: JSON through orjson (numpy arrays serialized natively) and safetensors, both built from a
-`Scored` result by looping over the output kinds (`model.outputs.OUTPUT_KINDS`).
+`Scored` result by looping over the output kinds (`model.runtime.outputs.OUTPUT_KINDS`).
 
 Large bodies are never built whole: safetensors is sent from views of the workers' shared memory, and JSON is
 encoded row by row as it is sent (`iter_json`), with the socket's backpressure. A scored response releases its
@@ -19,7 +19,7 @@ import numpy as np
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from model.outputs import OUTPUT_KINDS, Rows
+from model.runtime.outputs import OUTPUT_KINDS, Rows
 
 from .engine import Scored
 from .packing import row_offsets

@@ -17,7 +17,7 @@ from .settings import Settings
 class ServedModel:
     checkpoint: str  # resolved folder
     name: str  # the id clients see (--served-model-name, else the folder's name)
-    config: object  # model.config.ModelConfig
+    config: object  # model.families.config.ModelConfig
     tokenizer: object | None  # tokenizers.Tokenizer, None without tokenizer.json; encodes as transformers' does
     max_seq_len: int
     chat_template: object | None = None  # service.chat.ChatTemplate, None when the checkpoint has none
@@ -30,8 +30,8 @@ class ServedModel:
 
     @classmethod
     def load(cls, settings: Settings) -> ServedModel:
-        from model.config import ModelConfig
-        from model.tokenizer import load_tokenizer
+        from model.families.config import ModelConfig
+        from model.families.tokenizer import load_tokenizer
 
         if not settings.model:
             raise ValueError("settings.model must name a checkpoint folder")

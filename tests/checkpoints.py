@@ -1,4 +1,4 @@
-"""Tiny random checkpoints made with transformers, keyed like model/architectures.py, for tests and benches."""
+"""Tiny random checkpoints made with transformers, keyed like model/families/architectures.py, for tests and benches."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def make_tokenizer(vocab_size: int = 300):
 
 @dataclass(frozen=True)
 class Recipe:
-    """A tiny checkpoint of one registered architecture (model.architectures.ARCHITECTURES): its config.json is
+    """A tiny checkpoint of one registered architecture (model.families.architectures.ARCHITECTURES): its config.json is
     transformers' config class of that architecture, with the shared tiny shape and these values."""
 
     architecture: str

@@ -21,7 +21,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from model.outputs import OutputSpec
+from model.runtime.outputs import OutputSpec
 
 from ..deps import Authorized, EngineDep, ServedDep, WorkersAccepting, json_body, request_body
 from ..errors import InvalidInput, UnsupportedOption

@@ -24,7 +24,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from model.outputs import OutputSpec, ReturnHiddenStates, ReturnLogits
+from model.runtime.outputs import OutputSpec, ReturnHiddenStates, ReturnLogits
 
 from ..deps import Authorized, EngineDep, ServedDep, SettingsDep, WorkersAccepting, json_body, request_body
 from ..errors import InvalidInput, UnsupportedOption

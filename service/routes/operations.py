@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import PlainTextResponse, Response
 
-from model import invariance
+from model.runtime import invariance
 
 from .. import __version__
 from ..deps import Authorized, EngineDep, MetricsDep, ServedDep, SettingsDep

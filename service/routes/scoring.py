@@ -7,7 +7,7 @@ import dataclasses
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from model.outputs import OutputSpec, Rows
+from model.runtime.outputs import OutputSpec, Rows
 
 from ..deps import Authorized, EngineDep, MetricsDep, ServedDep, WorkersAccepting, json_body, request_body
 from ..errors import InvalidInput, UnsupportedOption

@@ -71,9 +71,9 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
     de-duplication stops; with both switches off the attention is the one with transformers' bits."""
     import torch
 
-    from model import invariance
+    from model.runtime import invariance
     from model.distributed import destroy, init_process_group
-    from model.runner import ModelRunner
+    from model.runtime.runner import ModelRunner
 
     torch.set_num_threads(threads)
     if device.startswith("cuda") and ":" not in device:

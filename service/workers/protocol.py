@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.outputs import OutputSpec
+from model.runtime.outputs import OutputSpec
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 how the front end maps them back as numpy views.
 
 Each request's tensors are its sequences' outputs concatenated along their row dimension, one tensor per output
-kind (`model.outputs.OUTPUT_KINDS`), each 64-byte aligned. The front end maps each segment read-only and unlinks it
+kind (`model.runtime.outputs.OUTPUT_KINDS`), each 64-byte aligned. The front end maps each segment read-only and unlinks it
 at once: the mapping lives as long as the numpy views over it, and responses are serialized straight from them. One
 segment per request, so that a request's memory goes back when its own response is done (a slow reader holds only
 its own results), and its bytes in the results budget (`service.budget`) with it.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.outputs import OUTPUT_KINDS, Rows
+from model.runtime.outputs import OUTPUT_KINDS, Rows
 
 from ..packing import row_offsets
 from .protocol import BatchDone, RequestResult, RequestSpan, TensorSlot

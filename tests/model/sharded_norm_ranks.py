@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from model.config import ModelConfig
+from model.families.config import ModelConfig
 from model.distributed import ParallelContext
-from model.layers import Part, ShardedRMSNorm
-from model.tp import HeadLayout
+from model.layers.base import Part, ShardedRMSNorm
+from model.families.tp import HeadLayout
 
 
 def olmo2_qk_norm_rank(ctx: ParallelContext, cases):

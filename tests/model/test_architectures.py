@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from model.architectures import ARCHITECTURES, WeightNames
-from model.config import ModelConfig
+from model.families.architectures import ARCHITECTURES, WeightNames
+from model.families.config import ModelConfig
 from model.distributed import ParallelContext
-from model.loader import HEADS, MLPS, build_model
-from model.rope import RotaryEmbedding
-from model.tp import HeadLayout, shard_model
+from model.families.loader import HEADS, MLPS, build_model
+from model.layers.rope import RotaryEmbedding
+from model.families.tp import HeadLayout, shard_model
 from tests.checkpoints import RECIPES
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.modules import QUERY_BLOCK, RaggedBatch, query_cuts, ragged_attention
+from model.layers.modules import QUERY_BLOCK, RaggedBatch, query_cuts, ragged_attention
 
 HQ, HKV, D = 4, 2, 8
 

@@ -1,4 +1,4 @@
-"""Batch invariance (model/invariance.py): with the switch on, every output of a sequence is the same bits whether it
+"""Batch invariance (model/runtime/invariance.py): with the switch on, every output of a sequence is the same bits whether it
 runs alone, in any batch, at any position in the batch; at 1, 2 and 3 threads, and within tp 2 and tp 3.
 
 The checkpoints have odd widths (intermediate 101, vocabulary 301, head_dim 24) so that torch's element-wise
@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ModelRunner, OutputSpec, ReturnHiddenStates, ReturnLogits, invariance, launch_local
-from model.layers import gelu_tanh, head_linear
+from model import ModelRunner, OutputSpec, ReturnHiddenStates, ReturnLogits, launch_local
+from model.runtime import invariance
+from model.layers.base import gelu_tanh, head_linear
 from tests.checkpoints import load_reference, make_checkpoint
 from tests.model.helpers import pack, ragged, reference
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from model.config import ModelConfig, RopeConfig, UnsupportedModelError
+from model.families.config import ModelConfig, RopeConfig, UnsupportedModelError
 
 BASE = {
     "architectures": ["LlamaForCausalLM"],

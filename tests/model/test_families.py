@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from model import ModelRunner, OutputSpec, ReturnHiddenStates, ReturnLogits, UnsupportedModelError, launch_local
-from model.architectures import ARCHITECTURES
-from model.config import SUPPORTED_ROPE_TYPES, ModelConfig
+from model.families.architectures import ARCHITECTURES
+from model.families.config import SUPPORTED_ROPE_TYPES, ModelConfig
 from tests.checkpoints import CLASSIFIER_PAD, RECIPES, load_reference
 from tests.model.helpers import ragged
 from tests.model.test_tensor_parallel import SPEC, assert_same, run_cases

@@ -27,11 +27,11 @@ from transformers.models.olmo2 import modeling_olmo2 as olmo2
 from transformers.models.phi3 import modeling_phi3 as phi3
 from transformers.models.smollm3 import modeling_smollm3 as smollm3
 
-import model.modules as modules
-from model import family_fields as ff
-from model.config import ModelConfig, RopeConfig, UnsupportedModelError
+import model.layers.modules as modules
+from model.families import family_fields as ff
+from model.families.config import ModelConfig, RopeConfig, UnsupportedModelError
 from model.distributed import ParallelContext, launch_local
-from model.layers import (
+from model.layers.base import (
     ColumnParallelLinear,
     ACTIVATIONS,
     Part,
@@ -39,15 +39,15 @@ from model.layers import (
     UpcastRMSNorm,
     embedding_scale,
 )
-from model.modules import MLP, RaggedBatch, classifier_rows, eager_attention, ragged_attention, rotate
-from model.rope import (
+from model.layers.modules import MLP, RaggedBatch, classifier_rows, eager_attention, ragged_attention, rotate
+from model.layers.rope import (
     LongRope,
     LongRopeEmbedding,
     RotaryEmbedding,
     apply_partial_rotary,
     rope_configs_by_layer_type,
 )
-from model.weights import CheckpointReader
+from model.families.weights import CheckpointReader
 from tests.model.sharded_norm_ranks import olmo2_qk_norm_rank
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from model.layers import _ONEDNN_LINEAR, RMSNorm, head_linear
+from model.layers.base import _ONEDNN_LINEAR, RMSNorm, head_linear
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (7, 576), (300, 96), (2, 5, 48)])

@@ -6,7 +6,7 @@ import platform
 import pytest
 import torch
 
-from model.memory import retain_freed_memory
+from model.runtime.memory import retain_freed_memory
 
 
 def resident_bytes() -> int:

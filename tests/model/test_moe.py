@@ -1,4 +1,4 @@
-"""Mixture of experts (model/moe.py) and the Mixtral / Qwen3-MoE entries of the registry: transformers 5's bits,
+"""Mixture of experts (model/layers/moe.py) and the Mixtral / Qwen3-MoE entries of the registry: transformers 5's bits,
 tensor parallelism, batch invariance, cost. Whole-model parity for every recipe is in test_parity.py."""
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import model.moe as moe
+import model.layers.moe as moe
 from model import ModelRunner, OutputSpec, ReturnHiddenStates, ReturnLogits, launch_local
-from model.architectures import ARCHITECTURES
-from model.config import ModelConfig, UnsupportedModelError
+from model.families.architectures import ARCHITECTURES
+from model.families.config import ModelConfig, UnsupportedModelError
 from model.distributed import ParallelContext
-from model.memory import retain_freed_memory
-from model.moe import QWEN3_MOE_WEIGHTS, MoeConfig, SparseMoeBlock
-from model.weights import CheckpointReader
+from model.runtime.memory import retain_freed_memory
+from model.families.moe_config import QWEN3_MOE_WEIGHTS, MoeConfig
+from model.layers.moe import SparseMoeBlock
+from model.families.weights import CheckpointReader
 from tests.checkpoints import RECIPES, load_reference, make_checkpoint
 from tests.model.helpers import ragged, reference
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import ModelRunner, OutputSpec, ReturnHiddenStates, ReturnLogits
-from model.architectures import ARCHITECTURES
+from model.families.architectures import ARCHITECTURES
 from tests.checkpoints import RECIPES, load_reference, make_checkpoint
 from tests.model.helpers import ragged, reference
 
@@ -115,7 +115,7 @@ def test_float32_decoder_has_transformers_bits(arch, checkpoint_factory):
     """On CPU in float32 a sequence's hidden states are transformers' bit for bit (a 300-token one too, where half
     precision cuts attention into query blocks). A real model amplifies any other summation order through its
     layers: SmolLM2-135M's logits then drift past 1e-4 (tests/service/test_default_model). Only the lm_head runs
-    another kernel (model.layers.head_linear).
+    another kernel (model.layers.base.head_linear).
 
     One sequence per call, of more than one token: a packed batch runs a short sequence's rows through the
     matmuls of the whole batch, and one row takes a matrix-vector kernel whose rounding follows the weight's address
@@ -124,7 +124,7 @@ def test_float32_decoder_has_transformers_bits(arch, checkpoint_factory):
     rows of odd widths, so silu of the fused gate|up output's gate half would differ from silu of transformers'
     separate gate output for a width of 112.
 
-    Batch invariance (the CPU default) runs every matmul on whole groups of 4 rows (model/invariance.py), which are
+    Batch invariance (the CPU default) runs every matmul on whole groups of 4 rows (model/runtime/invariance.py), which are
     transformers' bits where transformers' own call is whole groups too (300 tokens; MKL gives a short call's last
     n % 4 rows other bits, see tests/model/test_batch_invariance.py): the plain path is held to transformers' bits
     on every length, the invariant one on 300 tokens."""

@@ -12,7 +12,7 @@ from model import (
     forward_sharded_layers,
     take,
 )
-from model import invariance
+from model.runtime import invariance
 from tests.checkpoints import load_reference
 from tests.model.helpers import ragged, reference
 
@@ -186,7 +186,7 @@ def test_blocks_past_the_deepest_output_are_skipped_and_the_last_one_runs_on_nee
         monkeypatch.setattr(layer.mlp, "forward", lambda x, i=i, f=original: rows_seen.setdefault(i, []).append(x.shape[0]) or f(x))
     seqs, ids, offsets = ragged([9, 5, 12], runner.config.vocab_size, seed=7)
     last = len(layers) - 1
-    # batch invariance runs every matmul on whole groups of rows (model/invariance.py)
+    # batch invariance runs every matmul on whole groups of rows (model/runtime/invariance.py)
     rows = invariance.padded_count if runner.batch_invariant else (lambda n: n)
 
     outs = runner.run(ids, offsets, [OutputSpec(), OutputSpec(logits=False, top_k=2), OutputSpec()])
@@ -226,7 +226,7 @@ def test_scores_logsumexp_without_shift_falls_back_on_extreme_rows(llama, monkey
     rows_h = torch.arange(6.0)[:, None]
     targets = torch.tensor([3, 5, 9, 7, 11, -1])
     got = runner.scores(rows_h, targets, top_k=3)
-    # under batch invariance the redone rows come in whole groups too (model/invariance.py)
+    # under batch invariance the redone rows come in whole groups too (model/runtime/invariance.py)
     assert redone == [list(range(6)), invariance.pad_rows([1, 2, 3]) if runner.batch_invariant else [1, 2, 3]]
     logprobs = torch.log_softmax(table.double(), dim=-1)
     expected = logprobs.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
@@ -286,7 +286,7 @@ def test_new_scores_on_extreme_rows_use_the_shifted_fallback(llama, monkeypatch)
     table[1] += 95.0
     table[2] -= 200.0
     monkeypatch.setattr(runner.scores, "compute_logits", lambda rows_h: table[rows_h[:, 0].long()].clone())
-    from model.scores import ScoreAsk
+    from model.runtime.scores import ScoreAsk
 
     vocab_ids = torch.tensor([[5, 999, -1]] * 4)
     targets = torch.tensor([3, 5, 9, -1])

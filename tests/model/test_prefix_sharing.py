@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from model import ModelRunner, OutputSpec, ReturnHiddenStates, ReturnLogits, launch_local
-from model.attention_stable import BLOCK, prefix_stable_attention
-from model.modules import ragged_attention
-from model.prefix_sharing import can_share, supports_sharing
+from model.layers.attention_stable import BLOCK, prefix_stable_attention
+from model.layers.modules import ragged_attention
+from model.runtime.prefix_sharing import can_share, supports_sharing
 from service.packing import pack_ids
 from tests.checkpoints import make_checkpoint
 
@@ -63,7 +63,7 @@ def run(runner: ModelRunner, seqs: list[list[int]], spec: OutputSpec):
 
 def on_off_alone(runner: ModelRunner, seqs: list[list[int]], spec: OutputSpec):
     """(outputs with sharing on, with it off, each sequence alone (sharing on), tokens not recomputed). The runner
-    is batch-invariant (the CPU default: every matmul on whole groups of 4 rows, model/invariance.py), without which
+    is batch-invariant (the CPU default: every matmul on whole groups of 4 rows, model/runtime/invariance.py), without which
     a sequence alone runs other matmul shapes than in a batch, shared or not."""
     assert runner.batch_invariant
     before = runner.prefix_shared_tokens

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from model import ModelRunner
-from model import attention_stable
-from model.attention_stable import BLOCK, BlockLayout, prefix_stable_attention
-from model.modules import RaggedBatch
-from model.prefix_sharing import ROW_MULTIPLE, SharedPrefixBatch, can_share, shared_trunk, use_prefix_stable_attention
+from model.layers import attention_stable
+from model.layers.attention_stable import BLOCK, BlockLayout, prefix_stable_attention
+from model.layers.modules import RaggedBatch
+from model.runtime.prefix_sharing import ROW_MULTIPLE, SharedPrefixBatch, can_share, shared_trunk, use_prefix_stable_attention
 
 HQ, HKV, D = 4, 2, 16
 CPU = torch.device("cpu")

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from model import ModelRunner, OutputSpec, ReturnLogits
-from model.rope import apply_rotary, apply_rotary_pairs, pair_order, to_pair_order
+from model.layers.rope import apply_rotary, apply_rotary_pairs, pair_order, to_pair_order
 from tests.model.helpers import ragged
 
 

@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import ModelRunner, OutputSpec, ReturnHiddenStates, ReturnLogits, launch_local
-from model.architectures import ARCHITECTURES
-from model.tp import HeadLayout
-from model.config import ModelConfig
+from model.families.architectures import ARCHITECTURES
+from model.families.tp import HeadLayout
+from model.families.config import ModelConfig
 from tests.checkpoints import RECIPES, make_checkpoint
 from tests.model.helpers import ragged
 

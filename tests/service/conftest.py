@@ -114,7 +114,7 @@ def start_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference_runner(tiny_checkpoint):
     """The model run in-process by the same runner the workers use: exact reference values."""
-    from model.runner import ModelRunner
+    from model.runtime.runner import ModelRunner
 
     return ModelRunner.load(tiny_checkpoint, device="cpu", dtype="float32")
 
@@ -135,6 +135,6 @@ def checkpoint(checkpoint_factory):
 @pytest.fixture(scope="session")
 def runner(checkpoint):
     """`checkpoint` run in-process by the workers' runner: the reference for answers under faults."""
-    from model.runner import ModelRunner
+    from model.runtime.runner import ModelRunner
 
     return ModelRunner.load(checkpoint, device="cpu", dtype="float32")

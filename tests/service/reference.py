@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from model.outputs import OutputSpec, ReturnHiddenStates, ReturnLogits
+from model.runtime.outputs import OutputSpec, ReturnHiddenStates, ReturnLogits
 from service.packing import pack_ids
 
 LOGIT_FIELDS = ("return_logits", "return_n_logits", "logits", "target_logprobs", "top_k", "return_hidden_states")

@@ -63,7 +63,7 @@ def test_json_and_binary_agree_and_dtypes(client, server):
 
 @pytest.mark.parametrize("binary", [True, False], ids=["safetensors", "json"])
 def test_hidden_states(server, reference_runner, binary):
-    from model.outputs import OutputSpec, ReturnHiddenStates
+    from model.runtime.outputs import OutputSpec, ReturnHiddenStates
 
     with Client(server.url, api_key=API_KEY, tensors="pt") as c:
         res = c.hidden_states(input_ids=SEQS, return_hidden_states="all", layers=[0, -1], binary=binary)

@@ -86,7 +86,7 @@ def test_convert_gguf_matches_transformers(hf_llama, tmp_path, qtype):
     assert ours == theirs
 
     # The project's own config reader accepts the converted config (rope under rope_parameters or not).
-    from model.config import ModelConfig
+    from model.families.config import ModelConfig
 
     mc = ModelConfig.from_pretrained(out)
     assert mc.vocab_size == config["vocab_size"]

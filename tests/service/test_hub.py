@@ -141,7 +141,7 @@ def test_sharded_checkpoint_fetches_the_index_and_its_shards(hub, tmp_path):
     assert (snapshot / "model.safetensors.index.json").is_file()
     assert not (snapshot / "consolidated.safetensors").exists()
 
-    from model.weights import CheckpointReader  # the loader reads exactly what was fetched
+    from model.families.weights import CheckpointReader  # the loader reads exactly what was fetched
 
     with CheckpointReader(snapshot) as reader:
         index = json.loads((snapshot / "model.safetensors.index.json").read_text())["weight_map"]

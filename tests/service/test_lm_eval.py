@@ -30,7 +30,7 @@ def server(start_server, tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_checkpoint):
-    from model.tokenizer import load_tokenizer
+    from model.families.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_checkpoint)
 

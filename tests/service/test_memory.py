@@ -17,7 +17,7 @@ import orjson
 import pytest
 import torch
 
-from model.outputs import OutputSpec
+from model.runtime.outputs import OutputSpec
 from service import responses
 from service.batcher import Batcher, Work
 from service.budget import ResultBudget, ResultDims, result_bytes
@@ -45,7 +45,7 @@ SPECS = [
 def test_result_bytes_is_what_the_worker_writes(spec, reference_runner, tiny_checkpoint):
     """The size the batcher reserves before dispatch is the size of the request's shared-memory segment, from the
     output kinds table alone."""
-    from model.config import ModelConfig
+    from model.families.config import ModelConfig
     from service.packing import pack_ids
 
     lengths = [3, 7, 2]

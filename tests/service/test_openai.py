@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.outputs import OutputSpec, ReturnHiddenStates, ReturnLogits
+from model.runtime.outputs import OutputSpec, ReturnHiddenStates, ReturnLogits
 from tests.service.reference import run
 from tests.service.shared_servers import API_KEY, shared_server
 
@@ -33,7 +33,7 @@ def sdk(server):
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_checkpoint):
-    from model.tokenizer import load_tokenizer
+    from model.families.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_checkpoint)
 

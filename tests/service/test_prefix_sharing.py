@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 
-from model.outputs import OUTPUT_KINDS
+from model.runtime.outputs import OUTPUT_KINDS
 
 SHARED = "logitserve_prefix_shared_tokens_total"
 # Every output kind on every row (the server is batch-invariant, the CPU default: alone and batched run their

@@ -8,7 +8,7 @@ import numpy as np
 import orjson
 import pytest
 
-from model.outputs import OUTPUT_KINDS, OutputKind, Rows
+from model.runtime.outputs import OUTPUT_KINDS, OutputKind, Rows
 from service import client, responses
 from service.engine import Scored
 from service.inputs import PackedInputs

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .modules import RaggedBatch
+from model.layers.modules import RaggedBatch
 
 # Query rows per block. Every block is one flash call of BLOCK query rows (the kernel walks them in 32-row slices
 # against key chunks of 512). 64 is the kernel's own block for 192-767-token calls; other sizes were measured no
@@ -78,7 +78,7 @@ class BlockLayout:
     of two (``BufferGroup``) and of at most ``MAX_GROUP_SLOTS`` slots: one group per batch would make a batch of one
     long and many short sequences pay the long one's length for every short one, and would hold the whole batch's
     padded copy of q/k/v at once. The rows are those of q/k/v: the packed tokens of a plain batch, or the
-    de-duplicated rows of a shared-prefix batch (model/prefix_sharing.py), where several slots hold the same row."""
+    de-duplicated rows of a shared-prefix batch (model/runtime/prefix_sharing.py), where several slots hold the same row."""
 
     num_rows: int  # T: rows of q, k, v and of the output
     groups: tuple[BufferGroup, ...]
@@ -210,7 +210,7 @@ def mask_cache_bytes() -> int:
 
 def layout_of(batch) -> BlockLayout:
     """The BlockLayout of what Attention.forward passes on as `batch`: a RaggedBatch, or an object that carries its
-    layout (model.prefix_sharing.SharedPrefixBatch)."""
+    layout (model.runtime.prefix_sharing.SharedPrefixBatch)."""
     layout = getattr(batch, "block_layout", None)
     return layout if layout is not None else BlockLayout.for_ragged(batch)
 

@@ -1,7 +1,7 @@
 """The configuration every supported decoder shares, built from a Hugging Face ``config.json``.
 
 ``ModelConfig.from_hf_config`` reads the fields every family names alike; the entry of its ``architectures[0]``
-(model/architectures.py) reads what that family adds (its ``ArchitectureFields``: biases, q/k norm, sliding
+(model/families/architectures.py) reads what that family adds (its ``ArchitectureFields``: biases, q/k norm, sliding
 windows, multipliers...). Fields read from the checkpoint are stored as they are; derived values (``q_size``,
 ``attention_scale``...) are properties, so nothing read from the checkpoint is ever silently overwritten.
 """
@@ -14,10 +14,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from . import family_fields
-from .architectures import ARCHITECTURES, GLOBAL_ROPE, LOCAL_ROPE, NORM_PLACEMENTS, ArchitectureFields
-from .errors import UnsupportedModelError
-from .layers import ACTIVATIONS
+from model.families import family_fields
+from model.families.architectures import ARCHITECTURES, GLOBAL_ROPE, LOCAL_ROPE, NORM_PLACEMENTS, ArchitectureFields
+from model.errors import UnsupportedModelError
+from model.layers.base import ACTIVATIONS
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 # Rope types a family reads its own way (ArchitectureFields.rope_parameters), with the architectures that do.

@@ -1,7 +1,7 @@
 """The serving path: one forward of the trunk for a ragged batch whose sequences each ask for different outputs.
 
 The final norm and lm_head run only on rows some sequence needs (``DistributedTransformer.compute_logits``).
-Target log-probabilities and ranks, top-k, log-probabilities at chosen ids and entropy are reduced on the device from the vocab-parallel logits (model/scores.py);
+Target log-probabilities and ranks, top-k, log-probabilities at chosen ids and entropy are reduced on the device from the vocab-parallel logits (model/runtime/scores.py);
 full rows are gathered across ranks only for sequences that asked for full logits.
 """
 
@@ -13,16 +13,16 @@ from pathlib import Path
 
 import torch
 
-from . import invariance
-from .config import ModelConfig
-from .distributed import ParallelContext
-from .distributed_transformer import DistributedTransformer
-from .loader import load_model
-from .memory import retain_freed_memory
-from .modules import RaggedBatch, classifier_rows
-from .outputs import OutputSpec, ReturnLogits, SequenceOutput
-from .prefix_sharing import can_share, enable_prefix_sharing, shared_trunk
-from .scores import RowScores, ScoreAsk, ScoreReducer
+from model.runtime import invariance
+from model.families.config import ModelConfig
+from model.distributed import ParallelContext
+from model.distributed_transformer import DistributedTransformer
+from model.families.loader import load_model
+from model.runtime.memory import retain_freed_memory
+from model.layers.modules import RaggedBatch, classifier_rows
+from model.runtime.outputs import OutputSpec, ReturnLogits, SequenceOutput
+from model.runtime.prefix_sharing import can_share, enable_prefix_sharing, shared_trunk
+from model.runtime.scores import RowScores, ScoreAsk, ScoreReducer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,11 +71,11 @@ class ModelRunner:
         self.config = config
         self.parallel = parallel
         self.dtype = dtype
-        # A sequence's outputs are the same bits whatever shares its batch (model/invariance.py): every matmul of
+        # A sequence's outputs are the same bits whatever shares its batch (model/runtime/invariance.py): every matmul of
         # run() gets a multiple of invariance.ROW_MULTIPLE rows.
         self.batch_invariant = batch_invariant
         self.row_multiple = invariance.ROW_MULTIPLE if batch_invariant else 1
-        # Shared prefixes computed once (model/prefix_sharing.py): in force where the model's attention is
+        # Shared prefixes computed once (model/runtime/prefix_sharing.py): in force where the model's attention is
         # prefix-stable (ModelRunner.load's prefix_sharing); the count of token rows not recomputed so far.
         self._prefix_sharing = can_share(model)
         self.prefix_shared_tokens = 0
@@ -100,14 +100,14 @@ class ModelRunner:
         prefix_sharing: bool | None = None,
         **model_kwargs,
     ) -> ModelRunner:
-        """retain_memory: on CPU, keep freed activations in the process for the next batch (see model/memory.py:
+        """retain_memory: on CPU, keep freed activations in the process for the next batch (see model/runtime/memory.py:
         no page faults on fresh memory per batch, at the price of holding the peak working set).
 
         batch_invariant: every output of a sequence is the same bits whatever else shares its batch and wherever it
-        sits there (model/invariance.py); None: on for the CPU, off for CUDA, where True is refused.
+        sits there (model/runtime/invariance.py); None: on for the CPU, off for CUDA, where True is refused.
 
         prefix_sharing: sequences of a batch that start with the same tokens compute them once, every sequence on
-        prefix-stable attention (model/prefix_sharing.py); None: wherever the model supports it (CPU, SDPA
+        prefix-stable attention (model/runtime/prefix_sharing.py); None: wherever the model supports it (CPU, SDPA
         attention, rotary by position); False keeps the attention with transformers' bits."""
         config = ModelConfig.from_pretrained(checkpoint)
         parallel = parallel or ParallelContext.single(device)
@@ -201,7 +201,7 @@ class ModelRunner:
 
     # Rows per chunk when no full logits are wanted: one [chunk, vocab] float32 block (100 MB for a 49k vocabulary)
     # at a time, instead of a [R, vocab] tensor and its temporaries (GBs for long batches); the allocator keeps the
-    # freed block for the next chunk (model/memory.py). 512 rows keep the lm_head matmul efficient (the weight is
+    # freed block for the next chunk (model/runtime/memory.py). 512 rows keep the lm_head matmul efficient (the weight is
     # re-read once per chunk).
     SCORE_CHUNK_ROWS = 512
 

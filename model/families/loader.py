@@ -1,5 +1,5 @@
-"""Assembly and loading: an architecture's model (model/architectures.py) built on the meta device, sharded by its
-TP plan (model/tp.py), then filled from this rank's slices of the safetensors files."""
+"""Assembly and loading: an architecture's model (model/families/architectures.py) built on the meta device, sharded by its
+TP plan (model/families/tp.py), then filled from this rank's slices of the safetensors files."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .architectures import ARCHITECTURES, WeightNames
-from .config import ModelConfig
-from .distributed import ParallelContext
-from .distributed_transformer import NORM_SLOTS, DistributedTransformer, DistributedTransformerBlock
-from .layers import ACTIVATIONS, ColumnParallelLinear, Part, ShardedRMSNorm
-from .modules import MLP, Attention, make_norm
-from .moe import SparseMoeBlock
-from .rope import RotaryEmbedding, build_ropes
-from .tp import HeadLayout, shard_model
-from .weights import CheckpointReader
+from model.families.architectures import ARCHITECTURES, WeightNames
+from model.families.config import ModelConfig
+from model.distributed import ParallelContext
+from model.distributed_transformer import NORM_SLOTS, DistributedTransformer, DistributedTransformerBlock
+from model.layers.base import ACTIVATIONS, ColumnParallelLinear, Part, ShardedRMSNorm
+from model.layers.modules import MLP, Attention, make_norm
+from model.layers.moe import SparseMoeBlock
+from model.layers.rope import RotaryEmbedding, build_ropes
+from model.families.tp import HeadLayout, shard_model
+from model.families.weights import CheckpointReader
 
 
 def gated_mlp(config: ModelConfig, layer_idx: int, parallel: ParallelContext) -> nn.Module:

@@ -1,8 +1,8 @@
 """Tensor parallelism as a plan applied to the plain model: which heads each rank holds, and the sharded layers.
 
-The plan (torchtitan style; each architecture's is in model/architectures.py) names each sharded module by a path
+The plan (torchtitan style; each architecture's is in model/families/architectures.py) names each sharded module by a path
 pattern and gives its style. ``shard_model`` swaps the plain ``nn.Linear`` / ``nn.Embedding`` for sharded layers
-allocated at shard size (on the meta device, so nothing is allocated twice); model/loader.py then fills them from
+allocated at shard size (on the meta device, so nothing is allocated twice); model/families/loader.py then fills them from
 this rank's slices of the checkpoint. At tp=1 the same path runs with one shard. Shard sizes follow the plain
 modules' shapes, so a style serves every module of its kind (an MoE family's experts too).
 
@@ -19,9 +19,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .distributed import ParallelContext, split_evenly
-from .layers import ColumnParallelLinear, Part, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
+from model.families.config import ModelConfig
+from model.distributed import ParallelContext, split_evenly
+from model.layers.base import ColumnParallelLinear, Part, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
 
 
 class HeadLayout:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import UnsupportedModelError
+from model.errors import UnsupportedModelError
 
 GEMMA = "GemmaForCausalLM"
 GEMMA2 = "Gemma2ForCausalLM"

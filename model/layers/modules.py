@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import invariance
-from .config import ModelConfig
-from .layers import RMSNorm, UpcastRMSNorm, gelu_tanh
-from .rope import apply_partial_rotary, apply_rotary, apply_rotary_pairs, to_pair_order
+from model.runtime import invariance
+from model.families.config import ModelConfig
+from model.layers.base import RMSNorm, UpcastRMSNorm, gelu_tanh
+from model.layers.rope import apply_partial_rotary, apply_rotary, apply_rotary_pairs, to_pair_order
 
 _flash_adapter = None
 
@@ -333,7 +333,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, intermediate] each
-        # invariance.activation: each row's bits as the row has them alone (model/invariance.py)
+        # invariance.activation: each row's bits as the row has them alone (model/runtime/invariance.py)
         activated = invariance.activation(self.act, gate, per_thread_grain=self.act is gelu_tanh)
         return self.down_proj(activated.mul_(up))  # in place: one [T, intermediate] buffer fewer
 

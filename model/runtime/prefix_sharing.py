@@ -3,7 +3,7 @@
 A token row's hidden states depend only on its own token, its position and the rows before it in its sequence.
 Two sequences with a common prefix therefore have the same prefix rows, provided every operation gives a row the
 same bits whatever else is computed beside it: the row-wise ones (projections, norms, MLP) under batch-invariant
-matmuls, and attention when it is prefix-stable (model/attention_stable.py). Then the batch is de-duplicated
+matmuls, and attention when it is prefix-stable (model/layers/attention_stable.py). Then the batch is de-duplicated
 into one row per distinct (prefix, token) -- the nodes of the batch's token trie -- the row-wise layers run on those
 rows once, and attention gathers each sequence's rows from them, computing a query block only where the sequence
 has rows of its own. The results are the same bits as without sharing and as each sequence alone
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .attention_stable import BLOCK, BlockLayout, prefix_stable_attention
-from .invariance import ROW_MULTIPLE, padded_count
-from .modules import RaggedBatch, ragged_attention
-from .rope import LongRopeEmbedding, RotaryEmbedding
+from model.layers.attention_stable import BLOCK, BlockLayout, prefix_stable_attention
+from model.runtime.invariance import ROW_MULTIPLE, padded_count
+from model.layers.modules import RaggedBatch, ragged_attention
+from model.layers.rope import LongRopeEmbedding, RotaryEmbedding
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:

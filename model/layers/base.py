@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import ParallelContext, split_evenly
-from .weights import CheckpointReader
+from model.distributed import ParallelContext, split_evenly
+from model.families.weights import CheckpointReader
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from .architectures import GLOBAL_ROPE, LOCAL_ROPE, gemma3_rope_parameters, phi3_rope_parameters
-from .config import ModelConfig, RopeConfig
-from .invariance import complex_mul_rows
+from model.families.architectures import GLOBAL_ROPE, LOCAL_ROPE, gemma3_rope_parameters, phi3_rope_parameters
+from model.families.config import ModelConfig, RopeConfig
+from model.runtime.invariance import complex_mul_rows
 
 
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ forward pass of the trunk serves them all.
 ``OUTPUT_KINDS`` declares every output tensor once: its name (the ``SequenceOutput`` field, the safetensors tensor,
 the client's attribute), which rows it has, its element type on the wire, how sequences concatenate and where the
 JSON response puts it. The worker's packing, both response encoders and the Python client loop over it, so a new
-output is one row here, the reducer that computes it (``model/runner.py``) and the request field that asks for it.
+output is one row here, the reducer that computes it (``model/runtime/runner.py``) and the request field that asks for it.
 """
 
 from __future__ import annotations

@@ -2,14 +2,14 @@
 
 An entry says which config.json keys the family reads beyond the shared ones (``read``, into the
 ``ArchitectureFields`` of its ``ModelConfig``), how its checkpoint names our modules' tensors (``weights``), how
-tensor parallelism shards them (``tp_plan``), and which kind of MLP and head it is built with (model/loader.py
-builds each kind). Everything an entry does not name is shared: model/config.py reads the common fields,
-model/loader.py assembles and loads any entry's model. A new family is one entry here plus what is genuinely new
+tensor parallelism shards them (``tp_plan``), and which kind of MLP and head it is built with (model/families/loader.py
+builds each kind). Everything an entry does not name is shared: model/families/config.py reads the common fields,
+model/families/loader.py assembles and loads any entry's model. A new family is one entry here plus what is genuinely new
 (a field, a module kind, a TP style), and a tiny checkpoint recipe in tests/checkpoints.py (a test requires one
 for every entry).
 
 This module is plain data and config.json reading: everything else imports it, it imports nothing of the model but
-model/family_fields.py (how transformers reads each family's config.json).
+model/families/family_fields.py (how transformers reads each family's config.json).
 """
 
 from __future__ import annotations
@@ -17,17 +17,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .moe import MoeConfig
-
-from . import family_fields as ff
+from model.families import family_fields as ff
+from model.families.moe_config import MoeConfig
 
 HFConfig = Mapping[str, Any]  # a parsed config.json
 
 # Where a block puts its norms: "pre" (Llama: before attention and before the MLP), "sandwich" (Gemma 2 and 3:
-# before and after each), "post" (OLMo 2: after each, none before). model/loader.py builds them by NORM_SLOTS.
+# before and after each), "post" (OLMo 2: after each, none before). model/families/loader.py builds them by NORM_SLOTS.
 NORM_PLACEMENTS = ("pre", "sandwich", "post")
 # The rope table a layer rotates q and k with: "global", "local" (Gemma 3's sliding layers) or None (no rotary).
 GLOBAL_ROPE, LOCAL_ROPE = "global", "local"
@@ -257,9 +255,6 @@ def read_smollm3(hf: HFConfig) -> ArchitectureFields:
 
 
 def _moe_config(hf: HFConfig) -> MoeConfig:
-    # Imported here: model/moe.py imports model/config.py, which imports this module.
-    from .moe import MoeConfig
-
     return MoeConfig.from_hf_config(dict(hf))
 
 
@@ -310,7 +305,7 @@ class WeightNames:
         return self.fused.get(module_path.rpartition(".")[2], ())
 
 
-# Module path pattern -> sharding style (model/tp.py implements the styles); unnamed modules are replicated.
+# Module path pattern -> sharding style (model/families/tp.py implements the styles); unnamed modules are replicated.
 # An MoE family's sparse layers (loader.MLPS["moe"]) are built at shard size and match no pattern here; its dense
 # layers (mlp_only_layers) are sharded as any dense MLP.
 DECODER_TP_PLAN: Mapping[str, str] = {

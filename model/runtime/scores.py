@@ -17,8 +17,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.distributed as dist
 
-from . import invariance
-from .distributed import ParallelContext
+from model.runtime import invariance
+from model.distributed import ParallelContext
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class ScoreReducer:
     A row's scores do not depend on the other rows of the chunk: one log-sum-exp formula whether the caller keeps
     the logits or not, and top-k as each row's own k gives it (`ScoreAsk.row_top_k`). `row_multiple`: the rows of
     an lm_head call this reducer makes itself (the log-sum-exp's redo) are padded to a multiple of it (batch
-    invariance: model/invariance.py)."""
+    invariance: model/runtime/invariance.py)."""
 
     def __init__(
         self,
