@@ -38,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP server")
     for name, field in Settings.flags().items():
         default = "" if field.default is None else f" (default: {field.default})"
+        # a bool is a switch (--auto-truncate), which also takes a value (--auto-truncate false)
+        switch = {"nargs": "?", "const": "true"} if field.annotation is bool else {}
         serve.add_argument(_option(name), dest=name, default=None, metavar=_metavar(name, field),
-                           help=f"{field.description}{default} [env {_env(name)}]")
+                           help=f"{field.description}{default} [env {_env(name)}]", **switch)
     convert = sub.add_parser("convert-gguf", help="convert a .gguf file into a checkpoint folder")
     convert.add_argument("file")
     convert.add_argument("outdir")

@@ -27,7 +27,7 @@ import torch
 from tokenizers import Tokenizer
 
 from .chat import SpecialTokens
-from .errors import UnsupportedOption
+from .errors import InvalidInput, UnsupportedOption
 
 QWEN3_SYSTEM = (
     "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
@@ -61,8 +61,10 @@ class Reranker(Protocol):
     # classifier, whose head output is read instead.
     label_token_ids: tuple[int, ...]
 
-    def prompt_ids(self, query: str, documents: Sequence[str], instruction: str | None = None) -> list[list[int]]:
-        """One id list per document."""
+    def prompt_ids(self, query: str, documents: Sequence[str], instruction: str | None = None,
+                   keep: int | None = None, direction: str = "right") -> list[list[int]]:
+        """One id list per document; with `keep`, a prompt longer than `keep` tokens loses tokens of its document
+        (from the `direction` side), never of its query."""
         ...
 
     def raw_scores(self, label_logits: torch.Tensor) -> torch.Tensor:
@@ -104,9 +106,27 @@ class PromptReranker:
         instruction = self.default_instruction if instruction is None else instruction
         return self.prefix + self.body.format(instruction=instruction, query=query, document=document) + self.suffix
 
-    def prompt_ids(self, query: str, documents: Sequence[str], instruction: str | None = None) -> list[list[int]]:
+    def prompt_ids(self, query: str, documents: Sequence[str], instruction: str | None = None,
+                   keep: int | None = None, direction: str = "right") -> list[list[int]]:
         texts = [self.prompt(query, document, instruction) for document in documents]
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)] if texts else []
+        lists = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)] if texts else []
+        if keep is not None:
+            lists = [ids if len(ids) <= keep else self._cut_document(query, document, instruction, keep, direction)
+                     for ids, document in zip(lists, documents)]
+        return lists
+
+    def _cut_document(self, query: str, document: str, instruction: str | None, keep: int,
+                      direction: str) -> list[int]:
+        """The prompt's ids with its document's tokens cut until the prompt fits `keep` tokens (the document is cut
+        as tokens and decoded back into the prompt's text, so a few passes may be needed where tokens merge)."""
+        ids = self.tokenizer.encode(self.prompt(query, document, instruction), add_special_tokens=False).ids
+        while len(ids) > keep and document:
+            doc_ids = self.tokenizer.encode(document, add_special_tokens=False).ids
+            left = max(0, len(doc_ids) - (len(ids) - keep))
+            kept = doc_ids[len(doc_ids) - left:] if direction == "left" else doc_ids[:left]
+            document = self.tokenizer.decode(kept, skip_special_tokens=False) if left else ""
+            ids = self.tokenizer.encode(self.prompt(query, document, instruction), add_special_tokens=False).ids
+        return ids
 
     def raw_scores(self, label_logits: torch.Tensor) -> torch.Tensor:
         return self.raw_score(label_logits)
@@ -119,7 +139,8 @@ class PairClassifierReranker:
     tokenizer: Tokenizer = field(repr=False, compare=False)
     label_token_ids: tuple[int, ...] = ()
 
-    def prompt_ids(self, query: str, documents: Sequence[str], instruction: str | None = None) -> list[list[int]]:
+    def prompt_ids(self, query: str, documents: Sequence[str], instruction: str | None = None,
+                   keep: int | None = None, direction: str = "right") -> list[list[int]]:
         if instruction is not None:
             raise UnsupportedOption(
                 "this reranker is a sequence classifier, whose input has no instruction; instruction applies "
@@ -129,7 +150,25 @@ class PairClassifierReranker:
         # The post-processor adds the checkpoint's special tokens around and between the two. transformers takes an
         # empty document for no pair at all (``text_pair`` is tested for truth) and encodes the query alone: so here.
         inputs = [(query, document) if document else query for document in documents]
-        return [e.ids for e in self.tokenizer.encode_batch(inputs, add_special_tokens=True)] if inputs else []
+        if not inputs:
+            return []
+        if keep is None:
+            return [e.ids for e in self.tokenizer.encode_batch(inputs, add_special_tokens=True)]
+        # transformers' truncation="only_second": the document loses tokens, the query none
+        from .inputs import truncating_tokenizer
+
+        pairs = truncating_tokenizer(self.tokenizer, keep, direction, "only_second")
+        singles = truncating_tokenizer(self.tokenizer, keep, direction)
+        lists = []
+        for item in inputs:
+            try:
+                encoding = (pairs.encode(item[0], item[1], add_special_tokens=True) if isinstance(item, tuple)
+                            else singles.encode(item, add_special_tokens=True))
+                lists.append(encoding.ids)
+            except Exception:  # the tokenizers library refuses a pair whose query alone does not fit
+                raise InvalidInput(f"the query alone is longer than the {keep} tokens a pair may have",
+                                   param="query") from None
+        return lists
 
     def raw_scores(self, label_logits: torch.Tensor) -> torch.Tensor:
         return _first_label(label_logits)

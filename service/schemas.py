@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from .inputs import RequestInputs
+from .errors import InvalidInput
+from .inputs import RequestInputs, Truncation, truncation_of
 
 DType = Literal["float32", "float16", "bfloat16"]
 # A conversation: messages as chat templates read them ({"role": ..., "content": ...} and whatever else a template
@@ -16,7 +17,21 @@ Conversation = list[dict[str, Any]]
 MAX_VOCAB_IDS = 1024  # vocab_ids per request (label sets, classification by LM)
 
 
-class ScoringInputs(BaseModel):
+class TruncationFields(BaseModel):
+    """Truncation as TEI (`truncate`, `truncation_direction`) and vLLM (`truncate_prompt_tokens`) ask for it."""
+
+    truncate: StrictBool | None = None  # None: the server's --auto-truncate
+    truncation_direction: Literal["right", "left", "Right", "Left", "RIGHT", "LEFT"] = "right"
+    truncate_prompt_tokens: StrictInt | None = Field(None, ge=-1)
+
+    def truncation(self) -> Truncation:
+        if self.truncate_prompt_tokens == 0:
+            raise InvalidInput("truncate_prompt_tokens 0 keeps no token: use k >= 1, or -1 for max-seq-len",
+                               param="truncate_prompt_tokens")
+        return truncation_of(self.truncate, self.truncation_direction, self.truncate_prompt_tokens)
+
+
+class ScoringInputs(TruncationFields):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str | None = None
@@ -30,7 +45,8 @@ class ScoringInputs(BaseModel):
     def sent(self) -> RequestInputs:
         texts = [self.inputs] if isinstance(self.inputs, str) else self.inputs
         return RequestInputs(token_ids=self.input_ids, texts=texts, add_special_tokens=self.add_special_tokens,
-                             conversations=self.messages, add_generation_prompt=self.add_generation_prompt)
+                             conversations=self.messages, add_generation_prompt=self.add_generation_prompt,
+                             truncation=self.truncation())
 
 
 class LogitsRequest(ScoringInputs):
@@ -53,7 +69,7 @@ class HiddenStatesRequest(ScoringInputs):
 Prompt = str | list[str] | list[list[StrictInt]] | list[StrictInt]
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(TruncationFields):
     """OpenAI legacy completions; fields it does not use (seed, stop, user, ...) are ignored."""
 
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
@@ -69,15 +85,23 @@ class CompletionRequest(BaseModel):
     stream: StrictBool | None = False
     suffix: str | None = None
     add_special_tokens: StrictBool = True  # an extension (vLLM's name): BOS for string prompts
+    prompt_logprobs: StrictInt | None = Field(None, ge=0, le=20)  # vLLM's: every prompt position's top-k
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingOptions(TruncationFields):
+    """What every embedding endpoint takes besides its input."""
+
+    dimensions: StrictInt | None = Field(None, ge=1)
+    prompt_name: str | None = None  # a key of the checkpoint's sentence-transformers prompts
+    normalize: StrictBool | None = None  # None: as the checkpoint's modules do (L2 without a configuration)
+
+
+class EmbeddingRequest(EmbeddingOptions):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
     model: str | None = None
     input: Prompt
     encoding_format: Literal["float", "base64"] | None = "float"
-    dimensions: StrictInt | None = Field(None, ge=1)
     add_special_tokens: StrictBool = True
 
 
@@ -301,7 +325,43 @@ class ScoreRequest(BaseModel):
     item_first: StrictBool = False
 
 
-class RerankRequest(BaseModel):
+# vLLM's names for the two sides of its pairs, in the order they are looked for
+PAIR_FIELDS = (("text_1", "text_2"), ("data_1", "data_2"), ("queries", "documents"), ("query", "documents"))
+
+
+class PairScoreRequest(TruncationFields):
+    """vLLM's /score: the relevance (or embedding cosine) of text pairs."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model: str | None = None
+    text_1: str | list[str] | None = None
+    text_2: str | list[str] | None = None
+    data_1: str | list[str] | None = None
+    data_2: str | list[str] | None = None
+    queries: str | list[str] | None = None
+    query: str | None = None
+    documents: str | list[str] | None = None
+    use_activation: StrictBool | None = None
+    activation: StrictBool | None = None  # vLLM's older name of use_activation
+
+    def first_field(self) -> str:
+        return next((a for a, _ in PAIR_FIELDS if getattr(self, a) is not None), "text_1")
+
+    def texts(self) -> tuple[str | list[str], str | list[str]]:
+        for first, second in PAIR_FIELDS:
+            if getattr(self, first) is not None:
+                if getattr(self, second) is None:
+                    raise InvalidInput(f"{first} needs {second}", param=second)
+                return getattr(self, first), getattr(self, second)
+        raise InvalidInput("send text_1 and text_2 (or queries and documents)", param="text_1")
+
+    def activation_on(self) -> bool:
+        chosen = self.use_activation if self.use_activation is not None else self.activation
+        return True if chosen is None else chosen
+
+
+class RerankRequest(TruncationFields):
     """Cohere / Jina / vLLM rerank; fields it does not use (max_tokens_per_doc, ...) are ignored."""
 
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
@@ -315,7 +375,7 @@ class RerankRequest(BaseModel):
     use_activation: StrictBool = True
 
 
-class ClassifyRequest(BaseModel):
+class ClassifyRequest(TruncationFields):
     """vLLM's /classify: `input` (as OpenAI's prompt) or chat `messages`."""
 
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
@@ -330,6 +390,21 @@ class ClassifyRequest(BaseModel):
 
 class ScoreUsage(Usage):
     completion_tokens: int
+
+
+class PairScore(BaseModel):
+    index: int
+    object: Literal["score"]
+    score: float
+
+
+class PairScoreResponse(BaseModel):
+    id: str
+    object: Literal["list"]
+    created: int
+    model: str
+    data: list[PairScore]
+    usage: ScoreUsage
 
 
 class ScoreResponse(BaseModel):

@@ -26,6 +26,8 @@ class ServedModel:
     task: str = "causal-lm"  # "causal-lm" or "classification"
     num_labels: int | None = None  # a classifier's outputs per sequence
     id2label: dict[int, str] = field(default_factory=dict)
+    embedding: object = None  # service.embeddings.EmbeddingSetup: how embeddings are pooled, prompted, normalized
+    auto_truncate: bool = False  # --auto-truncate: inputs past max_seq_len are cut unless the request says not to
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
@@ -43,6 +45,11 @@ class ServedModel:
         tokenizer = load_tokenizer(checkpoint)
         if tokenizer is not None:
             prepare_tokenizer(tokenizer, special_tokens)
+        from .embeddings import EmbeddingSetup
+
+        # --pooling given (flag or variable) overrides the checkpoint's sentence-transformers pooling
+        pooling_flag = settings.pooling if "pooling" in settings.model_fields_set else None
+        embedding = EmbeddingSetup.load(checkpoint, pooling_flag, settings.default_prompt_name)
         reranker = None
         if tokenizer is not None and (settings.reranker is not None or (head.task == CLASSIFICATION
                                                                         and head.num_labels == 1)):
@@ -51,7 +58,7 @@ class ServedModel:
                    tokenizer=tokenizer, max_seq_len=settings.max_seq_len or config.max_position_embeddings,
                    chat_template=ChatTemplate.from_checkpoint(checkpoint, special_tokens),
                    special_tokens=special_tokens, reranker=reranker, task=head.task, num_labels=head.num_labels,
-                   id2label=head.id2label)
+                   id2label=head.id2label, auto_truncate=settings.auto_truncate, embedding=embedding)
 
 
 CAUSAL_LM = "causal-lm"

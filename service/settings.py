@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     prefix_sharing: Literal["on", "off"] = flag(
         "on", "sequences of a batch that start with the same tokens compute them once (where the model supports "
               "it: CPU, SDPA attention; /info reports it)")
+    auto_truncate: bool = flag(False, "cut an input longer than --max-seq-len to fit (from the right, or as the "
+                                      "request's truncation_direction says) instead of refusing it", "")
+    default_prompt_name: str | None = flag(
+        None, "the sentence-transformers prompt applied to embedding inputs that name none (default: the "
+              "checkpoint's default_prompt_name)", "NAME")
 
     # Operational knobs (environment only).
     served_model_name: str | None = Field(None, description="the model id clients see (default: the folder's name)")
@@ -75,7 +80,7 @@ class Settings(BaseSettings):
             raise ValueError("batch invariance is implemented for the CPU only (see docs/batch_invariance.md)")
         return v
 
-    @field_validator("api_key", "model", "served_model_name", mode="before")
+    @field_validator("api_key", "model", "served_model_name", "default_prompt_name", mode="before")
     @classmethod
     def _empty_is_none(cls, v):
         return None if v == "" else v

@@ -16,33 +16,50 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
+import orjson
+import torch
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from model.runtime.outputs import OutputSpec
 
-from ..deps import Authorized, EngineDep, ServedDep, WorkersAccepting, json_body, request_body
+from ..deps import (
+    Authorized,
+    Body,
+    EngineDep,
+    ServedDep,
+    SettingsDep,
+    WorkersAccepting,
+    json_body,
+    parse_body,
+    request_body,
+)
+from ..embeddings import cosine, embed
 from ..errors import InvalidInput, UnsupportedOption
-from ..inputs import InputFields, RequestInputs, pack_inputs, prompt_inputs
+from ..inputs import InputFields, RequestInputs, Truncation, pack_inputs, prompt_inputs
 from ..responses import json_response
 from ..schemas import (
     SCORING_ERRORS,
     ClassifyRequest,
     ClassifyResponse,
+    PAIR_FIELDS,
+    PairScoreRequest,
+    PairScoreResponse,
     RerankRequest,
     RerankResponse,
     ScoreRequest,
     ScoreResponse,
     responses,
 )
+from ..rerankers import relevance_scores
 from ..served import CLASSIFICATION, ServedModel
 from .metered import WorkRoute
 
 router = APIRouter(route_class=WorkRoute, dependencies=[Authorized, WorkersAccepting])
 
-ScoreBody = json_body(ScoreRequest)
 RerankBody = json_body(RerankRequest)
 ClassifyBody = json_body(ClassifyRequest)
 
@@ -82,8 +99,7 @@ def score_prompts(served: ServedModel, req: ScoreRequest) -> list[list[int]]:
     return [first + e.ids for e in tok.encode_batch(items, add_special_tokens=False)]
 
 
-@router.post("/v1/score", openapi_extra=request_body(ScoreRequest), responses=responses(ScoreResponse, *SCORING_ERRORS))
-async def score(req: ScoreBody, request: Request, served: ServedDep, engine: EngineDep) -> Response:
+async def _label_scores(req: ScoreRequest, request: Request, served: ServedModel, engine) -> Response:
     vocab = served.config.vocab_size
     outside = [i for i in req.label_token_ids if not 0 <= i < vocab]
     if outside:
@@ -103,42 +119,141 @@ async def score(req: ScoreBody, request: Request, served: ServedDep, engine: Eng
                           "usage": {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0}}, headers=headers)
 
 
+def pairs_of(req: PairScoreRequest) -> tuple[list[str], list[str]]:
+    """vLLM's pairing: one first text against every second text, or the two lists pair by pair."""
+    firsts, seconds = req.texts()
+    firsts = [firsts] if isinstance(firsts, str) else list(firsts)
+    seconds = [seconds] if isinstance(seconds, str) else list(seconds)
+    if len(firsts) == 1:
+        firsts = firsts * len(seconds)
+    if len(firsts) != len(seconds):
+        raise InvalidInput(f"the two sides have {len(firsts)} and {len(seconds)} texts: send one first text, or "
+                           "as many as second texts", param=req.first_field())
+    return firsts, seconds
+
+
+async def _pair_scores(req: PairScoreRequest, request: Request, served: ServedModel, engine,
+                       settings) -> Response:
+    """vLLM's /score: each pair's reranker score (what /v1/rerank gives it), or for a model served for embeddings
+    the cosine of the two texts' embeddings."""
+    firsts, seconds = pairs_of(req)
+    truncation = req.truncation()
+    scores: list[float] = []
+    n, headers = 0, None
+    if served.reranker is not None:
+        # pairs that share their first text are one rerank call, so that the scores are /v1/rerank's own
+        by_query: dict[str, list[int]] = {}
+        for i, query in enumerate(firsts):
+            by_query.setdefault(query, []).append(i)
+        scores = [0.0] * len(firsts)
+        for query, indices in by_query.items():
+            reranked = await rerank_scores(served, engine, query, [seconds[i] for i in indices], request.receive,
+                                           use_activation=req.activation_on(), truncation=truncation)
+            for i, score in zip(indices, reranked.scores):
+                scores[i] = score
+            n += reranked.num_tokens
+            headers = reranked.headers
+    elif served.task == CLASSIFICATION:
+        raise UnsupportedOption("pair scoring needs a one-label classifier (a reranker), a causal LM under "
+                                "--reranker, or a causal LM served for embeddings", param="model")
+    elif firsts:
+        texts = list(dict.fromkeys(firsts + seconds))  # each distinct text embedded once
+        embedded = await embed(served, engine, RequestInputs(texts=texts, truncation=truncation), request.receive,
+                               InputFields(req.first_field(), req.first_field()))
+        vectors = dict(zip(texts, embedded.vectors))
+        scores = [cosine(vectors[a], vectors[b]) for a, b in zip(firsts, seconds)]
+        n, headers = embedded.inputs.num_tokens, embedded.headers
+    data = [{"index": i, "object": "score", "score": score} for i, score in enumerate(scores)]
+    return json_response({"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                          "model": served.name, "data": data,
+                          "usage": {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0}}, headers=headers)
+
+
+async def _score(body: bytes, request: Request, served: ServedModel, engine, settings) -> Response:
+    """The body decides: SGLang's label scoring (`label_token_ids`) or vLLM's pair scoring."""
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the body is not valid JSON: {exc}") from None
+    if isinstance(raw, dict) and "label_token_ids" not in raw and any(a in raw for a, _ in PAIR_FIELDS):
+        return await _pair_scores(parse_body(PairScoreRequest, body), request, served, engine, settings)
+    return await _label_scores(parse_body(ScoreRequest, body), request, served, engine)
+
+
+@router.post("/v1/score", openapi_extra=request_body(ScoreRequest),
+             responses=responses(ScoreResponse, *SCORING_ERRORS))
+async def score(body: Body, request: Request, served: ServedDep, engine: EngineDep, settings: SettingsDep) -> Response:
+    return await _score(body, request, served, engine, settings)
+
+
+@router.post("/score", openapi_extra=request_body(PairScoreRequest),
+             responses=responses(PairScoreResponse, *SCORING_ERRORS))
+async def score_vllm(body: Body, request: Request, served: ServedDep, engine: EngineDep,
+                     settings: SettingsDep) -> Response:
+    return await _score(body, request, served, engine, settings)
+
+
 # ------------------------------------------------------------------------------------------------ /v1/rerank
 
 
-async def _rerank(req: RerankRequest, request: Request, served: ServedModel, engine) -> Response:
-    reranker = served.reranker
-    if reranker is None:
+@dataclass
+class Reranked:
+    scores: list[float]  # one relevance score per document, in the documents' order
+    num_tokens: int
+    headers: dict[str, str] | None
+
+
+def require_reranker(served: ServedModel):
+    if served.reranker is None:
         raise UnsupportedOption(
             "this server does not rerank: serve a one-label *ForSequenceClassification checkpoint, or a causal LM "
             "with --reranker qwen3|bge-gemma", param="--reranker")
-    prompts = reranker.prompt_ids(req.query, req.documents, req.instruction)
-    results: list = []
-    headers = None
-    n = 0
-    if prompts:
-        inputs = pack_inputs(served, RequestInputs(token_ids=prompts), InputFields("documents", "documents"))
-        # The last row's logits: a classifier's head outputs, or a causal LM's vocabulary row whose label columns
-        # are read (raw logits: bge-gemma's score is the `Yes` logit itself, not a log-probability).
-        scored = await engine.score(inputs, OutputSpec(), request.receive)
-        logits = scored.outputs.arrays["logits"]  # [documents, columns]
-        if reranker.label_token_ids:
-            logits = logits[:, list(reranker.label_token_ids)]
-        import torch
+    return served.reranker
 
-        raw = reranker.raw_scores(torch.from_numpy(np.array(logits, dtype=np.float32)))
-        relevance = (torch.sigmoid(raw) if req.use_activation else raw).tolist()
-        order = sorted(range(len(prompts)), key=lambda i: -relevance[i])
-        if req.top_n:
-            order = order[: req.top_n]
-        for i in order:
-            result = {"index": i, "relevance_score": relevance[i]}
-            if req.return_documents:
-                result["document"] = {"text": req.documents[i]}
-            results.append(result)
-        headers, n = scored.timing_headers, inputs.num_tokens
+
+async def rerank_scores(served: ServedModel, engine, query: str, documents: list[str], receive, *,
+                        instruction: str | None = None, use_activation: bool = True,
+                        truncation: Truncation = Truncation()) -> Reranked:
+    """The relevance score of each (query, document) pair: the one computation of /v1/rerank, TEI's /rerank and
+    vLLM's pair scoring. A truncated pair keeps its query and loses document tokens."""
+    reranker = require_reranker(served)
+    keep = truncation.limit(served)
+    prompts = reranker.prompt_ids(query, documents, instruction, keep=keep, direction=truncation.direction)
+    if not prompts:
+        return Reranked([], 0, None)
+    # already cut to fit: what is still too long is refused
+    inputs = pack_inputs(served, RequestInputs(token_ids=prompts, truncation=Truncation(False)),
+                         InputFields("documents", "documents"))
+    # The last row's logits: a classifier's head outputs, or a causal LM's vocabulary row whose label columns are
+    # read (raw logits: bge-gemma's score is the `Yes` logit itself, not a log-probability).
+    scored = await engine.score(inputs, OutputSpec(), receive)
+    logits = scored.outputs.arrays["logits"]  # [documents, columns]
+    if reranker.label_token_ids:
+        logits = logits[:, list(reranker.label_token_ids)]
+    raw = reranker.raw_scores(torch.from_numpy(np.array(logits, dtype=np.float32)))
+    scores = relevance_scores(raw, use_activation).tolist()
+    scored.release()
+    return Reranked(scores, inputs.num_tokens, scored.timing_headers)
+
+
+async def _rerank(req: RerankRequest, request: Request, served: ServedModel, engine) -> Response:
+    reranked = await rerank_scores(served, engine, req.query, req.documents, request.receive,
+                                   instruction=req.instruction, use_activation=req.use_activation,
+                                   truncation=req.truncation())
+    relevance = reranked.scores
+    order = sorted(range(len(relevance)), key=lambda i: -relevance[i])
+    if req.top_n:
+        order = order[: req.top_n]
+    results = []
+    for i in order:
+        result = {"index": i, "relevance_score": relevance[i]}
+        if req.return_documents:
+            result["document"] = {"text": req.documents[i]}
+        results.append(result)
+    n = reranked.num_tokens
     return json_response({"id": f"rerank-{uuid.uuid4().hex}", "model": served.name,
-                          "usage": {"prompt_tokens": n, "total_tokens": n}, "results": results}, headers=headers)
+                          "usage": {"prompt_tokens": n, "total_tokens": n}, "results": results},
+                         headers=reranked.headers)
 
 
 @router.post("/v1/rerank", openapi_extra=request_body(RerankRequest),
@@ -164,8 +279,9 @@ async def classify(req: ClassifyBody, request: Request, served: ServedDep, engin
                                 "/v1/classify needs a classifier", param="model")
     if (req.input is None) == (req.messages is None):
         raise InvalidInput("send exactly one of input and messages", param="input")
-    sent = (prompt_inputs(req.input, req.add_special_tokens) if req.input is not None
-            else RequestInputs(conversations=req.messages, add_generation_prompt=req.add_generation_prompt))
+    sent = (prompt_inputs(req.input, req.add_special_tokens, req.truncation()) if req.input is not None
+            else RequestInputs(conversations=req.messages, add_generation_prompt=req.add_generation_prompt,
+                               truncation=req.truncation()))
     inputs = pack_inputs(served, sent, InputFields("input", "input", "messages"))
     scored = await engine.score(inputs, OutputSpec(), request.receive)
     logits = scored.outputs.arrays["logits"].astype(np.float64)  # [B, num_labels]: the pooled rows

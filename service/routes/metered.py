@@ -27,10 +27,13 @@ class MeteredRoute(APIRoute):
     status."""
 
     counts_in_flight = False
+    # the error body of this route's dialect (TEI's routes answer in TEI's); a route may pick another per request
+    # by setting request.state.render_error
+    render_error = staticmethod(error_response)
 
     def get_route_handler(self):
         handler = super().get_route_handler()
-        endpoint, in_flight = self.path, self.counts_in_flight
+        endpoint, in_flight, default_render = self.path, self.counts_in_flight, self.render_error
 
         async def metered(request) -> Response:
             metrics = request.app.state.metrics
@@ -42,15 +45,15 @@ class MeteredRoute(APIRoute):
                 try:
                     response = await handler(request)
                 except ServiceError as exc:
-                    response = error_response(exc)
+                    response = getattr(request.state, "render_error", default_render)(exc)
                 except ClientDisconnected:
                     response = Response(status_code=499)
                 except RequestValidationError as exc:
                     message, param = format_validation_errors(list(exc.errors()))
-                    response = error_response(InvalidInput(message, param=param))
+                    response = default_render(InvalidInput(message, param=param))
                 except Exception as exc:  # a bug: say so, keep serving
                     logger.exception("request failed")
-                    response = error_response(InternalError(f"{type(exc).__name__}: {exc}"))
+                    response = default_render(InternalError(f"{type(exc).__name__}: {exc}"))
                 status = response.status_code
                 return response
             finally:

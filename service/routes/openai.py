@@ -27,6 +27,7 @@ from starlette.responses import Response
 from model.runtime.outputs import OutputSpec, ReturnHiddenStates, ReturnLogits
 
 from ..deps import Authorized, EngineDep, ServedDep, SettingsDep, WorkersAccepting, json_body, request_body
+from ..embeddings import check_dimensions, embed
 from ..errors import InvalidInput, UnsupportedOption
 from ..inputs import InputFields, PackedInputs, pack_inputs, prompt_inputs
 from ..responses import budgeted_json, json_response
@@ -215,7 +216,8 @@ async def completions(req: CompletionBody, request: Request, served: ServedDep, 
         raise UnsupportedOption("n and best_of must be 1: scoring is deterministic", param="n")
     if req.suffix:
         raise UnsupportedOption("suffix is not supported", param="suffix")
-    inputs = pack_inputs(served, prompt_inputs(req.prompt, req.add_special_tokens), InputFields("prompt", "prompt"))
+    inputs = pack_inputs(served, prompt_inputs(req.prompt, req.add_special_tokens, req.truncation()),
+                         InputFields("prompt", "prompt"))
     spec = completion_spec(req, served.config.vocab_size)
     scored = None
     if spec is not None:
@@ -241,28 +243,15 @@ async def completions(req: CompletionBody, request: Request, served: ServedDep, 
              responses=responses(EmbeddingResponse, *SCORING_ERRORS))
 async def embeddings(req: EmbeddingBody, request: Request, served: ServedDep, engine: EngineDep,
                      settings: SettingsDep) -> Response:
-    hidden = served.config.hidden_size
-    if req.dimensions is not None and req.dimensions > hidden:
-        raise InvalidInput(f"dimensions {req.dimensions} is larger than this model's hidden size {hidden}",
-                           param="dimensions")
-    inputs = pack_inputs(served, prompt_inputs(req.input, req.add_special_tokens), InputFields("input", "input"))
-    mean = settings.pooling == "mean"
-    mode = ReturnHiddenStates.ALL_NORMALIZED if mean else ReturnHiddenStates.LAST_NORMALIZED
-    spec = OutputSpec(logits=False, return_hidden_states=mode, layers=(served.config.num_layers,))
-    scored = await engine.score(inputs, spec, request.receive)
-    hs = scored.outputs.arrays["hidden_states"][0]  # [rows, hidden] of the last layer, final norm applied
+    check_dimensions(served, req.dimensions)
+    sent = prompt_inputs(req.input, req.add_special_tokens, req.truncation())
+    embedded = await embed(served, engine, sent, request.receive, InputFields("input", "input"),
+                           prompt_name=req.prompt_name, normalize=req.normalize,
+                           dimensions=req.dimensions)
     data = []
-    h = 0
-    for i, k in enumerate(scored.outputs.hidden_rows):
-        rows = hs[h : h + k].astype(np.float64)
-        h += k
-        vec = rows.mean(axis=0) if mean else rows[-1]
-        vec = vec[: req.dimensions]  # Matryoshka: the first components, normalized below
-        norm = float(np.linalg.norm(vec))
-        vec = (vec / norm if norm > 0 else vec).astype("<f4")
+    for i, vec in enumerate(embedded.vectors):
         emb = base64.b64encode(vec.tobytes()).decode("ascii") if req.encoding_format == "base64" else vec
         data.append({"object": "embedding", "index": i, "embedding": emb})
-    scored.release()  # the vectors are copies: the results are no longer read
-    n = inputs.num_tokens
+    n = embedded.inputs.num_tokens
     return json_response({"object": "list", "data": data, "model": served.name,
-                          "usage": {"prompt_tokens": n, "total_tokens": n}}, headers=scored.timing_headers)
+                          "usage": {"prompt_tokens": n, "total_tokens": n}}, headers=embedded.headers)

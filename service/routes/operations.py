@@ -66,10 +66,30 @@ async def info(served: ServedDep, engine: EngineDep, settings: SettingsDep) -> R
             "max_request_bytes": s.max_request_bytes,
         },
         "pooling": s.pooling,
+        # the embedding endpoints' pooling, Dense layers, normalization and prompts as in force
+        "embedding": served.embedding.describe(),
         # as the workers run it (a model that cannot share runs unshared); until they have, what was asked (CPU only)
         "prefix_sharing": loaded.prefix_sharing if loaded else s.prefix_sharing == "on" and s.device == "cpu",
         "workers": engine.describe_workers(),
+        "auto_truncate": served.auto_truncate,
+        **tei_info(served, s, loaded.dtype if loaded else s.dtype),
     })
+
+
+def tei_info(served, s, dtype: str) -> dict:
+    """Text Embeddings Inference's `Info` fields (its clients read them from the same GET /info)."""
+    if served.task == "classification":
+        labels = {str(i): label for i, label in served.id2label.items()}
+        kind = "reranker" if served.reranker is not None else "classifier"
+        model_type = {kind: {"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}}
+    else:
+        model_type = {"embedding": {"pooling": "+".join(served.embedding.pooling)}}
+    return {"model_id": served.name, "model_sha": None, "model_dtype": dtype, "served_model_name": served.name,
+            "model_type": model_type, "max_concurrent_requests": s.effective_max_queue_tokens,
+            "max_input_length": served.max_seq_len, "max_batch_tokens": s.max_batch_tokens, "max_batch_requests": None,
+            # every sequence has a token: no batch of more sequences than the queue's tokens is ever accepted
+            "max_client_batch_size": s.effective_max_queue_tokens, "tokenization_workers": 1, "sha": None,
+            "docker_label": None}
 
 
 @router.get("/v1/models", dependencies=[Authorized], responses=responses(ModelsResponse, 401))

@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastapi import APIRouter
+import orjson
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from ..deps import Authorized, ServedDep, TokenizerDep, json_body, request_body
+from ..deps import Authorized, Body, ServedDep, TokenizerDep, json_body, parse_body, request_body, require_tokenizer
+from ..embeddings import apply_prompt
+from ..tei import TokenizeRequest as TeiTokenizeRequest
+from ..tei import empty, parse_tei, tei_error_response, tei_tokens, tokenizer_error
 from ..errors import InvalidInput
 from ..inputs import InputFields, RequestInputs, pack_inputs
 from ..responses import json_response
@@ -27,7 +31,6 @@ from .metered import WorkRoute
 
 router = APIRouter(route_class=WorkRoute, dependencies=[Authorized])
 
-TokenizeBody = json_body(TokenizeRequest)
 TOKENIZE_FIELDS = InputFields("prompt", "prompt", "messages")
 DetokenizeBody = json_body(DetokenizeRequest)
 
@@ -73,7 +76,25 @@ def describe_tokenizer(served: ServedModel, tok) -> dict:
 
 @router.post("/tokenize", openapi_extra=request_body(TokenizeRequest),
              responses=responses(TokenizeResponse, *TOKENIZER_ERRORS))
-async def tokenize(tok: TokenizerDep, req: TokenizeBody, served: ServedDep) -> Response:
+async def tokenize(body: Body, request: Request, served: ServedDep) -> Response:
+    """vLLM's forms (`prompt` or `messages`), or TEI's (`inputs`: a text or a list; its token objects, its
+    errors)."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        obj = None
+    if isinstance(obj, dict) and "inputs" in obj:
+        request.state.render_error = tei_error_response
+        tei = parse_tei(TeiTokenizeRequest, body)
+        texts = [tei.inputs] if isinstance(tei.inputs, str) else tei.inputs
+        if not texts:
+            raise empty("inputs")
+        if served.tokenizer is None:
+            raise tokenizer_error("this model has no tokenizer.json")
+        texts = [apply_prompt(served, text, tei.prompt_name) for text in texts]
+        return json_response(tei_tokens(served, texts, tei.add_special_tokens))
+    tok = require_tokenizer(served)
+    req = parse_body(TokenizeRequest, body)
     if (req.prompt is None) == (req.messages is None):
         raise InvalidInput("send exactly one of prompt and messages", param="prompt")
     if req.messages is not None:
