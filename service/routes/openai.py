@@ -97,13 +97,35 @@ class TokenTexts:
 
 def completion_spec(req: CompletionRequest, vocab_size: int) -> OutputSpec | None:
     k = req.logprobs if req.logprobs is not None else 0
+    prompt_k = req.prompt_logprobs
     greedy = req.max_tokens == 1
-    top_k = min(max(k, 1 if greedy else 0), vocab_size)
-    all_rows = bool(req.echo) and req.logprobs is not None
+    top_k = min(max(k, prompt_k or 0, 1 if greedy else 0), vocab_size)
+    all_rows = (bool(req.echo) and req.logprobs is not None) or prompt_k is not None
     if not all_rows and not greedy:
         return None  # nothing to compute: the answer is the (echoed) prompt
     return OutputSpec(return_logits=ReturnLogits.ALL if all_rows else ReturnLogits.LAST_TOKEN, logits=False,
-                      target_logprobs=all_rows, top_k=top_k)
+                      target_logprobs=all_rows, top_k=top_k, target_ranks=prompt_k is not None)
+
+
+def prompt_logprobs(tt: TokenTexts, ids: list[int], k: int, target_lps, target_ranks, top_ids,
+                    top_vals) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: None for the first token, then for each later position a map from token id to
+    its logprob, rank and decoded text, holding the actual token (first) and the k most likely. Row p - 1
+    predicts token p."""
+    queries = [(p, ids[p]) for p in range(1, len(ids))]
+    if k:
+        queries += [(p, int(c)) for p in range(1, len(ids)) for c in top_ids[p - 1][:k]]
+    text = dict(zip(queries, tt.in_context(ids, queries))) if queries else {}
+    out: list[dict | None] = [None]
+    for p in range(1, len(ids)):
+        entry = {str(ids[p]): {"logprob": float(target_lps[p - 1]), "rank": int(target_ranks[p - 1]),
+                               "decoded_token": text[(p, ids[p])]}}
+        for rank, (c, v) in enumerate(zip(top_ids[p - 1][:k], top_vals[p - 1][:k]) if k else (), start=1):
+            key = str(int(c))
+            if key not in entry:
+                entry[key] = {"logprob": float(v), "rank": rank, "decoded_token": text[(p, int(c))]}
+        out.append(entry)
+    return out
 
 
 def _top_dict(cands: list[tuple[str, int, float]], actual_text: str, actual: int, actual_value: float) -> dict[str, float]:
@@ -197,7 +219,13 @@ def iter_choices(tokenizer, req: CompletionRequest, inputs: PackedInputs,
                 tops.append(_top_dict(cands(n, nrows - 1), gen_text, gen_id, gen_lp))
                 text_offset.append(len(prompt_text))
             logprobs = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": text_offset}
-        yield {"index": i, "text": text, "logprobs": logprobs, "finish_reason": "length"}
+        choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": "length"}
+        if req.prompt_logprobs is not None:
+            rows_i = slice(r, r + nrows)  # every row of the prompt (all_rows)
+            choice["prompt_logprobs"] = prompt_logprobs(tt, ids, req.prompt_logprobs, t["target_logprobs"][rows_i],
+                                                        t["target_ranks"][rows_i], t.get("top_k_ids", ())[rows_i],
+                                                        t.get("top_k_logprobs", ())[rows_i])
+        yield choice
         r += nrows
 
 
