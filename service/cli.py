@@ -124,11 +124,14 @@ def serve(settings) -> int:
 
     settings = settings.model_copy(update={"model": resolve_model(settings.model)})
     from model.families.config import UnsupportedModelError
+    from model.families.weights import CheckpointError
+    from service.embeddings import EmbeddingSetupError
     from service.rerankers import RerankerSetupError
 
     try:
         app = create_app(settings)
-    except (UnsupportedModelError, RerankerSetupError) as exc:  # a checkpoint this server cannot serve: one line
+    except (UnsupportedModelError, RerankerSetupError, CheckpointError, EmbeddingSetupError) as exc:
+        # a checkpoint this server cannot serve: one line
         print(f"logitserve: {exc}", file=sys.stderr)
         return 2
     engine = app.state.engine

@@ -156,6 +156,14 @@ def _dense_layer(path: Path) -> DenseLayer:
     return DenseLayer(tensors["linear.weight"].float(), None if bias is None else bias.float(), activation)
 
 
+def prompt_length(tokenizer, prompt: str) -> int:
+    """The prompt's tokens as sentence-transformers counts them (Transformer._get_prompt_length): its encoding with
+    the tokenizer's special tokens, less a special token the encoding ends with (an appended EOS or SEP)."""
+    ids = tokenizer.encode(prompt).ids
+    special = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
+    return len(ids) - (1 if ids and ids[-1] in special else 0)
+
+
 def apply_prompt(served: ServedModel, text: str, prompt_name: str | None) -> str:
     prompt = served.embedding.prompt(prompt_name)
     return text if prompt is None else prompt + text
@@ -184,8 +192,8 @@ async def embed(served: ServedModel, engine, sent: RequestInputs, receive, field
     prompt_tokens = 0
     if prompt is not None and sent.texts is not None:
         sent = dataclasses.replace(sent, texts=[prompt + text for text in sent.texts])
-        # as sentence-transformers counts a prompt's tokens: its encoding less the one special token appended
-        prompt_tokens = len(served.tokenizer.encode(prompt).ids) - 1 if not setup.include_prompt else 0
+        if not setup.include_prompt:
+            prompt_tokens = prompt_length(served.tokenizer, prompt)
     inputs = pack_inputs(served, sent, fields)
     # every row where a pool reads more than the last one; the last row alone for last-token pooling
     last_only = setup.pooling == ("lasttoken",)

@@ -33,12 +33,16 @@ class ServedModel:
     @classmethod
     def load(cls, settings: Settings) -> ServedModel:
         from model.families.config import ModelConfig
+        from model.families.loader import check_checkpoint_tensors
         from model.families.tokenizer import load_tokenizer
 
         if not settings.model:
             raise ValueError("settings.model must name a checkpoint folder")
         checkpoint = str(Path(settings.model).resolve())
         config = ModelConfig.from_pretrained(checkpoint)
+        # every tensor the model reads is in the checkpoint (names and shapes only): a missing or renamed tensor
+        # ends the start with one line naming it, before any worker tries
+        check_checkpoint_tensors(checkpoint, config)
         head = read_head(checkpoint, config)
         # One tokenizer for every path (text inputs, chat, rerank prompts), encoding as transformers' does.
         special_tokens = SpecialTokens.from_checkpoint(checkpoint)

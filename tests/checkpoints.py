@@ -123,6 +123,15 @@ for _name, _causal in {"llama": "LlamaForSequenceClassification", "mistral": "Mi
     )
 
 
+# A family's base model as embedding checkpoints publish it (e5-mistral, Linq-Embed-Mistral, EmbeddingGemma name the
+# `*Model` class): the decoder's keys without `model.`, no lm_head. Served as the causal LM for hidden states and
+# embeddings; their parity is tests/service/test_sentence_transformers.py's (against transformers' last_hidden_state).
+HEADLESS = {"llama": "LlamaModel", "mistral": "MistralModel", "qwen2": "Qwen2Model", "qwen3": "Qwen3Model",
+            "gemma": "GemmaModel", "gemma2": "Gemma2Model", "gemma3": "Gemma3TextModel"}
+for _name, _base in HEADLESS.items():
+    RECIPES[f"{_name}-headless"] = Recipe(_base, dict(RECIPES[_name].config))
+
+
 def make_checkpoint(
     path: Path,
     arch: str = "llama",

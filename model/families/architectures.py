@@ -364,6 +364,25 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Qwen3MoeForCausalLM": Architecture(read=read_qwen3_moe, mlp="moe"),
 }
 
+def headless(causal: Architecture) -> Architecture:
+    """The base model of a family (``*Model``, as embedding checkpoints such as e5-mistral, Linq-Embed-Mistral or
+    EmbeddingGemma name themselves): the decoder's keys without the ``model.`` prefix and no lm_head (tied to the
+    embeddings). Served as the causal LM, for its hidden states and embeddings."""
+    return replace(causal, weights=replace(causal.weights, prefix=""))
+
+
+ARCHITECTURES.update(
+    {
+        "LlamaModel": headless(ARCHITECTURES["LlamaForCausalLM"]),
+        "MistralModel": headless(ARCHITECTURES["MistralForCausalLM"]),
+        "Qwen2Model": headless(ARCHITECTURES["Qwen2ForCausalLM"]),
+        "Qwen3Model": headless(ARCHITECTURES["Qwen3ForCausalLM"]),
+        "GemmaModel": headless(ARCHITECTURES["GemmaForCausalLM"]),
+        "Gemma2Model": headless(ARCHITECTURES["Gemma2ForCausalLM"]),
+        "Gemma3TextModel": headless(ARCHITECTURES["Gemma3ForCausalLM"]),
+    }
+)
+
 # Sequence classifiers (reward models, classifiers) of the families transformers has one for (not Granite).
 ARCHITECTURES.update(
     {

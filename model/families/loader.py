@@ -4,6 +4,7 @@ TP plan (model/families/tp.py), then filled from this rank's slices of the safet
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from model.layers.modules import MLP, Attention, make_norm
 from model.layers.moe import SparseMoeBlock
 from model.layers.rope import RotaryEmbedding, build_ropes
 from model.families.tp import HeadLayout, shard_model
-from model.families.weights import CheckpointReader
+from model.families.weights import CheckpointReader, ShapeReader
 
 
 def gated_mlp(config: ModelConfig, layer_idx: int, parallel: ParallelContext) -> nn.Module:
@@ -127,6 +128,16 @@ def build_model(
     )
 
 
+def checkpoint_names(reader: CheckpointReader, weights: WeightNames) -> WeightNames:
+    """The tensor names as this checkpoint writes them. A backbone saved headless (sentence-transformers saves
+    AutoModel's state: Qwen3-Embedding, gte-Qwen2, e5-mistral) has its decoder's keys without the `model.` prefix
+    and no lm_head (which is then tied to the embeddings, as a checkpoint without one is)."""
+    embed = weights.checkpoint_name("embed_tokens")
+    if weights.prefix and f"{embed}.weight" not in reader and f"{embed.removeprefix(weights.prefix)}.weight" in reader:
+        return replace(weights, prefix="")
+    return weights
+
+
 @torch.no_grad()
 def load_checkpoint(
     model: nn.Module, reader: CheckpointReader, weights: WeightNames, tie_word_embeddings: bool, head: str = "lm_head"
@@ -153,6 +164,8 @@ def load_checkpoint(
         else:
             for param_name, param in module.named_parameters(recurse=False):
                 param.copy_(reader.read(f"{name}.{param_name}"))
+    if isinstance(reader, ShapeReader):
+        return  # a check of names and shapes: nothing was loaded to finish
     for module in model.modules():
         if hasattr(module, "after_loading"):
             module.after_loading()
@@ -183,5 +196,19 @@ def load_model(
         shard_model(model, config, arch.tp_plan)
     model = model.to(dtype).to_empty(device=parallel.device)
     with CheckpointReader(checkpoint) as reader:
-        load_checkpoint(model, reader, arch.weights, config.tie_word_embeddings, arch.head)
+        load_checkpoint(model, reader, checkpoint_names(reader, arch.weights), config.tie_word_embeddings, arch.head)
     return model.eval().requires_grad_(False)
+
+
+def check_checkpoint_tensors(checkpoint: str, config: ModelConfig) -> None:
+    """Raise CheckpointError naming the first tensor the model reads that the checkpoint lacks (a missing tensor,
+    or one named another way), before any worker starts: the model is built on the meta device and loaded through
+    a ShapeReader, so no weight is read."""
+    arch = ARCHITECTURES[config.architecture]
+    parallel = ParallelContext.single("cpu")
+    rope = build_ropes(config, parallel.device)
+    with torch.device("meta"):
+        model = build_model(config, parallel, rope=rope)
+        shard_model(model, config, arch.tp_plan)
+    with ShapeReader(checkpoint) as reader:
+        load_checkpoint(model, reader, checkpoint_names(reader, arch.weights), config.tie_word_embeddings, arch.head)

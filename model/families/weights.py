@@ -57,3 +57,17 @@ class CheckpointReader:
             return sl[:]
         stop = start + (size if size is not None else sl.get_shape()[dim] - start)
         return sl[(slice(None),) * dim + (slice(start, stop),)]
+
+
+class ShapeReader(CheckpointReader):
+    """A reader that finds tensors and their shapes but copies no data (meta tensors): loading a model built on
+    the meta device through it checks that every tensor the model reads is in the checkpoint, in the time it takes
+    to read the safetensors headers."""
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, size: int | None = None) -> torch.Tensor:
+        if name not in self._where:
+            raise CheckpointError(f"tensor {name!r} is missing from {self.folder}")
+        shape = list(self._handles[self._where[name]].get_slice(name).get_shape())
+        if dim is not None:
+            shape[dim] = size if size is not None else shape[dim] - start
+        return torch.empty(shape, device="meta")

@@ -94,7 +94,10 @@ def _read_parts(reader: CheckpointReader, name: str, part_names: Sequence[str], 
             chunks.append(reader.read(fused, 0, offset + p.start, p.size))
             offset += p.full
         return torch.cat(chunks)
-    raise KeyError(f"checkpoint has neither {', '.join(separate)} nor {fused}")
+    from model.families.weights import CheckpointError
+
+    missing = next((s for s in separate if s not in reader), fused)
+    raise CheckpointError(f"tensor {missing!r} is missing from the checkpoint (nor is there the fused {fused!r})")
 
 
 class ColumnParallelLinear(nn.Module):

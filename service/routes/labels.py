@@ -175,7 +175,8 @@ async def _score(body: bytes, request: Request, served: ServedModel, engine, set
         raw = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"the body is not valid JSON: {exc}") from None
-    if isinstance(raw, dict) and "label_token_ids" not in raw and any(a in raw for a, _ in PAIR_FIELDS):
+    sglang = isinstance(raw, dict) and ("label_token_ids" in raw or "items" in raw)
+    if isinstance(raw, dict) and not sglang and any(a in raw for a, _ in PAIR_FIELDS):
         return await _pair_scores(parse_body(PairScoreRequest, body), request, served, engine, settings)
     return await _label_scores(parse_body(ScoreRequest, body), request, served, engine)
 
