@@ -21,6 +21,7 @@ from model.families.loader import load_model
 from model.runtime.memory import retain_freed_memory
 from model.layers.modules import RaggedBatch, classifier_rows
 from model.runtime.outputs import OutputSpec, ReturnLogits, SequenceOutput
+from model.runtime.prefix_cache import NEVER, Needs, PrefixCache, cached_trunk
 from model.runtime.prefix_sharing import can_share, enable_prefix_sharing, shared_trunk
 from model.runtime.scores import RowScores, ScoreAsk, ScoreReducer
 
@@ -47,6 +48,15 @@ class _RowPlan:
     targets: list[int]  # next token id for each vocab row, -1 for a sequence's last position
     hidden_rows: dict[int, list[int]]  # hidden-state layer -> packed token indices to capture
     hidden_slices: list[list[tuple[int, int, int]]]  # per sequence: (layer, start, count) into hidden_rows[layer]
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """What one ``ModelRunner.run`` saved and holds, for the service's counters (worker -> BatchDone)."""
+
+    prefix_shared_tokens: int = 0  # token rows not recomputed because the batch shared their prefix
+    prefix_cache_hit_tokens: int = 0  # token rows not recomputed because the prefix cache held them
+    prefix_cache_bytes: int = 0  # the cache's bytes after the batch (this rank's)
 
 
 @dataclass
@@ -79,6 +89,10 @@ class ModelRunner:
         # prefix-stable (ModelRunner.load's prefix_sharing); the count of token rows not recomputed so far.
         self._prefix_sharing = can_share(model)
         self.prefix_shared_tokens = 0
+        # Prefixes kept across batches (model/runtime/prefix_cache.py), where prefixes can be shared; None: off.
+        self.prefix_cache: PrefixCache | None = None
+        self.prefix_cache_hit_tokens = 0  # token rows read from the cache so far
+        self.last_run = RunStats()  # the last run's counts
         head = model.lm_head
         # A classifier's replicated score head holds every label on every rank.
         vocab_start = head.vocab.start if hasattr(head, "vocab") else 0
@@ -98,6 +112,7 @@ class ModelRunner:
         retain_memory: bool = True,
         batch_invariant: bool | None = None,
         prefix_sharing: bool | None = None,
+        prefix_cache_bytes: int = 0,
         **model_kwargs,
     ) -> ModelRunner:
         """retain_memory: on CPU, keep freed activations in the process for the next batch (see model/runtime/memory.py:
@@ -108,7 +123,10 @@ class ModelRunner:
 
         prefix_sharing: sequences of a batch that start with the same tokens compute them once, every sequence on
         prefix-stable attention (model/runtime/prefix_sharing.py); None: wherever the model supports it (CPU, SDPA
-        attention, rotary by position); False keeps the attention with transformers' bits."""
+        attention, rotary by position); False keeps the attention with transformers' bits.
+
+        prefix_cache_bytes: bytes of this rank's prefix cache (model/runtime/prefix_cache.py), where prefixes are
+        shared; 0: none."""
         config = ModelConfig.from_pretrained(checkpoint)
         parallel = parallel or ParallelContext.single(device)
         if retain_memory and parallel.device.type == "cpu":
@@ -119,7 +137,22 @@ class ModelRunner:
             parallel = replace(parallel, sum_in_rank_order=True)
         model = load_model(str(checkpoint), config, parallel, torch_dtype, **model_kwargs)
         enable_prefix_sharing(model, prefix_sharing)
-        return cls(model, config, parallel, torch_dtype, batch_invariant=invariant)
+        runner = cls(model, config, parallel, torch_dtype, batch_invariant=invariant)
+        runner.use_prefix_cache(prefix_cache_bytes)
+        return runner
+
+    def use_prefix_cache(self, capacity: int) -> bool:
+        """Keep prefixes across batches in `capacity` bytes (0: no cache, and an existing one is dropped); only
+        where prefixes are shared (can_share) and under batch invariance, without which a cached row's bits would
+        follow the batch that computed it. Returns whether the cache is on."""
+        on = capacity > 0 and can_share(self.model) and self.batch_invariant and not self.model.use_subgraphs
+        self.prefix_cache = PrefixCache.for_model(self.model, capacity) if on else None
+        return on
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """Bytes the prefix cache holds now (0 without one)."""
+        return self.prefix_cache.bytes if self.prefix_cache is not None else 0
 
     @property
     def prefix_sharing(self) -> bool:
@@ -178,6 +211,23 @@ class ModelRunner:
                     kept.extend(start + p for p in hrows)
             plan.hidden_slices.append(slices)
         return plan
+
+    def _needs(self, specs: Sequence[OutputSpec], seq_lens: Sequence[int], pooled: Sequence[int | None]) -> list[Needs]:
+        """Per sequence, the first positions that need a final hidden state and an inner layer's (prefix cache)."""
+        needs = []
+        for spec, n, pool in zip(specs, seq_lens, pooled):
+            final = inner = NEVER
+            if spec.needs_vocab and len(rows := self._logit_rows(spec, n, pool)):
+                final = rows.start
+            hidden = spec.hidden_rows(n)
+            if len(hidden):
+                for layer in self.config.resolve_layers(spec.layers):
+                    if layer == self.config.num_layers:
+                        final = min(final, hidden.start)
+                    else:
+                        inner = min(inner, hidden.start)
+            needs.append(Needs(final, inner))
+        return needs
 
     def _prune(self, plan: _RowPlan, num_tokens: int) -> tuple[int, list[int] | None]:
         """The deepest block any output needs, and the token rows of its output that are needed (None: all).
@@ -286,6 +336,7 @@ class ModelRunner:
         if min(batch.seq_lens) < 1:
             raise ValueError("empty sequence")
         pooled = self._pooled_positions(input_ids, batch)
+        needs = self._needs(specs, batch.seq_lens, pooled)
         plan = self._plan(input_ids.tolist(), batch.bounds, specs, pooled)
         depth, final_rows = self._prune(plan, batch.num_tokens)
         if self.batch_invariant:
@@ -296,11 +347,17 @@ class ModelRunner:
             final_rows = None if final_rows is None else invariance.pad_rows(final_rows)
         capture = {layer: torch.tensor(rows, device=dev) for layer, rows in plan.hidden_rows.items()}
         final = None if final_rows is None else torch.tensor(final_rows, device=dev)
-        if self.prefix_sharing:
+        shared = hit = 0
+        if self.prefix_sharing and self.prefix_cache is not None and depth > 0:
+            h, captured, shared, hit = cached_trunk(self.model, self.prefix_cache, input_ids.to(dev), batch, needs,
+                                                    capture, depth, final)
+        elif self.prefix_sharing:
             h, captured, shared = shared_trunk(self.model, input_ids.to(dev), batch, capture, depth, final)
-            self.prefix_shared_tokens += shared
         else:
             h, captured = self.model.trunk(input_ids.to(dev), batch, capture, depth=depth, final_rows=final)
+        self.prefix_shared_tokens += shared
+        self.prefix_cache_hit_tokens += hit
+        self.last_run = RunStats(shared, hit, self.prefix_cache_bytes)
         vocab = self._vocab_outputs(h, plan, specs) if plan.vocab_rows else None
         captured_cpu = {layer: t.cpu() for layer, t in captured.items()}
 
