@@ -1,0 +1,110 @@
+"""The prefix cache in the runner (model/runtime/prefix_cache.py): cache on against off in one process, on the
+default model (SmolLM2-135M, float32, CPU), requests one at a time.
+
+    python bench/prefix_cache.py preamble      # (a) a 600-token preamble, then 40 texts of 20-60 tokens:
+                                               #     last-token log-probs of two label ids
+    python bench/prefix_cache.py conversation  # (b) a conversation growing over 8 turns, each request the whole
+                                               #     conversation, every row's target log-prob
+
+Each request runs with the cache on, then with it off (the order reversed every other request); the outputs are
+compared bit for bit. Reports wall and process CPU seconds summed over the requests, their ratios, and the ideal
+ratio (token rows, off / on: whole blocks of 64 tokens are what the cache holds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine, model_path  # noqa: E402
+from model import ModelRunner, OutputSpec, ReturnLogits  # noqa: E402
+from model.runtime.outputs import SequenceOutput  # noqa: E402
+from service.packing import pack_ids  # noqa: E402
+
+FIELDS = ("logits", "target_logprobs", "vocab_logprobs")
+
+
+def same(a: SequenceOutput, b: SequenceOutput) -> bool:
+    for name in FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        if (x is None) != (y is None):
+            return False
+        if x is not None and not torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0)):
+            return False
+    return True
+
+
+def workload(name: str, vocab: int, seed: int = 0) -> tuple[list[list[int]], OutputSpec]:
+    rng = random.Random(seed)
+
+    def text(n: int) -> list[int]:
+        return [rng.randrange(10, vocab) for _ in range(n)]
+
+    if name == "preamble":
+        preamble = text(600)
+        return ([preamble + text(rng.randint(20, 60)) for _ in range(40)],
+                OutputSpec(logits=False, vocab_ids=(rng.randrange(vocab), rng.randrange(vocab))))
+    conversation, requests = [], []
+    for _ in range(8):
+        conversation = conversation + text(rng.randint(60, 140))
+        requests.append(list(conversation))
+    return requests, OutputSpec(return_logits=ReturnLogits.ALL, logits=False, target_logprobs=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workload", choices=["preamble", "conversation"])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path, label = model_path(args.model)
+    runner = ModelRunner.load(path, dtype="float32", prefix_cache_bytes=1 << 30)
+    requests, spec = workload(args.workload, runner.config.vocab_size)
+    # warm the allocator and the kernels on a request that shares nothing with the workload
+    warm = [[(t * 7 + 3) % runner.config.vocab_size for t in range(len(requests[-1]))]]
+    ids, offsets = pack_ids(warm)
+    cache = runner.prefix_cache
+    runner.run(torch.from_numpy(ids), torch.from_numpy(offsets), [spec])
+    cache.clear()
+
+    totals = {"on": [0.0, 0.0], "off": [0.0, 0.0]}
+    rows = {"on": 0, "off": 0}
+    equal = True
+    for repeat in range(args.repeats):
+        cache.clear()
+        for i, seq in enumerate(requests):
+            ids, offsets = pack_ids([seq])
+            outs = {}
+            for system in (("on", "off") if (i + repeat) % 2 == 0 else ("off", "on")):
+                runner.prefix_cache = cache if system == "on" else None
+                t0, c0 = time.perf_counter(), time.process_time()
+                outs[system] = runner.run(torch.from_numpy(ids), torch.from_numpy(offsets), [spec])[0]
+                totals[system][0] += time.perf_counter() - t0
+                totals[system][1] += time.process_time() - c0
+                rows[system] += len(seq) - runner.last_run.prefix_cache_hit_tokens
+            equal &= same(outs["on"], outs["off"])
+    runner.prefix_cache = cache
+    print(f"# prefix cache, {args.workload}: {label}; {machine()}; "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}")
+    print(f"requests {len(requests)} x {args.repeats}, tokens {sum(map(len, requests)) * args.repeats}, "
+          f"cache bytes {cache.bytes} ({cache.nodes} blocks)")
+    print("| workload | ideal (token rows) | off wall s | on wall s | wall ratio | off CPU s | on CPU s | CPU ratio "
+          "| same bits |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| {args.workload} | {rows['off'] / rows['on']:.2f} | {totals['off'][0]:.2f} | {totals['on'][0]:.2f} | "
+          f"{totals['off'][0] / totals['on'][0]:.2f} | {totals['off'][1]:.2f} | {totals['on'][1]:.2f} | "
+          f"{totals['off'][1] / totals['on'][1]:.2f} | {equal} |")
+
+
+if __name__ == "__main__":
+    main()
