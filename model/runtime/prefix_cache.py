@@ -252,30 +252,48 @@ def _unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.unique(rows, sorted=True, return_inverse=True)
 
 
+@dataclass
+class TrunkResult:
+    """What ``cached_trunk`` gives the runner."""
+
+    h: torch.Tensor  # [T or R, dim]: the final block's output for every packed row, or for final_rows, in order
+    captured: dict[int, torch.Tensor]  # layer -> [rows, dim], as DistributedTransformer.trunk's
+    # int64 [T or R]: which rows of h are one row (the same key: the same prefix, hence the same bits), so that
+    # what follows the trunk runs once per distinct row; None: every row is its own
+    row_keys: torch.Tensor | None
+    shared_tokens: int  # token rows not recomputed because the batch shares their prefix
+    cache_hit_tokens: int  # token rows not recomputed because the cache holds them
+
+
 def cached_trunk(
     model,
-    cache: PrefixCache,
+    cache: PrefixCache | None,
     tokens: torch.Tensor,
     batch: RaggedBatch,
     needs: Sequence[Needs],
     capture: dict[int, torch.Tensor] | None = None,
     depth: int | None = None,
     final_rows: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[int, torch.Tensor], int, int]:
-    """``prefix_sharing.shared_trunk`` reading and filling `cache`: the same arguments and results, plus the
-    token rows not recomputed thanks to the cache. needs[b]: where sequence b needs outputs (sequences past
-    len(needs), the runner's filler, need none).
-
-    Returns (h [T or R, dim] in packed order, captured, rows shared within the batch, rows read from the cache)."""
+) -> TrunkResult:
+    """``prefix_sharing.shared_trunk`` reading and filling `cache` (None: sharing within the batch only): the same
+    arguments, and the keys of the distinct rows of h. needs[b]: where sequence b needs outputs (sequences past
+    len(needs), the runner's filler, need none)."""
     depth = len(model.layers) if depth is None else depth
     ids = tokens.tolist()
     seqs = [ids[s:e] for s, e in zip(batch.bounds[:-1], batch.bounds[1:])]
-    needs = list(needs) + [Needs()] * (len(seqs) - len(needs))
-    plan = cache.plan(seqs, needs, fill=depth == len(model.layers))
+    if cache is None:
+        plan = CachePlan([[] for _ in seqs], [0] * len(seqs), [], [[] for _ in seqs], [])
+    else:
+        needs = list(needs) + [Needs()] * (len(seqs) - len(needs))
+        plan = cache.plan(seqs, needs, fill=depth == len(model.layers))
     committed = False
     try:
         kv = CachedKV(plan.used, [node for node, _, _ in plan.new])
-        shared = SharedPrefixBatch.build(tokens, batch, plan.cached, kv)
+        shared = SharedPrefixBatch.build(tokens, batch, plan.cached, kv if plan.used or plan.new else None)
+        if shared.shared_tokens == 0 and not plan.used and not plan.new:
+            h, captured = model.trunk(tokens, batch, capture, depth, final_rows)
+            committed = True
+            return TrunkResult(h, captured, None, 0, 0)
         dev = tokens.device
         if plan.new:
             kv.insert_rows = torch.tensor(
@@ -307,13 +325,14 @@ def cached_trunk(
         h = torch.cat(parts).index_select(0, where.index_select(0, wanted))
         if capture and depth in capture:
             captured[depth] = h.index_select(0, capture[depth])
-        if depth == len(model.layers):
+        if depth == len(model.layers) and cache is not None:
             _keep_final_states(plan, shared, where, h_fresh, len(final_unique))
-        cache.commit(plan)
+            cache.commit(plan)
         committed = True
     finally:
-        cache.release(plan, committed)
-    return h, captured, shared.shared_tokens, plan.hit_rows
+        if cache is not None:
+            cache.release(plan, committed)
+    return TrunkResult(h, captured, wanted, shared.shared_tokens, plan.hit_rows)
 
 
 def _keep_final_states(plan: CachePlan, shared: SharedPrefixBatch, where: torch.Tensor, h_fresh: torch.Tensor,

@@ -21,8 +21,8 @@ from model.families.loader import load_model
 from model.runtime.memory import retain_freed_memory
 from model.layers.modules import RaggedBatch, classifier_rows
 from model.runtime.outputs import OutputSpec, ReturnLogits, SequenceOutput
-from model.runtime.prefix_cache import NEVER, Needs, PrefixCache, cached_trunk
-from model.runtime.prefix_sharing import can_share, enable_prefix_sharing, shared_trunk
+from model.runtime.prefix_cache import NEVER, Needs, PrefixCache, TrunkResult, cached_trunk
+from model.runtime.prefix_sharing import can_share, enable_prefix_sharing
 from model.runtime.scores import RowScores, ScoreAsk, ScoreReducer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,6 +66,11 @@ class _VocabOutputs:
     scores: RowScores  # one row per vocab row
     logits: torch.Tensor | None = None  # float32 [F, V]: the rows that asked for full logits
     logits_row_index: torch.Tensor | None = None  # int64 [R]: vocab row -> its row of `logits`
+
+
+def _rows_of(ask: ScoreAsk, s: int, e: int) -> ScoreAsk:
+    """The ask's per-row fields for rows [s, e)."""
+    return replace(ask, row_top_k=ask.row_top_k[s:e], vocab_ids=None if ask.vocab_ids is None else ask.vocab_ids[s:e])
 
 
 class ModelRunner:
@@ -255,8 +260,17 @@ class ModelRunner:
     # re-read once per chunk).
     SCORE_CHUNK_ROWS = 512
 
-    def _vocab_outputs(self, h: torch.Tensor, plan: _RowPlan, specs: Sequence[OutputSpec]) -> _VocabOutputs:
-        """Logits-derived tensors for the vocab rows, on the CPU."""
+    def _vocab_outputs(
+        self, h: torch.Tensor, plan: _RowPlan, specs: Sequence[OutputSpec], row_keys: torch.Tensor | None = None
+    ) -> _VocabOutputs:
+        """Logits-derived tensors for the vocab rows, on the CPU. row_keys (int64, one per row of h): rows of h
+        with equal keys are one row (a shared or cached prefix): the lm_head, the normalizers and the top-k run
+        once for it, and each vocab row reads its own target from it."""
+        if row_keys is not None:
+            keys = row_keys.index_select(0, torch.tensor(plan.vocab_rows, device=h.device))
+            distinct, inverse = torch.unique(keys, return_inverse=True)
+            if len(distinct) < len(keys):
+                return self._distinct_vocab_outputs(h, plan, specs, distinct, inverse)
         dev = h.device
         rows, row_targets = plan.vocab_rows, plan.targets
         flags = [s.logits for s, (_, c) in zip(specs, plan.vocab_slices) for _ in range(c)]
@@ -268,15 +282,7 @@ class ModelRunner:
         flags, ks = flags + [False] * fill, ks + [0] * fill
         every_row = rows == list(range(h.shape[0]))  # every row, in order: no gather copy of h
         row_index = None if every_row else torch.tensor(rows, device=dev)
-        asking = [s for s in specs if s.needs_vocab]
-        targets = torch.tensor(row_targets, device=dev) if any(s.needs_targets for s in asking) else None
-        ask = ScoreAsk(top_k=max(ks, default=0),
-                       row_top_k=torch.tensor(ks, dtype=torch.int64, device=dev),
-                       vocab_ids=self._vocab_ids(plan, specs, len(rows), dev),
-                       target_logprobs=any(s.target_logprobs for s in asking),
-                       target_ranks=any(s.target_ranks for s in asking),
-                       entropy=any(s.entropy for s in asking))
-        scored = targets is not None or ask.top_k or ask.vocab_ids is not None or ask.entropy
+        targets, ask, scored = self._ask(plan, specs, row_targets, ks, dev)
 
         if not any(flags):
             # Scores only (perplexity, top-k): the lm_head runs in row chunks, no [R, vocab] tensor exists.
@@ -286,12 +292,7 @@ class ModelRunner:
             for s in range(0, n, step):
                 e = min(n, s + step)
                 rows_h = h[s:e] if every_row else h.index_select(0, row_index[s:e])
-                chunk_ask = replace(
-                    ask,
-                    row_top_k=ask.row_top_k[s:e],
-                    vocab_ids=None if ask.vocab_ids is None else ask.vocab_ids[s:e],
-                )
-                chunks.append(self.scores(rows_h, None if targets is None else targets[s:e], chunk_ask))
+                chunks.append(self.scores(rows_h, None if targets is None else targets[s:e], _rows_of(ask, s, e)))
             return _VocabOutputs(RowScores.cat(chunks))
 
         rows_h = h if every_row else h.index_select(0, row_index)
@@ -300,6 +301,72 @@ class ModelRunner:
         want_full = torch.tensor(flags, dtype=torch.bool, device=dev)
         # All rows wanted (the common case): the logits tensor itself, not a [R, V] copy of it.
         full = local if all(flags) else local.index_select(0, want_full.nonzero().squeeze(1))
+        return _VocabOutputs(
+            scores=RowScores.cat([scores]),
+            logits=self.model.gather_logits(full).cpu(),
+            logits_row_index=torch.cumsum(want_full.long(), 0).cpu() - 1,
+        )
+
+    def _ask(self, plan: _RowPlan, specs: Sequence[OutputSpec], row_targets: list[int], ks: list[int],
+             dev: torch.device) -> tuple[torch.Tensor | None, ScoreAsk, bool]:
+        """The vocab rows' targets (None: nobody reads them), what the reducer is asked, and whether anything is."""
+        asking = [s for s in specs if s.needs_vocab]
+        targets = torch.tensor(row_targets, device=dev) if any(s.needs_targets for s in asking) else None
+        ask = ScoreAsk(top_k=max(ks, default=0),
+                       row_top_k=torch.tensor(ks, dtype=torch.int64, device=dev),
+                       vocab_ids=self._vocab_ids(plan, specs, len(row_targets), dev),
+                       target_logprobs=any(s.target_logprobs for s in asking),
+                       target_ranks=any(s.target_ranks for s in asking),
+                       entropy=any(s.entropy for s in asking))
+        scored = targets is not None or bool(ask.top_k) or ask.vocab_ids is not None or ask.entropy
+        return targets, ask, scored
+
+    def _distinct_vocab_outputs(
+        self, h: torch.Tensor, plan: _RowPlan, specs: Sequence[OutputSpec], distinct: torch.Tensor,
+        inverse: torch.Tensor,
+    ) -> _VocabOutputs:
+        """_vocab_outputs where several vocab rows are one row: the lm_head and what reads the whole vocabulary
+        run on the D distinct rows (in chunks of SCORE_CHUNK_ROWS, padded to whole row groups), and each vocab
+        row reads its target, chosen ids and own top-k from its distinct row. inverse int64 [R]: vocab row ->
+        distinct row."""
+        dev = h.device
+        count = len(distinct)
+        vocab_rows = torch.tensor(plan.vocab_rows, device=dev)
+        # one row of h for each distinct row (its first vocab row)
+        first = torch.full((count,), len(inverse), dtype=torch.int64, device=dev).scatter_reduce_(
+            0, inverse, torch.arange(len(inverse), device=dev), "amin")
+        h_rows = invariance.pad_rows(vocab_rows.index_select(0, first).tolist(), self.row_multiple)
+        flags = [s.logits for s, (_, c) in zip(specs, plan.vocab_slices) for _ in range(c)]
+        ks = [s.top_k for s, (_, c) in zip(specs, plan.vocab_slices) for _ in range(c)]
+        targets, ask, scored = self._ask(plan, specs, plan.targets, ks, dev)
+        h_index = torch.tensor(h_rows, device=dev)
+
+        if not any(flags):
+            # vocab rows sorted by their distinct row: a chunk of distinct rows is a slice of them
+            order = torch.argsort(inverse, stable=True)
+            sorted_inverse = inverse.index_select(0, order)
+            step, chunks = self.SCORE_CHUNK_ROWS, []
+            for s in range(0, len(h_rows), step):
+                e = min(len(h_rows), s + step)
+                a, b = (int(x) for x in torch.searchsorted(sorted_inverse, torch.tensor([s, e], device=dev)))
+                picked = order[a:b]
+                chunk_ask = replace(ask, row_top_k=ask.row_top_k.index_select(0, picked),
+                                    vocab_ids=None if ask.vocab_ids is None else ask.vocab_ids.index_select(0, picked))
+                chunks.append(self.scores(h.index_select(0, h_index[s:e]),
+                                          None if targets is None else targets.index_select(0, picked), chunk_ask,
+                                          row_of=sorted_inverse[a:b] - s))
+            back = torch.argsort(order)  # sorted position of each vocab row
+            joined = RowScores.cat(chunks)
+            for name, value in vars(joined).items():
+                if value is not None:
+                    setattr(joined, name, value.index_select(0, back.cpu()))
+            return _VocabOutputs(joined)
+
+        rows_h = h.index_select(0, h_index)
+        local = self.model.compute_logits(rows_h)  # [D (padded), V_local]
+        scores = self.scores(rows_h, targets, ask, logits=local, row_of=inverse) if scored else RowScores()
+        want_full = torch.tensor(flags, dtype=torch.bool, device=dev)
+        full = local.index_select(0, inverse[want_full])
         return _VocabOutputs(
             scores=RowScores.cat([scores]),
             logits=self.model.gather_logits(full).cpu(),
@@ -347,18 +414,18 @@ class ModelRunner:
             final_rows = None if final_rows is None else invariance.pad_rows(final_rows)
         capture = {layer: torch.tensor(rows, device=dev) for layer, rows in plan.hidden_rows.items()}
         final = None if final_rows is None else torch.tensor(final_rows, device=dev)
-        shared = hit = 0
-        if self.prefix_sharing and self.prefix_cache is not None and depth > 0:
-            h, captured, shared, hit = cached_trunk(self.model, self.prefix_cache, input_ids.to(dev), batch, needs,
-                                                    capture, depth, final)
-        elif self.prefix_sharing:
-            h, captured, shared = shared_trunk(self.model, input_ids.to(dev), batch, capture, depth, final)
+        if self.prefix_sharing:
+            # Shared and cached prefixes computed once (model/runtime/prefix_cache.py)
+            cache = self.prefix_cache if depth > 0 else None
+            trunk = cached_trunk(self.model, cache, input_ids.to(dev), batch, needs, capture, depth, final)
         else:
-            h, captured = self.model.trunk(input_ids.to(dev), batch, capture, depth=depth, final_rows=final)
-        self.prefix_shared_tokens += shared
-        self.prefix_cache_hit_tokens += hit
-        self.last_run = RunStats(shared, hit, self.prefix_cache_bytes)
-        vocab = self._vocab_outputs(h, plan, specs) if plan.vocab_rows else None
+            trunk = TrunkResult(*self.model.trunk(input_ids.to(dev), batch, capture, depth=depth, final_rows=final),
+                                None, 0, 0)
+        h, captured = trunk.h, trunk.captured
+        self.prefix_shared_tokens += trunk.shared_tokens
+        self.prefix_cache_hit_tokens += trunk.cache_hit_tokens
+        self.last_run = RunStats(trunk.shared_tokens, trunk.cache_hit_tokens, self.prefix_cache_bytes)
+        vocab = self._vocab_outputs(h, plan, specs, trunk.row_keys) if plan.vocab_rows else None
         captured_cpu = {layer: t.cpu() for layer, t in captured.items()}
 
         outputs = []
