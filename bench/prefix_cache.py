@@ -8,7 +8,8 @@ default model (SmolLM2-135M, float32, CPU), requests one at a time.
 
 Each request runs with the cache on, then with it off (the order reversed every other request); the outputs are
 compared bit for bit. Reports wall and process CPU seconds summed over the requests, their ratios, and the ideal
-ratio (token rows, off / on: whole blocks of 64 tokens are what the cache holds).
+ratios off / on: token rows (whole blocks of 64 tokens are what the cache holds), and decoder FLOPs (row-wise
+matmuls, the attention's query blocks, the lm_head).
 """
 
 from __future__ import annotations
@@ -59,6 +60,21 @@ def workload(name: str, vocab: int, seed: int = 0) -> tuple[list[list[int]], Out
     return requests, OutputSpec(return_logits=ReturnLogits.ALL, logits=False, target_logprobs=True)
 
 
+def flops(runner: ModelRunner, n: int, hit: int, vocab_rows: int) -> float:
+    """Decoder FLOPs of one sequence of n tokens whose first `hit` are cached: row-wise matmuls on the computed
+    rows, the attention's query blocks from the first computed one (64 queries against 64 (j + 1) keys), the
+    lm_head on `vocab_rows` rows."""
+    from model.layers.attention_stable import BLOCK
+
+    cfg = runner.config
+    layers = runner.model.layers
+    row = 2 * sum(m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    pair = 4 * cfg.num_heads * cfg.head_dim * len(layers)
+    blocks = range(hit // BLOCK, -(-n // BLOCK))
+    head = 2 * cfg.hidden_size * cfg.vocab_size * vocab_rows
+    return (n - hit) * row + sum(BLOCK * BLOCK * (j + 1) for j in blocks) * pair + head
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("workload", choices=["preamble", "conversation"])
@@ -79,6 +95,7 @@ def main() -> None:
 
     totals = {"on": [0.0, 0.0], "off": [0.0, 0.0]}
     rows = {"on": 0, "off": 0}
+    work = {"on": 0.0, "off": 0.0}
     equal = True
     for repeat in range(args.repeats):
         cache.clear()
@@ -91,17 +108,19 @@ def main() -> None:
                 outs[system] = runner.run(torch.from_numpy(ids), torch.from_numpy(offsets), [spec])[0]
                 totals[system][0] += time.perf_counter() - t0
                 totals[system][1] += time.process_time() - c0
-                rows[system] += len(seq) - runner.last_run.prefix_cache_hit_tokens
+                hit = runner.last_run.prefix_cache_hit_tokens
+                rows[system] += len(seq) - hit
+                work[system] += flops(runner, len(seq), hit, len(spec.logit_rows(len(seq))))
             equal &= same(outs["on"], outs["off"])
     runner.prefix_cache = cache
     print(f"# prefix cache, {args.workload}: {label}; {machine()}; "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}")
     print(f"requests {len(requests)} x {args.repeats}, tokens {sum(map(len, requests)) * args.repeats}, "
           f"cache bytes {cache.bytes} ({cache.nodes} blocks)")
-    print("| workload | ideal (token rows) | off wall s | on wall s | wall ratio | off CPU s | on CPU s | CPU ratio "
+    print("| workload | ideal (token rows) | ideal (FLOPs) | off wall s | on wall s | wall ratio | off CPU s | on CPU s | CPU ratio "
           "| same bits |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| {args.workload} | {rows['off'] / rows['on']:.2f} | {totals['off'][0]:.2f} | {totals['on'][0]:.2f} | "
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| {args.workload} | {rows['off'] / rows['on']:.2f} | {work['off'] / work['on']:.2f} | {totals['off'][0]:.2f} | {totals['on'][0]:.2f} | "
           f"{totals['off'][0] / totals['on'][0]:.2f} | {totals['off'][1]:.2f} | {totals['on'][1]:.2f} | "
           f"{totals['off'][1] / totals['on'][1]:.2f} | {equal} |")
 
