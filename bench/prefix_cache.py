@@ -5,6 +5,8 @@ default model (SmolLM2-135M, float32, CPU), requests one at a time.
                                                #     last-token log-probs of two label ids
     python bench/prefix_cache.py conversation  # (b) a conversation growing over 8 turns, each request the whole
                                                #     conversation, every row's target log-prob
+    python bench/prefix_cache.py unique        # (d) 16 prompts of 300-700 tokens that share nothing (the cache
+                                               #     fills and evicts, nothing hits): last-token log-probs
 
 Each request runs with the cache on, then with it off (the order reversed every other request); the outputs are
 compared bit for bit. Reports wall and process CPU seconds summed over the requests, their ratios, and the ideal
@@ -53,6 +55,9 @@ def workload(name: str, vocab: int, seed: int = 0) -> tuple[list[list[int]], Out
         preamble = text(600)
         return ([preamble + text(rng.randint(20, 60)) for _ in range(40)],
                 OutputSpec(logits=False, vocab_ids=(rng.randrange(vocab), rng.randrange(vocab))))
+    if name == "unique":
+        return ([text(rng.randint(300, 700)) for _ in range(16)],
+                OutputSpec(logits=False, target_logprobs=True, top_k=5))
     conversation, requests = [], []
     for _ in range(8):
         conversation = conversation + text(rng.randint(60, 140))
@@ -68,7 +73,7 @@ def flops(runner: ModelRunner, n: int, hit: int, vocab_rows: int) -> float:
 
     cfg = runner.config
     layers = runner.model.layers
-    row = 2 * sum(m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    row = 2 * sum(p.numel() for layer in layers for p in layer.parameters() if p.dim() >= 2)  # matmul weights
     pair = 4 * cfg.num_heads * cfg.head_dim * len(layers)
     blocks = range(hit // BLOCK, -(-n // BLOCK))
     head = 2 * cfg.hidden_size * cfg.vocab_size * vocab_rows
@@ -77,14 +82,15 @@ def flops(runner: ModelRunner, n: int, hit: int, vocab_rows: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("workload", choices=["preamble", "conversation"])
+    parser.add_argument("workload", choices=["preamble", "conversation", "unique"])
     parser.add_argument("--model", default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--cache-bytes", type=int, default=1 << 30)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path, label = model_path(args.model)
-    runner = ModelRunner.load(path, dtype="float32", prefix_cache_bytes=1 << 30)
+    runner = ModelRunner.load(path, dtype="float32", prefix_cache_bytes=args.cache_bytes)
     requests, spec = workload(args.workload, runner.config.vocab_size)
     # warm the allocator and the kernels on a request that shares nothing with the workload
     warm = [[(t * 7 + 3) % runner.config.vocab_size for t in range(len(requests[-1]))]]
