@@ -15,6 +15,7 @@ import torch
 from model import ModelRunner, OutputSpec, ReturnHiddenStates, ReturnLogits, UnsupportedModelError, launch_local
 from model.families.architectures import ARCHITECTURES
 from model.families.config import SUPPORTED_ROPE_TYPES, ModelConfig
+from model.runtime.outputs import VOCABULARY_FIELDS
 from tests.checkpoints import CLASSIFIER_PAD, RECIPES, load_reference
 from tests.model.helpers import ragged
 from tests.model.test_tensor_parallel import SPEC, assert_same, run_cases
@@ -84,11 +85,16 @@ def test_reward_model_last_token_equals_transformers_logits(checkpoint_factory):
 
 
 def test_classifier_refuses_vocabulary_scores(checkpoint_factory):
+    """Every output the table marks as reading a next-token vocabulary (before: target_logprobs and top_k only;
+    vocab_ids, target_ranks and entropy were computed over the labels)."""
     runner = ModelRunner.load(checkpoint_factory("qwen3-classifier", with_tokenizer=False))
     _, ids, offsets = ragged([5], runner.config.vocab_size)
-    for spec in (OutputSpec(target_logprobs=True), OutputSpec(top_k=2)):
-        with pytest.raises(ValueError, match="classifier .*3 labels.*ask for logits"):
-            runner.run(ids, offsets, [spec])
+    asks = {"target_logprobs": True, "top_k": 2, "vocab_ids": (0, 1), "target_ranks": True, "entropy": True}
+    assert set(asks) == set(VOCABULARY_FIELDS)
+    for name, value in asks.items():
+        with pytest.raises(ValueError, match=f"{name} need.*classifier .*3 labels.*ask for logits"):
+            runner.run(ids, offsets, [OutputSpec(logits=False, **{name: value})])
+    assert runner.run(ids, offsets, [OutputSpec()])[0].logits.shape == (1, 3)
 
 
 def test_classifier_labels_read_as_transformers_reads_them(checkpoint_factory):
