@@ -225,10 +225,8 @@ class ModelRunner:
         ask = ScoreAsk(top_k=max(ks, default=0),
                        row_top_k=torch.tensor(ks, dtype=torch.int64, device=dev),
                        vocab_ids=self._vocab_ids(plan, specs, len(rows), dev),
-                       target_logprobs=any(s.target_logprobs for s in asking),
-                       target_ranks=any(s.target_ranks for s in asking),
-                       entropy=any(s.entropy for s in asking))
-        scored = targets is not None or ask.top_k or ask.vocab_ids is not None or ask.entropy
+                       **{flag: any(s.amount(flag) for s in asking) for flag in ScoreAsk.flags()})
+        scored = any(s.vocabulary_fields for s in asking)  # any score at all (else full logits alone)
 
         if not any(flags):
             # Scores only (perplexity, top-k): the lm_head runs in row chunks, no [R, vocab] tensor exists.
@@ -318,8 +316,8 @@ class ModelRunner:
                     seq.logits = vocab.logits[first : first + count]
                 for kind in SCORE_KINDS:
                     if kind.asked_by(spec):
-                        rows = getattr(vocab.scores, kind.name)[start : start + count]  # [count] or [count, widest]
-                        setattr(seq, kind.name, rows if rows.dim() == 1 else rows[:, : kind.columns(spec)])
+                        mine = getattr(vocab.scores, kind.name)[start : start + count]  # [count] or [count, widest]
+                        setattr(seq, kind.name, mine if mine.dim() == 1 else mine[:, : kind.columns(spec)])
             if plan.hidden_slices[b]:
                 stacked = torch.stack([captured_cpu[layer][s : s + c] for layer, s, c in plan.hidden_slices[b]])
                 if spec.return_hidden_states.normalized:

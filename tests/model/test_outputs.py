@@ -17,7 +17,7 @@ from model.runtime.outputs import (
     ReturnHiddenStates,
     SequenceOutput,
 )
-from model.runtime.scores import RowScores
+from model.runtime.scores import RowScores, ScoreAsk
 from model.task import Task
 
 SPEC_FIELDS = {f.name for f in dataclasses.fields(OutputSpec)}
@@ -36,6 +36,8 @@ def test_the_score_reducer_computes_exactly_the_vocabulary_kinds():
     assert [f.name for f in dataclasses.fields(RowScores)] == [k.name for k in SCORE_KINDS]
     # a score's width per row comes from the spec alone (the runner cuts [R, widest] rows to it)
     assert all(name in SPEC_FIELDS for k in SCORE_KINDS for name in k.per_row)
+    # the reducer's boolean asks are set from the request fields of the same name
+    assert set(ScoreAsk.flags()) <= set(VOCABULARY_FIELDS)
 
 
 def test_the_one_refusal_list_is_the_table_s():
