@@ -16,13 +16,14 @@ from model import ModelRunner, OutputSpec, ReturnHiddenStates, ReturnLogits, Uns
 from model.families.architectures import ARCHITECTURES
 from model.families.config import SUPPORTED_ROPE_TYPES, ModelConfig
 from model.runtime.outputs import VOCABULARY_FIELDS
+from model.task import Task
 from tests.checkpoints import CLASSIFIER_PAD, RECIPES, load_reference
 from tests.model.helpers import ragged
 from tests.model.test_tensor_parallel import SPEC, assert_same, run_cases
 
 ATOL = 1e-4
 FAMILIES = ["gemma", "gemma2", "gemma3", "phi3", "olmo2", "smollm3"]
-CLASSIFIERS = sorted(name for name, r in RECIPES.items() if ARCHITECTURES[r.architecture].task == "classification")
+CLASSIFIERS = sorted(name for name, r in RECIPES.items() if ARCHITECTURES[r.architecture].task == Task.CLASSIFICATION)
 
 
 def classifier_batch(vocab: int, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -43,7 +44,7 @@ def check_classifier(path) -> float:
     runner = ModelRunner.load(path, dtype="float32")
     hf = load_reference(path)
     config = runner.config
-    assert config.task == "classification" and config.num_labels == hf.config.num_labels
+    assert config.task == Task.CLASSIFICATION and config.num_labels == hf.config.num_labels
     assert config.id2label == hf.config.id2label
     seqs, ids, offsets = classifier_batch(config.vocab_size)
     layers = tuple(range(config.num_layers))
@@ -74,7 +75,8 @@ def test_reward_model_last_token_equals_transformers_logits(checkpoint_factory):
     `model(input_ids).logits`, within 1e-5."""
     path = checkpoint_factory("llama-classifier", with_tokenizer=False)
     runner = ModelRunner.load(path, dtype="float32")
-    assert (runner.config.task, runner.config.num_labels, runner.config.id2label) == ("classification", 1, {0: "LABEL_0"})
+    config = runner.config
+    assert (config.task, config.num_labels, config.id2label) == (Task.CLASSIFICATION, 1, {0: "LABEL_0"})
     hf = load_reference(path, attention=None)
     seqs, ids, offsets = classifier_batch(runner.config.vocab_size, seed=4)
     for seq, out in zip(seqs, runner.run(ids, offsets, [OutputSpec()] * len(seqs))):
