@@ -176,22 +176,32 @@ class PrefixCache:
                     used.append(node)
                 rows.extend(range(BLOCK * slot[node], BLOCK * (slot[node] + 1)))
             cached.append(rows)
-        new: list[tuple[_Node, int, int]] = []
+        plan = CachePlan(matched, hits, used, cached, [])
         if fill and self.capacity >= self.node_bytes:
-            pending: dict[tuple[int, tuple[int, ...]], _Node] = {}  # (id of parent, tokens) -> new node
-            for b, (seq, path) in enumerate(zip(seqs, matched)):
-                parent = path[-1] if path else self.root
-                for j in range(len(path), len(seq) // BLOCK):
-                    key = tuple(seq[BLOCK * j : BLOCK * (j + 1)])
-                    node = pending.get((id(parent), key))
-                    if node is None:
-                        if not self._make_room():
-                            break
-                        node = self._allocate(key, parent, j)
-                        pending[(id(parent), key)] = node
-                        new.append((node, b, j))
-                    parent = node
-        return CachePlan(matched, hits, used, cached, new)
+            try:
+                self._add_new(plan, seqs)
+            except BaseException:  # out of memory allocating a node: the batch holds nothing of the cache
+                self.bytes -= self.node_bytes  # the reservation of the node that failed
+                self.release(plan, committed=False)
+                raise
+        return plan
+
+    def _add_new(self, plan: CachePlan, seqs: Sequence[Sequence[int]]) -> None:
+        """Reserve and allocate the whole blocks the batch computes that the cache lacks, shallowest first, as far
+        as the capacity allows (a block whose prefix is not kept is not kept either)."""
+        pending: dict[tuple[int, tuple[int, ...]], _Node] = {}  # (id of parent, tokens) -> new node
+        for b, (seq, path) in enumerate(zip(seqs, plan.matched)):
+            parent = path[-1] if path else self.root
+            for j in range(len(path), len(seq) // BLOCK):
+                key = tuple(seq[BLOCK * j : BLOCK * (j + 1)])
+                node = pending.get((id(parent), key))
+                if node is None:
+                    if not self._make_room():
+                        break
+                    node = self._allocate(key, parent, j)
+                    pending[(id(parent), key)] = node
+                    plan.new.append((node, b, j))
+                parent = node
 
     def _make_room(self) -> bool:
         """Evict least recently used unpinned leaves until one more node fits; False if it cannot."""
