@@ -24,7 +24,8 @@ import torch
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from model.runtime.outputs import OutputSpec
+from model.runtime.outputs import LOGITS, VOCAB_LOGPROBS, OutputSpec
+from model.task import Task
 
 from ..deps import (
     Authorized,
@@ -55,7 +56,7 @@ from ..schemas import (
     responses,
 )
 from ..rerankers import relevance_scores
-from ..served import CLASSIFICATION, ServedModel
+from ..served import ServedModel
 from .metered import WorkRoute
 
 router = APIRouter(route_class=WorkRoute, dependencies=[Authorized, WorkersAccepting])
@@ -112,7 +113,7 @@ async def _label_scores(req: ScoreRequest, request: Request, served: ServedModel
         inputs = pack_inputs(served, RequestInputs(token_ids=prompts), InputFields("items", "items"))
         spec = OutputSpec(logits=False, vocab_ids=tuple(req.label_token_ids))
         scored = await engine.score(inputs, spec, request.receive)
-        logprobs = scored.outputs.arrays["vocab_logprobs"]  # [items, labels]: one last-token row per prompt
+        logprobs = scored.outputs[VOCAB_LOGPROBS]  # [items, labels]: one last-token row per prompt
         scores = _softmax(logprobs) if req.apply_softmax else np.exp(logprobs.astype(np.float64))
         headers, n = scored.timing_headers, inputs.num_tokens
     return json_response({"object": "scoring", "model": served.name, "scores": scores,
@@ -153,7 +154,7 @@ async def _pair_scores(req: PairScoreRequest, request: Request, served: ServedMo
                 scores[i] = score
             n += reranked.num_tokens
             headers = reranked.headers
-    elif served.task == CLASSIFICATION:
+    elif served.task == Task.CLASSIFICATION:
         raise UnsupportedOption("pair scoring needs a one-label classifier (a reranker), a causal LM under "
                                 "--reranker, or a causal LM served for embeddings", param="model")
     elif firsts:
@@ -275,7 +276,7 @@ async def rerank_v2(req: RerankBody, request: Request, served: ServedDep, engine
 @router.post("/v1/classify", openapi_extra=request_body(ClassifyRequest),
              responses=responses(ClassifyResponse, *SCORING_ERRORS))
 async def classify(req: ClassifyBody, request: Request, served: ServedDep, engine: EngineDep) -> Response:
-    if served.task != CLASSIFICATION:
+    if served.task != Task.CLASSIFICATION:
         raise UnsupportedOption("this model is a causal LM, not a *ForSequenceClassification checkpoint: "
                                 "/v1/classify needs a classifier", param="model")
     if (req.input is None) == (req.messages is None):
@@ -285,7 +286,7 @@ async def classify(req: ClassifyBody, request: Request, served: ServedDep, engin
                                truncation=req.truncation()))
     inputs = pack_inputs(served, sent, InputFields("input", "input", "messages"))
     scored = await engine.score(inputs, OutputSpec(), request.receive)
-    logits = scored.outputs.arrays["logits"].astype(np.float64)  # [B, num_labels]: the pooled rows
+    logits = scored.outputs[LOGITS].astype(np.float64)  # [B, num_labels]: the pooled rows
     if not req.use_activation:
         probs = logits
     else:

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import PlainTextResponse, Response
 
 from model.runtime import invariance
+from model.task import Task
 
 from .. import __version__
 from ..deps import Authorized, EngineDep, MetricsDep, ServedDep, SettingsDep
@@ -78,7 +79,7 @@ async def info(served: ServedDep, engine: EngineDep, settings: SettingsDep) -> R
 
 def tei_info(served, s, dtype: str) -> dict:
     """Text Embeddings Inference's `Info` fields (its clients read them from the same GET /info)."""
-    if served.task == "classification":
+    if served.task == Task.CLASSIFICATION:
         labels = {str(i): label for i, label in served.id2label.items()}
         kind = "reranker" if served.reranker is not None else "classifier"
         model_type = {kind: {"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}}

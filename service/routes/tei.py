@@ -17,13 +17,14 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from model.runtime.outputs import OutputSpec
+from model.task import Task
 
 from ..deps import Authorized, Body, EngineDep, ServedDep, SettingsDep, WorkersAccepting, request_body
 from ..embeddings import check_dimensions, cosine, embed, token_states
 from ..errors import InvalidInput
 from ..inputs import InputFields, RequestInputs, Truncation, pack_inputs, truncating_tokenizer
 from ..responses import json_response
-from ..served import CLASSIFICATION, ServedModel
+from ..served import ServedModel
 from ..tei import (
     DecodeRequest,
     EmbedAllRequest,
@@ -79,7 +80,7 @@ def sent_inputs(served: ServedModel, inputs: TeiInput, truncation: Truncation) -
 
 
 def require_embedding_model(served: ServedModel) -> None:
-    if served.task == CLASSIFICATION:
+    if served.task == Task.CLASSIFICATION:
         raise wrong_model("Model is not an embedding model")
 
 
@@ -148,7 +149,7 @@ def predict_sequences(inputs) -> tuple[list[str | tuple[str, str]], bool]:
 @router.post("/predict", openapi_extra=request_body(PredictRequest))
 async def tei_predict(req: tei_body(PredictRequest), request: Request, served: ServedDep,
                       engine: EngineDep) -> Response:
-    if served.task != CLASSIFICATION:
+    if served.task != Task.CLASSIFICATION:
         raise wrong_model("Model is not a classifier model")
     if served.tokenizer is None:
         raise InvalidInput("this model has no tokenizer.json", param="inputs")
@@ -211,7 +212,7 @@ async def tei_root(body: Body, request: Request, served: ServedDep, engine: Engi
         return await tei_rerank(parse_tei(RerankRequest, body), request, served, engine)
     if isinstance(obj, dict) and isinstance(obj.get("inputs"), dict):
         return await tei_similarity(parse_tei(SimilarityRequest, body), request, served, engine, settings)
-    if served.task == CLASSIFICATION:
+    if served.task == Task.CLASSIFICATION:
         return await tei_predict(parse_tei(PredictRequest, body), request, served, engine)
     return await tei_embed(parse_tei(EmbedRequest, body), request, served, engine, settings)
 
