@@ -27,6 +27,7 @@ from starlette.responses import Response
 from model.runtime.outputs import (
     HIDDEN_STATES,
     TARGET_LOGPROBS,
+    TARGET_RANKS,
     TOP_K_IDS,
     TOP_K_LOGPROBS,
     OutputSpec,
@@ -229,9 +230,10 @@ def iter_choices(tokenizer, req: CompletionRequest, inputs: PackedInputs,
         choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": "length"}
         if req.prompt_logprobs is not None:
             rows_i = slice(r, r + nrows)  # every row of the prompt (all_rows)
-            choice["prompt_logprobs"] = prompt_logprobs(tt, ids, req.prompt_logprobs, t["target_logprobs"][rows_i],
-                                                        t["target_ranks"][rows_i], t.get("top_k_ids", ())[rows_i],
-                                                        t.get("top_k_logprobs", ())[rows_i])
+            top_k_ids, top_k_logprobs = outputs.get(TOP_K_IDS), outputs.get(TOP_K_LOGPROBS)
+            choice["prompt_logprobs"] = prompt_logprobs(
+                tt, ids, req.prompt_logprobs, outputs[TARGET_LOGPROBS][rows_i], outputs[TARGET_RANKS][rows_i],
+                () if top_k_ids is None else top_k_ids[rows_i], () if top_k_logprobs is None else top_k_logprobs[rows_i])
         yield choice
         r += nrows
 
