@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from . import __version__
+from . import __version__, guards
 from .engine import Engine
 from .errors import (
     InternalError,
@@ -31,6 +31,7 @@ from .routes import ROUTERS
 from .budget import ResultDims
 from .served import ServedModel
 from .settings import Settings
+from .tokenizing import TokenizingPool
 
 logger = logging.getLogger("logitserve.app")
 
@@ -49,10 +50,14 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         finally:
             await engine.shutdown()
 
-    app = FastAPI(title="logitserve", version=__version__, lifespan=lifespan)
+    # The API's documents are routes of their own (routes/docs.py): local assets, the document behind the key.
+    app = FastAPI(title="logitserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.settings, app.state.served, app.state.metrics, app.state.engine = settings, served, metrics, engine
+    app.state.tokenizing = TokenizingPool(settings)
     for router in ROUTERS:
         app.include_router(router)
+    guards.install(app, settings)
 
     # Errors outside a route (no route, wrong method) in the contract's error body; a route answers its own
     # (routes/metered.py).

@@ -54,6 +54,21 @@ class Work:
     queued: bool = False
     result_bytes: int = 0  # what its results take (budget.result_bytes), reserved at dispatch
     reservation: Reservation | None = None
+    dispatch: Dispatch | None = None  # the batch it was sent in, while that runs
+
+
+@dataclass(eq=False)
+class Dispatch:
+    """A batch sent to a replica, and its requests."""
+
+    replica: Replica
+    batch: Batch
+    works: list[Work]
+
+    def cancel_if_abandoned(self) -> None:
+        """Every request of the batch is answered or abandoned (client gone, timed out): stop computing it."""
+        if all(w.future.done() for w in self.works):
+            self.replica.cancel(self.batch)
 
     @property
     def num_tokens(self) -> int:
@@ -98,6 +113,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._dispatches: set[asyncio.Task] = set()
+        self._running: set[Dispatch] = set()  # batches sent and not answered yet
         self._closed = False
 
     # ---------------------------------------------------------------- admission (called by request handlers)
@@ -105,6 +121,10 @@ class Batcher:
         if self._closed:
             raise NotReady("the server is draining", retry_after=5)
         n = work.num_tokens
+        if n > self.max_queue_tokens:  # would never be admitted, even by an empty queue: refused, not run
+            from .tokenizing import queue_limit_error
+
+            raise queue_limit_error(n, self.max_queue_tokens)
         if self.queued_tokens and self.queued_tokens + n > self.max_queue_tokens:
             raise QueueFull(
                 f"the queue holds {self.queued_tokens} tokens; this request's {n} would pass the limit of "
@@ -120,6 +140,8 @@ class Batcher:
         if work.queued:
             work.queued = False
             self._add_tokens(-work.num_tokens)
+        elif work.dispatch is not None:  # while its batch runs: the batch stops once none of its requests waits
+            work.dispatch.cancel_if_abandoned()
 
     def _add_tokens(self, n: int) -> None:
         self.queued_tokens += n
@@ -145,11 +167,15 @@ class Batcher:
                     break
                 # Submitted here, synchronously, so that the replica's slots are taken before the next pick.
                 batch, fut = self._send(replica, works)
-                task = asyncio.get_running_loop().create_task(self._complete(replica, works, batch, fut))
+                dispatch = Dispatch(replica, batch, works)
+                for w in works:
+                    w.dispatch = dispatch
+                self._running.add(dispatch)
+                task = asyncio.get_running_loop().create_task(self._complete(dispatch, fut))
                 self._dispatches.add(task)
                 task.add_done_callback(self._dispatches.discard)
                 # Not held here until the next dispatch: the future's results pin its requests' shared memory.
-                del batch, fut, task, works
+                del batch, fut, task, works, dispatch
 
     def _take(self) -> list[Work]:
         """The next batch: the oldest request, then those sharing a prefix with the batch (``_sharing``), then the
@@ -208,7 +234,8 @@ class Batcher:
         self.metrics.batch_sequences.observe(len(lengths))
         return batch, replica.submit(batch)
 
-    async def _complete(self, replica: Replica, works: list[Work], batch: Batch, fut) -> None:
+    async def _complete(self, dispatch: Dispatch, fut) -> None:
+        replica, works, batch = dispatch.replica, dispatch.works, dispatch.batch
         label = str(replica.index)
         try:
             result: MappedBatch = await fut
@@ -254,6 +281,9 @@ class Batcher:
                     outputs = result.outputs(i, w.reservation)
                     w.future.set_result(WorkResult(outputs, queue_s, done.forward_s, w.reservation))
         finally:
+            self._running.discard(dispatch)
+            for w in works:
+                w.dispatch = None
             self._wake.set()
 
     # ------------------------------------------------------------------------------------------ lifetime
@@ -267,6 +297,16 @@ class Batcher:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.busy and (deadline is None or time.monotonic() < deadline):
             await asyncio.sleep(0.05)
+
+    def stop_running(self) -> None:
+        """Shutdown past its grace: every batch still running stops at its next block, and every request still
+        queued or running is answered 503."""
+        self._closed = True
+        for dispatch in list(self._running):
+            dispatch.replica.cancel(dispatch.batch)
+        for w in self._queue:
+            if not w.future.done():
+                w.future.set_exception(NotReady("the server is shutting down", retry_after=5))
 
     async def stop(self) -> None:
         self._closed = True

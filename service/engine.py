@@ -56,22 +56,34 @@ class Engine:
         self.draining = False
         self.pool = None
         self.batcher: Batcher | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------------------------------ lifetime
     async def start(self) -> None:
         from .workers import WorkerPool
 
         s = self.settings
+        self._loop = asyncio.get_running_loop()
         self.batcher = Batcher(None, s.max_batch_tokens, s.effective_max_queue_tokens, self.metrics, self.budget)
         self.pool = WorkerPool(s, self.checkpoint, self.metrics, asyncio.get_running_loop(), on_change=self.batcher.wake)
         self.batcher.pool = self.pool
         self.batcher.start()
         self.pool.start()
 
+    def begin_drain(self) -> None:
+        """SIGTERM: refuse new work now; what was admitted has `drain_timeout` to finish, then what still runs is
+        stopped at its next block (its clients get 503), so that the server exits within seconds of the signal."""
+        self.draining = True
+        if self._loop is not None and self.batcher is not None:
+            self._loop.call_soon_threadsafe(self._loop.call_later, self.settings.drain_timeout,
+                                            self.batcher.stop_running)
+
     async def shutdown(self) -> None:
         self.draining = True
         if self.batcher is not None:
-            await self.batcher.drain(timeout=self.settings.request_timeout)
+            await self.batcher.drain(timeout=self.settings.drain_timeout)
+            self.batcher.stop_running()
+            await self.batcher.drain(timeout=self.settings.drain_timeout)
             await self.batcher.stop()
         if self.pool is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.pool.stop)

@@ -41,6 +41,18 @@ class PayloadTooLarge(ServiceError):
     pass
 
 
+class HostNotAllowed(ServiceError):
+    """The Host header names a host outside --allowed-hosts (a DNS-rebinding page, or a misconfigured proxy)."""
+
+
+class UnsupportedMediaType(ServiceError):
+    """A body declared as something other than application/json (a browser's form or text/plain post)."""
+
+
+class SlowRequest(ServiceError):
+    """The client did not send its request within the read timeouts."""
+
+
 class ResponseTooLarge(ServiceError):
     """The request's results alone exceed --max-result-bytes: refused before any forward runs."""
 
@@ -76,10 +88,13 @@ class ClientDisconnected(Exception):
 
 ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
     UnsupportedOption: (400, "unsupported_option"),
+    HostNotAllowed: (400, "host_not_allowed"),
     Unauthorized: (401, "authentication_error"),
     NotFound: (404, "not_found"),
     MethodNotAllowed: (405, "method_not_allowed"),
+    SlowRequest: (408, "request_timeout"),
     PayloadTooLarge: (413, "payload_too_large"),
+    UnsupportedMediaType: (415, "unsupported_media_type"),
     InvalidInput: (422, "invalid_request_error"),
     ResponseTooLarge: (422, "response_too_large"),
     QueueFull: (429, "queue_full"),

@@ -44,6 +44,7 @@ class MeteredRoute(APIRoute):
                 except ServiceError as exc:
                     response = error_response(exc)
                 except ClientDisconnected:
+                    logger.info("%s %s: the client went away (499)", request.method, endpoint)
                     response = Response(status_code=499)
                 except RequestValidationError as exc:
                     message, param = format_validation_errors(list(exc.errors()))

@@ -26,9 +26,18 @@ from starlette.responses import Response
 
 from model.runtime.outputs import OutputSpec, ReturnHiddenStates, ReturnLogits
 
-from ..deps import Authorized, EngineDep, ServedDep, SettingsDep, WorkersAccepting, json_body, request_body
+from ..deps import (
+    Authorized,
+    EngineDep,
+    ServedDep,
+    SettingsDep,
+    TokenizingDep,
+    WorkersAccepting,
+    json_body,
+    request_body,
+)
 from ..errors import InvalidInput, UnsupportedOption
-from ..inputs import InputFields, PackedInputs, pack_inputs, prompt_inputs
+from ..inputs import InputFields, PackedInputs, prompt_inputs
 from ..responses import budgeted_json, json_response
 from ..schemas import (
     SCORING_ERRORS,
@@ -202,7 +211,8 @@ def iter_choices(tokenizer, req: CompletionRequest, inputs: PackedInputs,
 
 @router.post("/v1/completions", openapi_extra=request_body(CompletionRequest),
              responses=responses(CompletionResponse, *SCORING_ERRORS))
-async def completions(req: CompletionBody, request: Request, served: ServedDep, engine: EngineDep) -> Response:
+async def completions(req: CompletionBody, request: Request, served: ServedDep, engine: EngineDep,
+                      tokenizing: TokenizingDep) -> Response:
     if req.max_tokens is None:
         req.max_tokens = 0
     if req.max_tokens > 1:
@@ -215,7 +225,8 @@ async def completions(req: CompletionBody, request: Request, served: ServedDep, 
         raise UnsupportedOption("n and best_of must be 1: scoring is deterministic", param="n")
     if req.suffix:
         raise UnsupportedOption("suffix is not supported", param="suffix")
-    inputs = pack_inputs(served, prompt_inputs(req.prompt, req.add_special_tokens), InputFields("prompt", "prompt"))
+    inputs = await tokenizing.pack(served, prompt_inputs(req.prompt, req.add_special_tokens),
+                                   InputFields("prompt", "prompt"))
     spec = completion_spec(req, served.config.vocab_size)
     scored = None
     if spec is not None:
@@ -240,12 +251,13 @@ async def completions(req: CompletionBody, request: Request, served: ServedDep, 
 @router.post("/v1/embeddings", openapi_extra=request_body(EmbeddingRequest),
              responses=responses(EmbeddingResponse, *SCORING_ERRORS))
 async def embeddings(req: EmbeddingBody, request: Request, served: ServedDep, engine: EngineDep,
-                     settings: SettingsDep) -> Response:
+                     settings: SettingsDep, tokenizing: TokenizingDep) -> Response:
     hidden = served.config.hidden_size
     if req.dimensions is not None and req.dimensions > hidden:
         raise InvalidInput(f"dimensions {req.dimensions} is larger than this model's hidden size {hidden}",
                            param="dimensions")
-    inputs = pack_inputs(served, prompt_inputs(req.input, req.add_special_tokens), InputFields("input", "input"))
+    inputs = await tokenizing.pack(served, prompt_inputs(req.input, req.add_special_tokens),
+                                   InputFields("input", "input"))
     mean = settings.pooling == "mean"
     mode = ReturnHiddenStates.ALL_NORMALIZED if mean else ReturnHiddenStates.LAST_NORMALIZED
     spec = OutputSpec(logits=False, return_hidden_states=mode, layers=(served.config.num_layers,))
