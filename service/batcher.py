@@ -56,20 +56,6 @@ class Work:
     reservation: Reservation | None = None
     dispatch: Dispatch | None = None  # the batch it was sent in, while that runs
 
-
-@dataclass(eq=False)
-class Dispatch:
-    """A batch sent to a replica, and its requests."""
-
-    replica: Replica
-    batch: Batch
-    works: list[Work]
-
-    def cancel_if_abandoned(self) -> None:
-        """Every request of the batch is answered or abandoned (client gone, timed out): stop computing it."""
-        if all(w.future.done() for w in self.works):
-            self.replica.cancel(self.batch)
-
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
@@ -83,6 +69,20 @@ class Dispatch:
                 keys.add(self.input_ids[start : start + SHARING_KEY_TOKENS].tobytes())
             start += n
         return frozenset(keys)
+
+
+@dataclass(eq=False)
+class Dispatch:
+    """A batch sent to a replica, and its requests."""
+
+    replica: Replica
+    batch: Batch
+    works: list[Work]
+
+    def cancel_if_abandoned(self) -> None:
+        """Every request of the batch is answered or abandoned (client gone, timed out): stop computing it."""
+        if all(w.future.done() for w in self.works):
+            self.replica.cancel(self.batch)
 
 
 @dataclass

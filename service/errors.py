@@ -124,6 +124,8 @@ def error_response(exc: ServiceError) -> Response:
         headers["Retry-After"] = str(max(1, int(round(retry))))
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
+    if status == 408:  # the rest of a slow request is not waited for
+        headers["Connection"] = "close"
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 

@@ -37,12 +37,17 @@ def host_name(header: str) -> str:
     return value.rstrip(".")
 
 
-def default_allowed_hosts(bind: str) -> list[str]:
-    """The bound address and the loopback names; any host for a server bound to every interface (which is reachable
+def local_hosts(bind: str) -> list[str]:
+    """The bound address and the loopback names: always answered (a rebinding page's requests carry its own name)."""
+    return ([] if bind.strip() in WILDCARD_BINDS else [host_name(bind)]) + [*LOCAL_NAMES, "*.localhost"]
+
+
+def allowed_hosts(given: list[str], bind: str) -> list[str]:
+    """--allowed-hosts and the local names; without it, any host for a server bound to every interface (reachable
     by names and addresses the server cannot know: a container's service name, a pod's IP)."""
-    if bind.strip() in WILDCARD_BINDS:
+    if not given and bind.strip() in WILDCARD_BINDS:
         return ["*"]
-    return [host_name(bind), *LOCAL_NAMES, "*.localhost"]
+    return [*given, *local_hosts(bind)]
 
 
 class AllowedHosts:
@@ -112,5 +117,4 @@ def install(app, settings) -> None:
                            allow_headers=["authorization", "content-type", "accept"],
                            expose_headers=["x-queue-time", "x-inference-time", "retry-after"])
     app.add_middleware(HeadAsGet)
-    patterns = settings.allowed_hosts or default_allowed_hosts(settings.host)
-    app.add_middleware(HostGuard, allowed=AllowedHosts(patterns))
+    app.add_middleware(HostGuard, allowed=AllowedHosts(allowed_hosts(settings.allowed_hosts, settings.host)))

@@ -51,8 +51,9 @@ class Settings(BaseSettings):
         "on", "sequences of a batch that start with the same tokens compute them once (where the model supports "
               "it: CPU, SDPA attention; /info reports it)")
     allowed_hosts: Annotated[list[str], NoDecode] = flag(
-        [], "Host header names a request may carry, comma-separated; * allows any (default: the bound address, "
-            "localhost names, 127.0.0.1 and ::1; any for a server bound to all interfaces)", "HOST,...")
+        [], "host names a request's Host header may carry besides the bound address, localhost names, 127.0.0.1 and "
+            "::1 (always allowed), comma-separated; *.example.com for subdomains, * for any (default: none more; any "
+            "for a server bound to all interfaces)", "HOST,...")
     cors_origins: Annotated[list[str], NoDecode] = flag(
         [], "origins a web page may call the API from, comma-separated (default: none)", "ORIGIN,...")
 
