@@ -62,12 +62,12 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float):
             self._chunk = len(data)
             if self._reading_head:
                 self._head_bytes += len(data)
-                if self._head_bytes > max_header_bytes:
-                    self._refuse(431, "Request Header Fields Too Large", "headers_too_large",
-                                 f"the request line and headers are larger than the limit of {max_header_bytes} "
-                                 "bytes")
-                    return
             super().data_received(data)
+            # Checked after the parser has seen the chunk (a chunk may end the head and start the body): what the
+            # parser holds of an unfinished head is at most the limit plus one read.
+            if self._reading_head and self._head_bytes > max_header_bytes and not self.transport.is_closing():
+                self._refuse(431, "Request Header Fields Too Large", "headers_too_large",
+                             f"the request line and headers are larger than the limit of {max_header_bytes} bytes")
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
