@@ -293,7 +293,7 @@ def test_help_shows_every_flag_with_its_default_and_variable():
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())
     for name, field in Settings.flags().items():
-        default = "" if field.default is None else f" (default: {field.default})"
+        default = "" if field.default in (None, []) else f" (default: {field.default})"
         assert f"--{name.replace('_', '-')} " in text, name
         assert f"{field.description}{default} [env LOGITSERVE_{name.upper()}]" in text, name
 
