@@ -147,3 +147,32 @@ def test_a_mid_body_disconnect_is_a_499_logged_without_traceback(server):
     log = server.log_path.read_text()[log_start:]
     assert "the client went away (499)" in log
     assert "Traceback" not in log and "ClientDisconnect" not in log
+
+
+def test_swagger_ui_renders_the_document_offline_with_the_key(server):
+    """/docs in a headless Chromium: the operations appear once the key is typed (the document needs it)."""
+    from tests.service.test_playground import _browser_paths
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pyproject test extra)")
+    paths = _browser_paths()
+    if paths is None:
+        pytest.skip("no headless Chromium")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = Options()
+    options.binary_location = paths[0]
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(paths[1]), options=options)
+    try:
+        driver.set_page_load_timeout(30)
+        driver.get(server.url + "/docs")
+        driver.execute_script("sessionStorage.setItem('logitserve-api-key', arguments[0])", API_KEY)
+        driver.get(server.url + "/docs")
+        WebDriverWait(driver, 30, poll_frequency=0.2).until(
+            lambda d: d.execute_script("return Array.from(document.querySelectorAll('.opblock-summary-path'))"
+                                       ".some(e => e.textContent.includes('/v1/logits'))"))
+    finally:
+        driver.quit()
