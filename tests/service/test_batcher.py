@@ -145,7 +145,7 @@ def test_least_loaded_replica():
 def context_work(context: int, n: int, loop, sequences: int = 1):
     """A request of `sequences` sequences of n (>= SHARING_KEY_TOKENS) tokens, each starting with that many tokens
     `context`."""
-    from service.batcher import SHARING_KEY_TOKENS
+    from service.packing import SHARING_KEY_TOKENS
 
     seq = np.concatenate([np.full(SHARING_KEY_TOKENS, context), np.arange(n - SHARING_KEY_TOKENS)]).astype(np.int64)
     return Work(np.tile(seq, sequences), [n] * sequences, None, loop.create_future())
