@@ -62,7 +62,7 @@ class NotReady(ServiceError):
 
 
 class WorkerFailed(ServiceError):
-    """A rank of the group that held this request's batch died or hung."""
+    """A rank of the replica that held this request's batch died or hung."""
 
 
 class OutOfMemory(WorkerFailed):
