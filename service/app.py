@@ -8,7 +8,6 @@ become responses in one function (`errors.error_for`), here for what no route an
 
 from __future__ import annotations
 
-import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -24,8 +23,6 @@ from .routes import ROUTERS
 from .send_timeout import SendTimeoutGuard
 from .served import ServedModel
 from .settings import Settings
-
-logger = logging.getLogger("logitserve.app")
 
 
 def create_app(settings: Settings | None = None, metrics: Metrics | None = None) -> FastAPI:
@@ -49,8 +46,12 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     # What no route answers (no route, wrong method, a failure outside a route); a route's own errors are made
     # responses by its route class (routes/metered.py), with the same function.
     for exc_class in (ServiceError, RequestValidationError, StarletteHTTPException, Exception):
-        app.add_exception_handler(exc_class, error_for)
+        app.add_exception_handler(exc_class, _error_handler)
     return app
+
+
+async def _error_handler(request, exc: Exception):
+    return error_for(request, exc)  # (a coroutine: Starlette would run a plain function in its thread pool)
 
 
 class LogitServe(FastAPI):
