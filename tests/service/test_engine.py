@@ -27,6 +27,7 @@ CAUSAL_ROUTES = {
     "logits safetensors, streamed": ("/v1/logits", {"input_ids": LONG, "return_logits": "all"}, SAFETENSORS),
     "hidden_states": ("/v1/hidden_states", {"input_ids": [[1, 2, 3]], "return_hidden_states": "all"}, None),
     "completions": ("/v1/completions", {"prompt": "hello world", "max_tokens": 1, "logprobs": 2, "echo": True}, None),
+    "completions, streamed": ("/v1/completions", {"prompt": LONG * 4, "logprobs": 1, "echo": True}, None),  # 5000
     "embeddings": ("/v1/embeddings", {"input": ["hello", "world"]}, None),
     "score": ("/v1/score", {"query": "a b", "items": ["c", "d e"], "label_token_ids": [5, 6]}, None),
 }
@@ -36,13 +37,14 @@ CLASSIFIER_ROUTES = {
 }
 
 
-def _check_released(path: str, body: dict, accept: str | None, checkpoint, runner) -> None:
+def _check_released(path: str, body: dict, accept: str | None, checkpoint, runner, streamed: bool) -> None:
     async def main():
         async with served(checkpoint, runner) as (app, client, handles):
             headers = {"accept": accept} if accept else {}
             r = await client.post(path, json=body, headers=headers)
             assert r.status_code == 200, r.text
             assert len(handles) == 1
+            assert handles[0]._handed_over == streamed  # a streamed body owns its results: it closed them
             # Still referenced here, with the views of its results: only its close can have released them.
             assert handles[0].closed and handles[0].reservation.released
             assert app.state.engine.budget.used == 0 and app.state.metrics.result_bytes._value.get() == 0
@@ -52,7 +54,7 @@ def _check_released(path: str, body: dict, accept: str | None, checkpoint, runne
 
 @pytest.mark.parametrize("route", CAUSAL_ROUTES)
 def test_every_route_closes_its_results_handle(route, tiny_checkpoint, reference_runner):
-    _check_released(*CAUSAL_ROUTES[route], tiny_checkpoint, reference_runner)
+    _check_released(*CAUSAL_ROUTES[route], tiny_checkpoint, reference_runner, streamed="streamed" in route)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def classifier(checkpoint_factory):
 
 @pytest.mark.parametrize("route", CLASSIFIER_ROUTES)
 def test_every_label_route_closes_its_results_handle(route, classifier):
-    _check_released(*CLASSIFIER_ROUTES[route], *classifier)
+    _check_released(*CLASSIFIER_ROUTES[route], *classifier, streamed=False)
 
 
 def _budgeted(nbytes: int = 100):
