@@ -20,9 +20,10 @@ from model.distributed_transformer import DistributedTransformer
 from model.families.loader import load_model
 from model.runtime.memory import retain_freed_memory
 from model.layers.modules import RaggedBatch, classifier_rows
-from model.runtime.outputs import OutputSpec, ReturnLogits, SequenceOutput
+from model.runtime.outputs import SCORE_KINDS, OutputSpec, ReturnLogits, SequenceOutput
 from model.runtime.prefix_sharing import can_share, enable_prefix_sharing, shared_trunk
 from model.runtime.scores import RowScores, ScoreAsk, ScoreReducer
+from model.task import Task
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -142,16 +143,17 @@ class ModelRunner:
 
     def _pooled_positions(self, input_ids: torch.Tensor, batch: RaggedBatch) -> list[int | None]:
         """Per sequence, a classifier's pooled position (modules.classifier_rows); None for a causal LM."""
-        if self.config.task != "classification":
+        if self.config.task != Task.CLASSIFICATION:
             return [None] * len(batch.seq_lens)
         cpu = RaggedBatch.from_offsets(batch.offsets.cpu(), torch.device("cpu"))
         rows = classifier_rows(input_ids.cpu(), cpu, self.config.pad_token_id)
         return [int(r) - s for r, s in zip(rows.tolist(), batch.bounds[:-1])]
 
     def _check_specs(self, specs: Sequence[OutputSpec]) -> None:
-        if self.config.task == "classification" and any(s.target_logprobs or s.top_k for s in specs):
+        refused = tuple(dict.fromkeys(name for s in specs for name in s.unsupported_fields(self.config.task)))
+        if refused:
             raise ValueError(
-                "target_logprobs and top_k need a next-token vocabulary; this model is a classifier "
+                f"{', '.join(refused)} need a next-token vocabulary; this model is a classifier "
                 f"({self.config.architecture}, {self.config.num_labels} labels): ask for logits"
             )
 
@@ -223,10 +225,8 @@ class ModelRunner:
         ask = ScoreAsk(top_k=max(ks, default=0),
                        row_top_k=torch.tensor(ks, dtype=torch.int64, device=dev),
                        vocab_ids=self._vocab_ids(plan, specs, len(rows), dev),
-                       target_logprobs=any(s.target_logprobs for s in asking),
-                       target_ranks=any(s.target_ranks for s in asking),
-                       entropy=any(s.entropy for s in asking))
-        scored = targets is not None or ask.top_k or ask.vocab_ids is not None or ask.entropy
+                       **{flag: any(s.amount(flag) for s in asking) for flag in ScoreAsk.flags()})
+        scored = any(s.vocabulary_fields for s in asking)  # any score at all (else full logits alone)
 
         if not any(flags):
             # Scores only (perplexity, top-k): the lm_head runs in row chunks, no [R, vocab] tensor exists.
@@ -273,9 +273,9 @@ class ModelRunner:
     def run(self, input_ids: torch.Tensor, input_row_offsets: torch.Tensor, specs: Sequence[OutputSpec]) -> list[SequenceOutput]:
         """input_ids int64 [T] packed; input_row_offsets int64 [B+1]; one OutputSpec per sequence.
 
-        A classifier (config.task "classification") returns rows of num_labels logits; its last_token row is the
-        sequence's pooled row (the last token that is not pad_token_id), positions saying which; target_logprobs
-        and top_k raise ValueError (no next-token vocabulary).
+        A classifier (config.task CLASSIFICATION) returns rows of num_labels logits; its last_token row is the
+        sequence's pooled row (the last token that is not pad_token_id), positions saying which; the outputs that
+        read a next-token vocabulary (outputs.VOCABULARY_FIELDS) raise ValueError.
 
         With tp > 1 every rank calls this with the same arguments and gets the same outputs."""
         if len(specs) != len(input_row_offsets) - 1:
@@ -311,21 +311,13 @@ class ModelRunner:
             seq = SequenceOutput(positions=positions)
             start, count = plan.vocab_slices[b]
             if count:
-                scores = vocab.scores
                 if spec.logits:
                     first = int(vocab.logits_row_index[start])
                     seq.logits = vocab.logits[first : first + count]
-                if spec.target_logprobs:
-                    seq.target_logprobs = scores.target_logprobs[start : start + count]
-                if spec.top_k:
-                    seq.top_k_ids = scores.top_k_ids[start : start + count, : spec.top_k]
-                    seq.top_k_logprobs = scores.top_k_logprobs[start : start + count, : spec.top_k]
-                if spec.vocab_ids is not None:
-                    seq.vocab_logprobs = scores.vocab_logprobs[start : start + count, : len(spec.vocab_ids)]
-                if spec.target_ranks:
-                    seq.target_ranks = scores.target_ranks[start : start + count]
-                if spec.entropy:
-                    seq.entropy = scores.entropy[start : start + count]
+                for kind in SCORE_KINDS:
+                    if kind.asked_by(spec):
+                        mine = getattr(vocab.scores, kind.name)[start : start + count]  # [count] or [count, widest]
+                        setattr(seq, kind.name, mine if mine.dim() == 1 else mine[:, : kind.columns(spec)])
             if plan.hidden_slices[b]:
                 stacked = torch.stack([captured_cpu[layer][s : s + c] for layer, s, c in plan.hidden_slices[b]])
                 if spec.return_hidden_states.normalized:

@@ -32,6 +32,12 @@ class ScoreAsk:
     target_ranks: bool = False  # with `targets`
     entropy: bool = False
 
+    @classmethod
+    def flags(cls) -> tuple[str, ...]:
+        """The boolean asks, each named after the OutputSpec field that asks for its score (the runner sets one
+        when any row's sequence asks)."""
+        return tuple(f.name for f in fields(cls) if isinstance(f.default, bool))
+
 
 @dataclass
 class RowScores:

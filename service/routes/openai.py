@@ -25,7 +25,15 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from model.runtime.outputs import OutputSpec, ReturnHiddenStates, ReturnLogits
+from model.runtime.outputs import (
+    HIDDEN_STATES,
+    TARGET_LOGPROBS,
+    TOP_K_IDS,
+    TOP_K_LOGPROBS,
+    OutputSpec,
+    ReturnHiddenStates,
+    ReturnLogits,
+)
 
 from ..deps import Authorized, EngineDep, ServedDep, SettingsDep, WorkersAccepting, json_body, request_body
 from ..errors import InvalidInput, UnsupportedOption
@@ -136,15 +144,13 @@ def iter_choices(tokenizer, req: CompletionRequest, inputs: PackedInputs,
     """One choice per prompt, from its tokens and (when anything was computed) its outputs; made as they are asked
     for, so that a streamed body holds one prompt's choice at a time."""
     tt = TokenTexts(tokenizer)
-    arrays = outputs.arrays if outputs is not None else {}
     rows = outputs.logit_rows if outputs is not None else [0] * len(inputs.lengths)
     r = 0
     for i, ids in enumerate(inputs.token_lists):
-        part = {name: arrays[name][r : r + rows[i]] if name in arrays else None
-                for name in ("top_k_ids", "top_k_logprobs", "target_logprobs")}
+        part = [None if outputs is None or outputs.get(kind) is None else outputs[kind][r : r + rows[i]]
+                for kind in (TOP_K_IDS, TOP_K_LOGPROBS, TARGET_LOGPROBS)]
         prompt = _Prompt(ids, inputs.texts[i] if inputs.texts else None,
-                         inputs.char_offsets[i] if inputs.texts else None, rows[i],
-                         part["top_k_ids"], part["top_k_logprobs"], part["target_logprobs"])
+                         inputs.char_offsets[i] if inputs.texts else None, rows[i], *part)
         yield _choice(tt, req, i, prompt)
         r += rows[i]
 
@@ -273,7 +279,7 @@ async def embeddings(req: EmbeddingBody, request: Request, served: ServedDep, en
     mode = ReturnHiddenStates.ALL_NORMALIZED if mean else ReturnHiddenStates.LAST_NORMALIZED
     spec = OutputSpec(logits=False, return_hidden_states=mode, layers=(served.config.num_layers,))
     with await engine.score(inputs, spec, request.receive) as scored:
-        hs = scored.outputs.arrays["hidden_states"][0]  # [rows, hidden] of the last layer, final norm applied
+        hs = scored.outputs[HIDDEN_STATES][0]  # [rows, hidden] of the last layer, final norm applied
         data = []
         h = 0
         for i, k in enumerate(scored.outputs.hidden_rows):
