@@ -157,12 +157,9 @@ def serve(settings) -> int:
                 await asyncio.sleep(0.01)
             await super().shutdown(sockets)
 
-    from service.send_timeout import SendTimeoutGuard
-
-    guarded = SendTimeoutGuard(app, settings.send_timeout, app.state.metrics.send_timeouts)
     from service.http_limits import uvicorn_http_options
 
-    config = uvicorn.Config(guarded, host=settings.host, port=settings.port, log_level=settings.log_level,
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=None, access_log=False, **uvicorn_http_options(settings))
     Server(config).run()
     return 0

@@ -100,10 +100,10 @@ async def score(req: ScoreBody, request: Request, served: ServedDep, engine: Eng
     if prompts:
         inputs = await tokenizing.pack(served, RequestInputs(token_ids=prompts), InputFields("items", "items"))
         spec = OutputSpec(logits=False, vocab_ids=tuple(req.label_token_ids))
-        scored = await engine.score(inputs, spec, request.receive)
-        logprobs = scored.outputs[VOCAB_LOGPROBS]  # [items, labels]: one last-token row per prompt
-        scores = _softmax(logprobs) if req.apply_softmax else np.exp(logprobs.astype(np.float64))
-        headers, n = scored.timing_headers, inputs.num_tokens
+        with await engine.score(inputs, spec, request.receive) as scored:
+            logprobs = scored.outputs[VOCAB_LOGPROBS]  # [items, labels]: one last-token row per prompt
+            scores = _softmax(logprobs) if req.apply_softmax else np.exp(logprobs.astype(np.float64))
+            headers, n = scored.timing_headers, inputs.num_tokens
     return json_response({"object": "scoring", "model": served.name, "scores": scores,
                           "usage": {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0}}, headers=headers)
 
@@ -127,13 +127,15 @@ async def _rerank(req: RerankRequest, request: Request, served: ServedModel, eng
         inputs = await tokenizing.pack(served, RequestInputs(token_ids=prompts), InputFields("documents", "documents"))
         # The last row's logits: a classifier's head outputs, or a causal LM's vocabulary row whose label columns
         # are read (raw logits: bge-gemma's score is the `Yes` logit itself, not a log-probability).
-        scored = await engine.score(inputs, OutputSpec(), request.receive)
-        logits = scored.outputs[LOGITS]  # [documents, columns]
-        if reranker.label_token_ids:
-            logits = logits[:, list(reranker.label_token_ids)]
+        with await engine.score(inputs, OutputSpec(), request.receive) as scored:
+            logits = scored.outputs[LOGITS]  # [documents, columns]
+            if reranker.label_token_ids:
+                logits = logits[:, list(reranker.label_token_ids)]
+            logits = np.array(logits, dtype=np.float32)  # a copy: the results are released here
+            headers = scored.timing_headers
         import torch
 
-        raw = reranker.raw_scores(torch.from_numpy(np.array(logits, dtype=np.float32)))
+        raw = reranker.raw_scores(torch.from_numpy(logits))
         relevance = (torch.sigmoid(raw) if req.use_activation else raw).tolist()
         order = sorted(range(len(prompts)), key=lambda i: -relevance[i])
         if req.top_n:
@@ -143,7 +145,7 @@ async def _rerank(req: RerankRequest, request: Request, served: ServedModel, eng
             if req.return_documents:
                 result["document"] = {"text": req.documents[i]}
             results.append(result)
-        headers, n = scored.timing_headers, inputs.num_tokens
+        n = inputs.num_tokens
     return json_response({"id": f"rerank-{uuid.uuid4().hex}", "model": served.name,
                           "usage": {"prompt_tokens": n, "total_tokens": n}, "results": results}, headers=headers)
 
@@ -177,8 +179,9 @@ async def classify(req: ClassifyBody, request: Request, served: ServedDep, engin
     sent = (prompt_inputs(req.input, req.add_special_tokens) if req.input is not None
             else RequestInputs(conversations=req.messages, add_generation_prompt=req.add_generation_prompt))
     inputs = await tokenizing.pack(served, sent, InputFields("input", "input", "messages"))
-    scored = await engine.score(inputs, OutputSpec(), request.receive)
-    logits = scored.outputs[LOGITS].astype(np.float64)  # [B, num_labels]: the pooled rows
+    with await engine.score(inputs, OutputSpec(), request.receive) as scored:
+        logits = scored.outputs[LOGITS].astype(np.float64)  # [B, num_labels]: the pooled rows (a copy)
+        headers = scored.timing_headers
     if not req.use_activation:
         probs = logits
     else:
@@ -189,4 +192,4 @@ async def classify(req: ClassifyBody, request: Request, served: ServedDep, engin
     n = inputs.num_tokens
     return json_response({"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
                           "model": served.name, "data": data, "usage": {"prompt_tokens": n, "total_tokens": n}},
-                         headers=scored.timing_headers)
+                         headers=headers)

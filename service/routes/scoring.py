@@ -63,11 +63,11 @@ def hidden_states_spec(req: HiddenStatesRequest, served) -> OutputSpec:
 async def _scored(req, spec: OutputSpec, request: Request, served, engine, metrics, tokenizing, *,
                   rows: tuple[Rows, ...], to_json, return_logits: str) -> Response:
     """Score the request's inputs under `spec`; answer with these row sets' outputs, as JSON or safetensors."""
-    scored = await engine.score(await tokenizing.pack(served, req.sent()), spec, request.receive)
     metadata = {"model": served.name, "return_logits": return_logits, "return_hidden_states": req.return_hidden_states}
-    return scored_response(scored, request.headers.get("accept", ""), metrics,
-                           json_body=lambda: to_json(scored, served.name),
-                           binary_parts=lambda: scoring_safetensors(scored, rows, req.dtype, metadata))
+    with await engine.score(await tokenizing.pack(served, req.sent()), spec, request.receive) as scored:
+        return scored_response(scored, request.headers.get("accept", ""), metrics,
+                               json_body=lambda: to_json(scored, served.name),
+                               binary_parts=lambda: scoring_safetensors(scored, rows, req.dtype, metadata))
 
 
 @router.post("/v1/logits", openapi_extra=request_body(LogitsRequest),

@@ -99,7 +99,7 @@ def stop_check(cancel: CancelFlags, batch_id: int, tp: int, device, slow_block_s
 def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, device: str,
                 options: RunnerOptions, threads: int, conn, cancel: CancelFlags, parent_pid: int) -> None:
     """options.prefix_sharing: compute shared prefixes once where the model supports it. Off keeps the
-    prefix-stable attention under batch invariance, so that the switch changes no output bit (API.md): only the
+    prefix-stable attention under batch invariance, so that the switch changes no output bit (docs/api.md): only the
     de-duplication stops; with both switches off the attention is the one with transformers' bits.
 
     `cancel`: the replica's cancellation flags, read before a batch and before each of its blocks."""
@@ -119,7 +119,7 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
     try:
         ctx = init_process_group(rank, tp, master_port=port, device=device)
         # --prefix-sharing off keeps the prefix-stable attention under batch invariance, so that the switch changes
-        # no output bit (API.md); with both off the attention is the one with transformers' bits.
+        # no output bit (docs/api.md); with both off the attention is the one with transformers' bits.
         stable = options.prefix_sharing or invariance.resolve(options.batch_invariant, ctx.device)
         runner = ModelRunner.load(
             checkpoint, device=ctx.device, dtype=options.dtype, parallel=ctx, batch_invariant=options.batch_invariant,
