@@ -14,9 +14,10 @@ from starlette.responses import FileResponse, Response
 from ..deps import Authorized
 from ..errors import NotFound
 from ..responses import json_response
+from .metered import MeteredRoute
 from .playground import STATIC
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(route_class=MeteredRoute, include_in_schema=False)
 
 ASSETS = {"swagger-ui.css": "text/css; charset=utf-8", "swagger-ui-bundle.js": "text/javascript; charset=utf-8"}
 

@@ -77,7 +77,7 @@ async def served(checkpoint, runner, **settings):
     engine.score = kept
     await engine.start(InProcessPool(runner))
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as client:
             yield app, client, handles
     finally:
         await engine.shutdown()

@@ -69,7 +69,7 @@ def app(tiny_checkpoint):
 def _get(app, method: str, path: str) -> httpx.Response:
     async def main():
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             return await client.request(method, path)
 
     return asyncio.run(main())
