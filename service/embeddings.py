@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.runtime.outputs import OutputSpec, ReturnHiddenStates
+from model.runtime.outputs import HIDDEN_STATES, OutputSpec, ReturnHiddenStates
 
 from .errors import InvalidInput
-from .inputs import InputFields, PackedInputs, RequestInputs, pack_inputs
+from .inputs import InputFields, PackedInputs, RequestInputs
 from .served import ServedModel
+from .tokenizing import TokenizingPool
 
 
 ST_POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "lasttoken")
@@ -183,7 +184,8 @@ def check_dimensions(served: ServedModel, dimensions: int | None) -> None:
                            param="dimensions")
 
 
-async def embed(served: ServedModel, engine, sent: RequestInputs, receive, fields: InputFields, *,
+async def embed(served: ServedModel, engine, tokenizing: TokenizingPool, sent: RequestInputs, receive,
+                fields: InputFields, *,
                 prompt_name: str | None = None, normalize: bool | None = None,
                 dimensions: int | None = None) -> Embedded:
     check_dimensions(served, dimensions)
@@ -194,49 +196,55 @@ async def embed(served: ServedModel, engine, sent: RequestInputs, receive, field
         sent = dataclasses.replace(sent, texts=[prompt + text for text in sent.texts])
         if not setup.include_prompt:
             prompt_tokens = prompt_length(served.tokenizer, prompt)
-    inputs = pack_inputs(served, sent, fields)
+    inputs = await tokenizing.pack(served, sent, fields)
     # every row where a pool reads more than the last one; the last row alone for last-token pooling
     last_only = setup.pooling == ("lasttoken",)
     mode = ReturnHiddenStates.LAST_NORMALIZED if last_only else ReturnHiddenStates.ALL_NORMALIZED
     spec = OutputSpec(logits=False, return_hidden_states=mode, layers=(served.config.num_layers,))
-    scored = await engine.score(inputs, spec, receive)
-    hs = scored.outputs.arrays["hidden_states"][0]  # [rows, hidden] of the last layer, final norm applied
     vectors = []
-    h = 0
-    for k in scored.outputs.hidden_rows:
-        rows = hs[h : h + k]
-        h += k
-        if setup.sentence_transformers:
-            vec = setup.pool(torch.from_numpy(np.array(rows, dtype=np.float32)), prompt_tokens).numpy()
-            vec = vec[:dimensions]
-            if normalize if normalize is not None else (setup.normalize or dimensions is not None):
-                vec = torch.nn.functional.normalize(torch.from_numpy(vec), dim=-1).numpy()
-        else:
-            rows = rows.astype(np.float64)
-            vec = rows[-1] if last_only else rows.mean(axis=0)
-            vec = vec[:dimensions]  # Matryoshka: the first components, normalized below
-            if normalize is not False:
-                norm = float(np.linalg.norm(vec))
-                vec = vec / norm if norm > 0 else vec
-        vectors.append(np.asarray(vec, dtype="<f4"))
-    scored.release()  # the vectors are copies: the results are no longer read
-    return Embedded(vectors, inputs, scored.timing_headers)
+    with await engine.score(inputs, spec, receive) as scored:
+        hs = scored.outputs[HIDDEN_STATES][0]  # [rows, hidden] of the last layer, final norm applied
+        h = 0
+        for k in scored.outputs.hidden_rows:
+            rows = hs[h : h + k]  # a view of the results: each vector below is a copy
+            h += k
+            vectors.append(_pooled(setup, rows, prompt_tokens, last_only, normalize, dimensions))
+        headers = scored.timing_headers
+    return Embedded(vectors, inputs, headers)
 
 
-async def token_states(served: ServedModel, engine, sent: RequestInputs, receive,
+def _pooled(setup: EmbeddingSetup, rows: np.ndarray, prompt_tokens: int, last_only: bool, normalize: bool | None,
+            dimensions: int | None) -> np.ndarray:
+    """One sequence's float32 [dims] vector from its [rows, hidden] final hidden states."""
+    if setup.sentence_transformers:
+        vec = setup.pool(torch.from_numpy(np.array(rows, dtype=np.float32)), prompt_tokens).numpy()
+        vec = vec[:dimensions]
+        if normalize if normalize is not None else (setup.normalize or dimensions is not None):
+            vec = torch.nn.functional.normalize(torch.from_numpy(vec), dim=-1).numpy()
+    else:
+        rows = rows.astype(np.float64)
+        vec = rows[-1] if last_only else rows.mean(axis=0)
+        vec = vec[:dimensions]  # Matryoshka: the first components, normalized below
+        if normalize is not False:
+            norm = float(np.linalg.norm(vec))
+            vec = vec / norm if norm > 0 else vec
+    return np.array(vec, dtype="<f4")
+
+
+async def token_states(served: ServedModel, engine, tokenizing: TokenizingPool, sent: RequestInputs, receive,
                        fields: InputFields) -> Embedded:
     """Every token's final normalized hidden state (TEI's /embed_all): one float32 [tokens, hidden] per sequence."""
-    inputs = pack_inputs(served, sent, fields)
+    inputs = await tokenizing.pack(served, sent, fields)
     spec = OutputSpec(logits=False, return_hidden_states=ReturnHiddenStates.ALL_NORMALIZED,
                       layers=(served.config.num_layers,))
-    scored = await engine.score(inputs, spec, receive)
-    hs = scored.outputs.arrays["hidden_states"][0]
     out, h = [], 0
-    for k in scored.outputs.hidden_rows:
-        out.append(np.array(hs[h : h + k], dtype="<f4"))
-        h += k
-    scored.release()
-    return Embedded(out, inputs, scored.timing_headers)
+    with await engine.score(inputs, spec, receive) as scored:
+        hs = scored.outputs[HIDDEN_STATES][0]  # [rows, hidden] of the last layer
+        for k in scored.outputs.hidden_rows:
+            out.append(np.array(hs[h : h + k], dtype="<f4"))  # a copy: the results are released below
+            h += k
+        headers = scored.timing_headers
+    return Embedded(out, inputs, headers)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

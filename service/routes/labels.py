@@ -14,6 +14,7 @@ Each is one request to the engine (every prompt of the request a sequence of it,
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from ..deps import (
     Body,
     EngineDep,
     ServedDep,
-    SettingsDep,
+    TokenizingDep,
     WorkersAccepting,
     json_body,
     parse_body,
@@ -40,7 +41,8 @@ from ..deps import (
 )
 from ..embeddings import cosine, embed
 from ..errors import InvalidInput, UnsupportedOption
-from ..inputs import InputFields, RequestInputs, Truncation, pack_inputs, prompt_inputs
+from ..inputs import InputFields, RequestInputs, Truncation, prompt_inputs
+from ..tokenizing import TokenizingPool, text_chars
 from ..responses import json_response
 from ..schemas import (
     SCORING_ERRORS,
@@ -100,22 +102,25 @@ def score_prompts(served: ServedModel, req: ScoreRequest) -> list[list[int]]:
     return [first + e.ids for e in tok.encode_batch(items, add_special_tokens=False)]
 
 
-async def _label_scores(req: ScoreRequest, request: Request, served: ServedModel, engine) -> Response:
+async def _label_scores(req: ScoreRequest, request: Request, served: ServedModel, engine,
+                        tokenizing: TokenizingPool) -> Response:
     vocab = served.config.vocab_size
     outside = [i for i in req.label_token_ids if not 0 <= i < vocab]
     if outside:
         raise InvalidInput(f"label_token_ids: token id {outside[0]} is outside [0, {vocab})", param="label_token_ids")
-    prompts = score_prompts(served, req)
+    items = [req.items] if isinstance(req.items, str) else req.items
+    tokenizing.check_chars(served.tokenizer, text_chars(req.query) * len(items) + text_chars(items), "items")
+    prompts = await tokenizing.run(score_prompts, served, req)
     scores: list = []
     headers = None
     n = 0
     if prompts:
-        inputs = pack_inputs(served, RequestInputs(token_ids=prompts), InputFields("items", "items"))
+        inputs = await tokenizing.pack(served, RequestInputs(token_ids=prompts), InputFields("items", "items"))
         spec = OutputSpec(logits=False, vocab_ids=tuple(req.label_token_ids))
-        scored = await engine.score(inputs, spec, request.receive)
-        logprobs = scored.outputs[VOCAB_LOGPROBS]  # [items, labels]: one last-token row per prompt
-        scores = _softmax(logprobs) if req.apply_softmax else np.exp(logprobs.astype(np.float64))
-        headers, n = scored.timing_headers, inputs.num_tokens
+        with await engine.score(inputs, spec, request.receive) as scored:
+            logprobs = scored.outputs[VOCAB_LOGPROBS]  # [items, labels]: one last-token row per prompt
+            scores = _softmax(logprobs) if req.apply_softmax else np.exp(logprobs.astype(np.float64))
+            headers, n = scored.timing_headers, inputs.num_tokens
     return json_response({"object": "scoring", "model": served.name, "scores": scores,
                           "usage": {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0}}, headers=headers)
 
@@ -134,7 +139,7 @@ def pairs_of(req: PairScoreRequest) -> tuple[list[str], list[str]]:
 
 
 async def _pair_scores(req: PairScoreRequest, request: Request, served: ServedModel, engine,
-                       settings) -> Response:
+                       tokenizing: TokenizingPool) -> Response:
     """vLLM's /score: each pair's reranker score (what /v1/rerank gives it), or for a model served for embeddings
     the cosine of the two texts' embeddings."""
     firsts, seconds = pairs_of(req)
@@ -148,8 +153,8 @@ async def _pair_scores(req: PairScoreRequest, request: Request, served: ServedMo
             by_query.setdefault(query, []).append(i)
         scores = [0.0] * len(firsts)
         for query, indices in by_query.items():
-            reranked = await rerank_scores(served, engine, query, [seconds[i] for i in indices], request.receive,
-                                           use_activation=req.activation_on(), truncation=truncation)
+            reranked = await rerank_scores(served, engine, tokenizing, query, [seconds[i] for i in indices],
+                                           request.receive, use_activation=req.activation_on(), truncation=truncation)
             for i, score in zip(indices, reranked.scores):
                 scores[i] = score
             n += reranked.num_tokens
@@ -159,8 +164,8 @@ async def _pair_scores(req: PairScoreRequest, request: Request, served: ServedMo
                                 "--reranker, or a causal LM served for embeddings", param="model")
     elif firsts:
         texts = list(dict.fromkeys(firsts + seconds))  # each distinct text embedded once
-        embedded = await embed(served, engine, RequestInputs(texts=texts, truncation=truncation), request.receive,
-                               InputFields(req.first_field(), req.first_field()))
+        embedded = await embed(served, engine, tokenizing, RequestInputs(texts=texts, truncation=truncation),
+                               request.receive, InputFields(req.first_field(), req.first_field()))
         vectors = dict(zip(texts, embedded.vectors))
         scores = [cosine(vectors[a], vectors[b]) for a, b in zip(firsts, seconds)]
         n, headers = embedded.inputs.num_tokens, embedded.headers
@@ -170,7 +175,7 @@ async def _pair_scores(req: PairScoreRequest, request: Request, served: ServedMo
                           "usage": {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0}}, headers=headers)
 
 
-async def _score(body: bytes, request: Request, served: ServedModel, engine, settings) -> Response:
+async def _score(body: bytes, request: Request, served: ServedModel, engine, tokenizing: TokenizingPool) -> Response:
     """The body decides: SGLang's label scoring (`label_token_ids`) or vLLM's pair scoring."""
     try:
         raw = orjson.loads(body)
@@ -178,21 +183,22 @@ async def _score(body: bytes, request: Request, served: ServedModel, engine, set
         raise InvalidInput(f"the body is not valid JSON: {exc}") from None
     sglang = isinstance(raw, dict) and ("label_token_ids" in raw or "items" in raw)
     if isinstance(raw, dict) and not sglang and any(a in raw for a, _ in PAIR_FIELDS):
-        return await _pair_scores(parse_body(PairScoreRequest, body), request, served, engine, settings)
-    return await _label_scores(parse_body(ScoreRequest, body), request, served, engine)
+        return await _pair_scores(parse_body(PairScoreRequest, body), request, served, engine, tokenizing)
+    return await _label_scores(parse_body(ScoreRequest, body), request, served, engine, tokenizing)
 
 
 @router.post("/v1/score", openapi_extra=request_body(ScoreRequest),
              responses=responses(ScoreResponse, *SCORING_ERRORS))
-async def score(body: Body, request: Request, served: ServedDep, engine: EngineDep, settings: SettingsDep) -> Response:
-    return await _score(body, request, served, engine, settings)
+async def score(body: Body, request: Request, served: ServedDep, engine: EngineDep,
+                tokenizing: TokenizingDep) -> Response:
+    return await _score(body, request, served, engine, tokenizing)
 
 
 @router.post("/score", openapi_extra=request_body(PairScoreRequest),
              responses=responses(PairScoreResponse, *SCORING_ERRORS))
 async def score_vllm(body: Body, request: Request, served: ServedDep, engine: EngineDep,
-                     settings: SettingsDep) -> Response:
-    return await _score(body, request, served, engine, settings)
+                     tokenizing: TokenizingDep) -> Response:
+    return await _score(body, request, served, engine, tokenizing)
 
 
 # ------------------------------------------------------------------------------------------------ /v1/rerank
@@ -213,33 +219,37 @@ def require_reranker(served: ServedModel):
     return served.reranker
 
 
-async def rerank_scores(served: ServedModel, engine, query: str, documents: list[str], receive, *,
-                        instruction: str | None = None, use_activation: bool = True,
+async def rerank_scores(served: ServedModel, engine, tokenizing: TokenizingPool, query: str, documents: list[str],
+                        receive, *, instruction: str | None = None, use_activation: bool = True,
                         truncation: Truncation = Truncation()) -> Reranked:
     """The relevance score of each (query, document) pair: the one computation of /v1/rerank, TEI's /rerank and
     vLLM's pair scoring. A truncated pair keeps its query and loses document tokens."""
     reranker = require_reranker(served)
     keep = truncation.limit(served)
-    prompts = reranker.prompt_ids(query, documents, instruction, keep=keep, direction=truncation.direction)
+    chars = (text_chars(query) + text_chars(instruction)) * len(documents) + text_chars(documents)
+    tokenizing.check_chars(served.tokenizer, chars, "documents")
+    prompts = await tokenizing.run(functools.partial(reranker.prompt_ids, query, documents, instruction, keep=keep,
+                                                     direction=truncation.direction))
     if not prompts:
         return Reranked([], 0, None)
     # already cut to fit: what is still too long is refused
-    inputs = pack_inputs(served, RequestInputs(token_ids=prompts, truncation=Truncation(False)),
-                         InputFields("documents", "documents"))
+    inputs = await tokenizing.pack(served, RequestInputs(token_ids=prompts, truncation=Truncation(False)),
+                                   InputFields("documents", "documents"))
     # The last row's logits: a classifier's head outputs, or a causal LM's vocabulary row whose label columns are
     # read (raw logits: bge-gemma's score is the `Yes` logit itself, not a log-probability).
-    scored = await engine.score(inputs, OutputSpec(), receive)
-    logits = scored.outputs.arrays["logits"]  # [documents, columns]
-    if reranker.label_token_ids:
-        logits = logits[:, list(reranker.label_token_ids)]
-    raw = reranker.raw_scores(torch.from_numpy(np.array(logits, dtype=np.float32)))
-    scores = relevance_scores(raw, use_activation).tolist()
-    scored.release()
-    return Reranked(scores, inputs.num_tokens, scored.timing_headers)
+    with await engine.score(inputs, OutputSpec(), receive) as scored:
+        logits = scored.outputs[LOGITS]  # [documents, columns]
+        if reranker.label_token_ids:
+            logits = logits[:, list(reranker.label_token_ids)]
+        logits = np.array(logits, dtype=np.float32)  # a copy: the results are released here
+        headers = scored.timing_headers
+    scores = relevance_scores(reranker.raw_scores(torch.from_numpy(logits)), use_activation).tolist()
+    return Reranked(scores, inputs.num_tokens, headers)
 
 
-async def _rerank(req: RerankRequest, request: Request, served: ServedModel, engine) -> Response:
-    reranked = await rerank_scores(served, engine, req.query, req.documents, request.receive,
+async def _rerank(req: RerankRequest, request: Request, served: ServedModel, engine,
+                  tokenizing: TokenizingPool) -> Response:
+    reranked = await rerank_scores(served, engine, tokenizing, req.query, req.documents, request.receive,
                                    instruction=req.instruction, use_activation=req.use_activation,
                                    truncation=req.truncation())
     relevance = reranked.scores
@@ -260,14 +270,16 @@ async def _rerank(req: RerankRequest, request: Request, served: ServedModel, eng
 
 @router.post("/v1/rerank", openapi_extra=request_body(RerankRequest),
              responses=responses(RerankResponse, *SCORING_ERRORS))
-async def rerank(req: RerankBody, request: Request, served: ServedDep, engine: EngineDep) -> Response:
-    return await _rerank(req, request, served, engine)
+async def rerank(req: RerankBody, request: Request, served: ServedDep, engine: EngineDep,
+                 tokenizing: TokenizingDep) -> Response:
+    return await _rerank(req, request, served, engine, tokenizing)
 
 
 @router.post("/v2/rerank", openapi_extra=request_body(RerankRequest),
              responses=responses(RerankResponse, *SCORING_ERRORS))
-async def rerank_v2(req: RerankBody, request: Request, served: ServedDep, engine: EngineDep) -> Response:
-    return await _rerank(req, request, served, engine)
+async def rerank_v2(req: RerankBody, request: Request, served: ServedDep, engine: EngineDep,
+                    tokenizing: TokenizingDep) -> Response:
+    return await _rerank(req, request, served, engine, tokenizing)
 
 
 # ---------------------------------------------------------------------------------------------- /v1/classify
@@ -275,7 +287,8 @@ async def rerank_v2(req: RerankBody, request: Request, served: ServedDep, engine
 
 @router.post("/v1/classify", openapi_extra=request_body(ClassifyRequest),
              responses=responses(ClassifyResponse, *SCORING_ERRORS))
-async def classify(req: ClassifyBody, request: Request, served: ServedDep, engine: EngineDep) -> Response:
+async def classify(req: ClassifyBody, request: Request, served: ServedDep, engine: EngineDep,
+                   tokenizing: TokenizingDep) -> Response:
     if served.task != Task.CLASSIFICATION:
         raise UnsupportedOption("this model is a causal LM, not a *ForSequenceClassification checkpoint: "
                                 "/v1/classify needs a classifier", param="model")
@@ -284,9 +297,10 @@ async def classify(req: ClassifyBody, request: Request, served: ServedDep, engin
     sent = (prompt_inputs(req.input, req.add_special_tokens, req.truncation()) if req.input is not None
             else RequestInputs(conversations=req.messages, add_generation_prompt=req.add_generation_prompt,
                                truncation=req.truncation()))
-    inputs = pack_inputs(served, sent, InputFields("input", "input", "messages"))
-    scored = await engine.score(inputs, OutputSpec(), request.receive)
-    logits = scored.outputs[LOGITS].astype(np.float64)  # [B, num_labels]: the pooled rows
+    inputs = await tokenizing.pack(served, sent, InputFields("input", "input", "messages"))
+    with await engine.score(inputs, OutputSpec(), request.receive) as scored:
+        logits = scored.outputs[LOGITS].astype(np.float64)  # [B, num_labels]: the pooled rows (a copy)
+        headers = scored.timing_headers
     if not req.use_activation:
         probs = logits
     else:
@@ -297,4 +311,4 @@ async def classify(req: ClassifyBody, request: Request, served: ServedDep, engin
     n = inputs.num_tokens
     return json_response({"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
                           "model": served.name, "data": data, "usage": {"prompt_tokens": n, "total_tokens": n}},
-                         headers=scored.timing_headers)
+                         headers=headers)

@@ -16,15 +16,16 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from model.runtime.outputs import OutputSpec
+from model.runtime.outputs import LOGITS, OutputSpec
 from model.task import Task
 
-from ..deps import Authorized, Body, EngineDep, ServedDep, SettingsDep, WorkersAccepting, request_body
+from ..deps import Authorized, Body, EngineDep, ServedDep, TokenizingDep, WorkersAccepting, request_body
 from ..embeddings import check_dimensions, cosine, embed, token_states
 from ..errors import InvalidInput
-from ..inputs import InputFields, RequestInputs, Truncation, pack_inputs, truncating_tokenizer
+from ..inputs import InputFields, RequestInputs, Truncation, truncating_tokenizer
 from ..responses import json_response
 from ..served import ServedModel
+from ..tokenizing import TokenizingPool, text_chars
 from ..tei import (
     DecodeRequest,
     EmbedAllRequest,
@@ -64,7 +65,8 @@ def tei_body(cls: type[BaseModel]):
 # ------------------------------------------------------------------------------------------------ embeddings
 
 
-def sent_inputs(served: ServedModel, inputs: TeiInput, truncation: Truncation) -> RequestInputs:
+async def sent_inputs(served: ServedModel, tokenizing: TokenizingPool, inputs: TeiInput,
+                      truncation: Truncation) -> RequestInputs:
     """TEI's `Input`: a string, token ids, or a batch of either (texts and ids may be mixed)."""
     if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
         inputs = [inputs]
@@ -75,8 +77,14 @@ def sent_inputs(served: ServedModel, inputs: TeiInput, truncation: Truncation) -
     if any(isinstance(x, str) for x in inputs):
         if served.tokenizer is None:
             raise InvalidInput("this model has no tokenizer.json: send inputs as token ids", param="inputs")
-        inputs = [served.tokenizer.encode(x).ids if isinstance(x, str) else x for x in inputs]
+        tokenizing.check_chars(served.tokenizer, text_chars(inputs), "inputs")
+        inputs = await tokenizing.run(_ids_of, served.tokenizer, inputs)
     return RequestInputs(token_ids=[list(x) for x in inputs], truncation=truncation)
+
+
+def _ids_of(tokenizer, inputs: list) -> list:
+    """Each text of a mixed batch as its token ids (with the special tokens); ids as they are."""
+    return [tokenizer.encode(x).ids if isinstance(x, str) else x for x in inputs]
 
 
 def require_embedding_model(served: ServedModel) -> None:
@@ -86,21 +94,21 @@ def require_embedding_model(served: ServedModel) -> None:
 
 @router.post("/embed", openapi_extra=request_body(EmbedRequest))
 async def tei_embed(req: tei_body(EmbedRequest), request: Request, served: ServedDep, engine: EngineDep,
-                    settings: SettingsDep) -> Response:
+                    tokenizing: TokenizingDep) -> Response:
     require_embedding_model(served)
     check_dimensions(served, req.dimensions)
-    embedded = await embed(served, engine, sent_inputs(served, req.inputs, req.truncation()), request.receive, INPUTS,
-                           prompt_name=req.prompt_name, normalize=req.normalize,
-                           dimensions=req.dimensions)
+    sent = await sent_inputs(served, tokenizing, req.inputs, req.truncation())
+    embedded = await embed(served, engine, tokenizing, sent, request.receive, INPUTS, prompt_name=req.prompt_name,
+                           normalize=req.normalize, dimensions=req.dimensions)
     return json_response(embedded.vectors, headers=embedded.headers)
 
 
 @router.post("/embed_all", openapi_extra=request_body(EmbedAllRequest))
 async def tei_embed_all(req: tei_body(EmbedAllRequest), request: Request, served: ServedDep,
-                        engine: EngineDep) -> Response:
+                        engine: EngineDep, tokenizing: TokenizingDep) -> Response:
     require_embedding_model(served)
-    states = await token_states(served, engine, sent_inputs(served, req.inputs, req.truncation()), request.receive,
-                                INPUTS)
+    sent = await sent_inputs(served, tokenizing, req.inputs, req.truncation())
+    states = await token_states(served, engine, tokenizing, sent, request.receive, INPUTS)
     return json_response(states.vectors, headers=states.headers)
 
 
@@ -113,13 +121,14 @@ async def tei_embed_sparse() -> Response:
 
 @router.post("/similarity", openapi_extra=request_body(SimilarityRequest))
 async def tei_similarity(req: tei_body(SimilarityRequest), request: Request, served: ServedDep, engine: EngineDep,
-                         settings: SettingsDep) -> Response:
+                         tokenizing: TokenizingDep) -> Response:
     require_embedding_model(served)
     if not req.inputs.sentences:
         raise empty("inputs.sentences")
     texts = [req.inputs.source_sentence, *req.inputs.sentences]
-    embedded = await embed(served, engine, RequestInputs(texts=texts, truncation=req.truncation()), request.receive,
-                           InputFields("inputs", "inputs"), prompt_name=req.prompt_name, normalize=False)
+    embedded = await embed(served, engine, tokenizing, RequestInputs(texts=texts, truncation=req.truncation()),
+                           request.receive, InputFields("inputs", "inputs"), prompt_name=req.prompt_name,
+                           normalize=False)
     source, *others = embedded.vectors
     return json_response([cosine(source, other) for other in others], headers=embedded.headers)
 
@@ -146,9 +155,13 @@ def predict_sequences(inputs) -> tuple[list[str | tuple[str, str]], bool]:
     return sequences, True
 
 
+def _encoded_ids(tok, sequences: list) -> list[list[int]]:
+    return [e.ids for e in tok.encode_batch(sequences, add_special_tokens=True)]
+
+
 @router.post("/predict", openapi_extra=request_body(PredictRequest))
 async def tei_predict(req: tei_body(PredictRequest), request: Request, served: ServedDep,
-                      engine: EngineDep) -> Response:
+                      engine: EngineDep, tokenizing: TokenizingDep) -> Response:
     if served.task != Task.CLASSIFICATION:
         raise wrong_model("Model is not a classifier model")
     if served.tokenizer is None:
@@ -158,11 +171,12 @@ async def tei_predict(req: tei_body(PredictRequest), request: Request, served: S
     keep = truncation.limit(served)
     # a pair is encoded as the checkpoint's tokenizer encodes one (and truncated longest first, as TEI does)
     tok = served.tokenizer if keep is None else truncating_tokenizer(served.tokenizer, keep, truncation.direction)
-    ids = [e.ids for e in tok.encode_batch(sequences, add_special_tokens=True)]
-    inputs = pack_inputs(served, RequestInputs(token_ids=ids, truncation=Truncation(False)), INPUTS)
-    scored = await engine.score(inputs, OutputSpec(), request.receive)
-    logits = scored.outputs.arrays["logits"].astype(np.float64)  # [sequences, num_labels]: the pooled rows
-    scored.release()
+    tokenizing.check_chars(tok, text_chars(sequences), "inputs")
+    ids = await tokenizing.run(_encoded_ids, tok, sequences)
+    inputs = await tokenizing.pack(served, RequestInputs(token_ids=ids, truncation=Truncation(False)), INPUTS)
+    with await engine.score(inputs, OutputSpec(), request.receive) as scored:
+        logits = scored.outputs[LOGITS].astype(np.float64)  # [sequences, num_labels]: the pooled rows (a copy)
+        headers = scored.timing_headers
     if req.raw_scores:
         scores = logits
     elif logits.shape[1] == 1:
@@ -175,17 +189,17 @@ async def tei_predict(req: tei_body(PredictRequest), request: Request, served: S
         order = sorted(range(len(row)), key=lambda j: -row[j])
         predictions.append([{"score": float(np.float32(row[j])), "label": served.id2label.get(j, f"LABEL_{j}")}
                             for j in order])
-    return json_response(predictions if batch else predictions[0], headers=scored.timing_headers)
+    return json_response(predictions if batch else predictions[0], headers=headers)
 
 
 @router.post("/rerank", openapi_extra=request_body(RerankRequest))
 async def tei_rerank(req: tei_body(RerankRequest), request: Request, served: ServedDep,
-                     engine: EngineDep) -> Response:
+                     engine: EngineDep, tokenizing: TokenizingDep) -> Response:
     if not req.texts:
         raise empty("texts")
     if served.reranker is None:
         raise wrong_model("model is not a re-ranker model")
-    reranked = await rerank_scores(served, engine, req.query, req.texts, request.receive,
+    reranked = await rerank_scores(served, engine, tokenizing, req.query, req.texts, request.receive,
                                    use_activation=not req.raw_scores, truncation=req.truncation())
     ranks = []
     for i in sorted(range(len(req.texts)), key=lambda i: -reranked.scores[i]):
@@ -201,7 +215,7 @@ async def tei_rerank(req: tei_body(RerankRequest), request: Request, served: Ser
 
 @router.post("/")
 async def tei_root(body: Body, request: Request, served: ServedDep, engine: EngineDep,
-                   settings: SettingsDep) -> Response:
+                   tokenizing: TokenizingDep) -> Response:
     """TEI's default route: /predict for a classifier, /rerank for a reranker's body, else /embed; a body of
     `{"inputs": {"source_sentence", "sentences"}}` (InferenceClient.sentence_similarity) is /similarity."""
     try:
@@ -209,12 +223,12 @@ async def tei_root(body: Body, request: Request, served: ServedDep, engine: Engi
     except orjson.JSONDecodeError:
         obj = None
     if isinstance(obj, dict) and "query" in obj and "texts" in obj:
-        return await tei_rerank(parse_tei(RerankRequest, body), request, served, engine)
+        return await tei_rerank(parse_tei(RerankRequest, body), request, served, engine, tokenizing)
     if isinstance(obj, dict) and isinstance(obj.get("inputs"), dict):
-        return await tei_similarity(parse_tei(SimilarityRequest, body), request, served, engine, settings)
+        return await tei_similarity(parse_tei(SimilarityRequest, body), request, served, engine, tokenizing)
     if served.task == Task.CLASSIFICATION:
-        return await tei_predict(parse_tei(PredictRequest, body), request, served, engine)
-    return await tei_embed(parse_tei(EmbedRequest, body), request, served, engine, settings)
+        return await tei_predict(parse_tei(PredictRequest, body), request, served, engine, tokenizing)
+    return await tei_embed(parse_tei(EmbedRequest, body), request, served, engine, tokenizing)
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer

@@ -10,13 +10,23 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from ..deps import Authorized, Body, ServedDep, TokenizerDep, json_body, parse_body, request_body, require_tokenizer
+from ..deps import (
+    Authorized,
+    Body,
+    ServedDep,
+    TokenizerDep,
+    TokenizingDep,
+    json_body,
+    parse_body,
+    request_body,
+    require_tokenizer,
+)
 from ..embeddings import apply_prompt
 from ..tei import TokenizeRequest as TeiTokenizeRequest
 from ..tei import empty, parse_tei, tei_error_response, tei_tokens, tokenizer_error
 from ..errors import InvalidInput
-from ..inputs import InputFields, RequestInputs, pack_inputs
-from ..responses import json_response
+from ..inputs import InputFields, RequestInputs
+from ..responses import json_response, to_json
 from ..schemas import (
     TOKENIZER_ERRORS,
     DetokenizeRequest,
@@ -27,6 +37,7 @@ from ..schemas import (
     responses,
 )
 from ..served import ServedModel
+from ..tokenizing import TokenizingPool, text_chars
 from .metered import WorkRoute
 
 router = APIRouter(route_class=WorkRoute, dependencies=[Authorized])
@@ -76,7 +87,7 @@ def describe_tokenizer(served: ServedModel, tok) -> dict:
 
 @router.post("/tokenize", openapi_extra=request_body(TokenizeRequest),
              responses=responses(TokenizeResponse, *TOKENIZER_ERRORS))
-async def tokenize(body: Body, request: Request, served: ServedDep) -> Response:
+async def tokenize(body: Body, request: Request, served: ServedDep, tokenizing: TokenizingDep) -> Response:
     """vLLM's forms (`prompt` or `messages`), or TEI's (`inputs`: a text or a list; its token objects, its
     errors)."""
     try:
@@ -85,24 +96,42 @@ async def tokenize(body: Body, request: Request, served: ServedDep) -> Response:
         obj = None
     if isinstance(obj, dict) and "inputs" in obj:
         request.state.render_error = tei_error_response
-        tei = parse_tei(TeiTokenizeRequest, body)
-        texts = [tei.inputs] if isinstance(tei.inputs, str) else tei.inputs
-        if not texts:
-            raise empty("inputs")
-        if served.tokenizer is None:
-            raise tokenizer_error("this model has no tokenizer.json")
-        texts = [apply_prompt(served, text, tei.prompt_name) for text in texts]
-        return json_response(tei_tokens(served, texts, tei.add_special_tokens))
+        return await _tei_tokenize(parse_tei(TeiTokenizeRequest, body), served, tokenizing)
     tok = require_tokenizer(served)
     req = parse_body(TokenizeRequest, body)
     if (req.prompt is None) == (req.messages is None):
         raise InvalidInput("send exactly one of prompt and messages", param="prompt")
     if req.messages is not None:
         sent = RequestInputs(conversations=[req.messages], add_generation_prompt=req.add_generation_prompt)
-        ids = pack_inputs(served, sent, TOKENIZE_FIELDS).token_lists[0]
-    else:
-        ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens).ids
-    return json_response({"tokens": ids, "count": len(ids), "max_model_len": served.max_seq_len})
+        ids = (await tokenizing.pack(served, sent, TOKENIZE_FIELDS)).token_lists[0]
+        return Response(await tokenizing.run(_tokens_json, ids, served.max_seq_len), media_type="application/json")
+    tokenizing.check_chars(tok, len(req.prompt), "prompt")
+    return Response(await tokenizing.run(_encode_json, tok, req.prompt, req.add_special_tokens, served.max_seq_len,
+                                         tokenizing), media_type="application/json")
+
+
+async def _tei_tokenize(tei: TeiTokenizeRequest, served: ServedModel, tokenizing: TokenizingPool) -> Response:
+    """TEI's /tokenize: a text or a list, each with its prompt; its token objects (made on a tokenizing thread)."""
+    texts = [tei.inputs] if isinstance(tei.inputs, str) else tei.inputs
+    if not texts:
+        raise empty("inputs")
+    if served.tokenizer is None:
+        raise tokenizer_error("this model has no tokenizer.json")
+    texts = [apply_prompt(served, text, tei.prompt_name) for text in texts]
+    tokenizing.check_chars(served.tokenizer, text_chars(texts), "inputs")
+    return json_response(await tokenizing.run(tei_tokens, served, texts, tei.add_special_tokens))
+
+
+def _encode_json(tok, prompt: str, add_special_tokens: bool, max_model_len: int, tokenizing) -> bytes:
+    """/tokenize's body for a prompt, made on a tokenizing thread (encode_batch releases the GIL; encode does not).
+    The count is checked before the ids become a list."""
+    encoding = tok.encode_batch([prompt], add_special_tokens=add_special_tokens)[0]
+    tokenizing.check_tokens(len(encoding), "prompt")
+    return _tokens_json(encoding.ids, max_model_len)
+
+
+def _tokens_json(ids: list[int], max_model_len: int) -> bytes:
+    return to_json({"tokens": ids, "count": len(ids), "max_model_len": max_model_len})
 
 
 @router.post("/detokenize", openapi_extra=request_body(DetokenizeRequest),
