@@ -16,9 +16,7 @@ READ_ROWS = 1024
 def read_batches(source: str, split: str = "train", read_rows: int = READ_ROWS) -> Iterator[pa.RecordBatch]:
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        yield from pq.ParquetFile(path).iter_batches(batch_size=read_rows)
+        yield from _parquet_batches([path], read_rows)
     elif path.is_file() and path.suffix in (".jsonl", ".json", ".ndjson"):
         import pyarrow.json as pj
 
@@ -35,9 +33,7 @@ def read_batches(source: str, split: str = "train", read_rows: int = READ_ROWS) 
         for table in ds.with_format("arrow").iter(batch_size=read_rows):
             yield from table.to_batches()
     elif path.is_dir() and (files := sorted(path.rglob("*.parquet"))):
-        import pyarrow.dataset as pds
-
-        yield from pds.dataset([str(f) for f in files], format="parquet").to_batches(batch_size=read_rows)
+        yield from _parquet_batches(files, read_rows)
     elif path.exists():
         raise ValueError(f"{source}: not a .parquet or .jsonl file, a folder of Parquet files or a datasets folder")
     else:
@@ -46,6 +42,17 @@ def read_batches(source: str, split: str = "train", read_rows: int = READ_ROWS) 
         stream = datasets.load_dataset(source, split=split, streaming=True)
         for rows in stream.iter(batch_size=read_rows):
             yield from pa.Table.from_pydict(rows).to_batches()
+
+
+def _parquet_batches(files: list[Path], read_rows: int) -> Iterator[pa.RecordBatch]:
+    """One row group at a time: pyarrow's own batch iterators read ahead many row groups, which holds far more than
+    a shard when rows are wide."""
+    import pyarrow.parquet as pq
+
+    for path in files:
+        with pq.ParquetFile(path) as parquet:
+            for group in range(parquet.num_row_groups):
+                yield from parquet.read_row_group(group).to_batches(max_chunksize=read_rows)
 
 
 def shards(batches: Iterator[pa.RecordBatch], rows_per_shard: int) -> Iterator[pa.Table]:

@@ -101,9 +101,9 @@ def test_killed_run_resumed_equals_uninterrupted(tiny_checkpoint, tmp_path):
 
 
 ROW_PAYLOAD = 64 * 1024  # bytes of an incompressible passthrough column per row
-ROWS = 3000  # ~190 MiB of input
+ROWS = 5000  # ~320 MiB of input
 ROWS_PER_SHARD = 50  # ~3.2 MiB of payload per shard
-MEMORY_BOUND = 96 << 20  # peak RSS growth allowed while streaming: a few shards and row groups, not the dataset
+MEMORY_BOUND = 128 << 20  # peak RSS growth allowed while streaming: a few shards and row groups, not the dataset
 
 
 def test_dataset_larger_than_the_bound_is_streamed(tiny_checkpoint, tmp_path):
