@@ -41,10 +41,7 @@ def _factor(name: str, spec: OutputSpec, dims: ResultDims) -> int:
         return int(getattr(dims, name))
     if not hasattr(spec, name):
         raise ValueError(f"per_row names {name!r}, neither an OutputSpec field nor a model size")
-    value = getattr(spec, name)
-    if value is None:  # an optional list not asked for
-        return 0
-    return len(value) if isinstance(value, (tuple, list)) else int(value)
+    return spec.amount(name)
 
 
 def _rows(rows: Rows, spec: OutputSpec, num_tokens: int) -> int:

@@ -13,10 +13,11 @@ import logging
 from dataclasses import dataclass
 
 from model.runtime.outputs import OutputSpec
+from model.task import Task
 
 from .batcher import Batcher, Work
 from .budget import Reservation, ResultBudget, ResultDims, format_bytes, result_bytes
-from .errors import ClientDisconnected, NotReady, RequestTimeout, ResponseTooLarge
+from .errors import ClientDisconnected, NotReady, RequestTimeout, ResponseTooLarge, UnsupportedOption
 from .inputs import PackedInputs
 from .metrics import Metrics
 from .settings import Settings
@@ -47,11 +48,13 @@ class Scored:
 
 
 class Engine:
-    def __init__(self, settings: Settings, checkpoint: str, metrics: Metrics, dims: ResultDims):
+    def __init__(self, settings: Settings, checkpoint: str, metrics: Metrics, dims: ResultDims,
+                 task: Task = Task.CAUSAL_LM):
         self.settings = settings
         self.checkpoint = checkpoint
         self.metrics = metrics
         self.dims = dims
+        self.task = task  # what the served head can answer (a classifier: no next-token vocabulary)
         self.budget = ResultBudget(settings.max_result_bytes, metrics.result_bytes)
         self.draining = False
         self.pool = None
@@ -105,6 +108,11 @@ class Engine:
     async def score(self, inputs: PackedInputs, spec: OutputSpec, receive) -> Scored:
         """Outputs of `spec` for every sequence of `inputs`. `receive` is the request's ASGI receive channel,
         watched for the client's disconnect."""
+        refused = spec.unsupported_fields(self.task)
+        if refused:  # every route's specs pass here: the one refusal, before anything is queued
+            raise UnsupportedOption(
+                f"{', '.join(refused)}: this server serves a classifier, whose rows are its labels' scores, not a "
+                "next-token distribution; these outputs need a causal LM (ask for logits)", param=refused[0])
         nbytes = result_bytes(spec, self.dims, inputs.lengths)
         if nbytes > self.budget.capacity:
             raise ResponseTooLarge(

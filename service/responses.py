@@ -19,7 +19,7 @@ import numpy as np
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from model.runtime.outputs import OUTPUT_KINDS, Rows
+from model.runtime.outputs import HIDDEN_POSITIONS, HIDDEN_STATES, OUTPUT_KINDS, Rows
 
 from .engine import Scored
 from .packing import row_offsets
@@ -104,14 +104,14 @@ def logits_json(scored: Scored, model_name: str) -> dict:
     """/v1/logits: per sequence, every output the request asked for at its key path (OutputKind.json). The body as
     an object whose arrays are views of the results (encoded by `scored_response`, streamed when large)."""
     out = scored.outputs
-    kinds = [k for k in OUTPUT_KINDS if k.json is not None and k.name in out.arrays]
+    kinds = [k for k in OUTPUT_KINDS if k.json is not None and out.get(k) is not None]
     starts = {rows: out.offsets(rows) for rows in Rows}
     data = []
     for i, n in enumerate(scored.inputs.lengths):
         item: dict = {"index": i, "num_tokens": n}
         for kind in kinds:
             a, b = starts[kind.rows][i : i + 2]
-            value = out.arrays[kind.name][(slice(None),) * kind.row_dim + (slice(a, b),)]
+            value = out[kind][(slice(None),) * kind.row_dim + (slice(a, b),)]
             _put(item, kind.json, value if kind.json_null is None else _nullable(value, kind.json_null))
         data.append(item)
     n = scored.inputs.num_tokens
@@ -124,9 +124,9 @@ def hidden_states_json(scored: Scored, model_name: str) -> dict:
     data = []
     for i, n in enumerate(scored.inputs.lengths):
         a, b = offsets[i : i + 2]
-        data.append({"index": i, "num_tokens": n, "positions": out.arrays["hidden_positions"][a:b],
+        data.append({"index": i, "num_tokens": n, "positions": out[HIDDEN_POSITIONS][a:b],
                      "layers": list(out.layers),
-                     "hidden_states": out.arrays["hidden_states"][:, a:b]})
+                     "hidden_states": out[HIDDEN_STATES][:, a:b]})
     n = scored.inputs.num_tokens
     return {"object": "hidden_states", "model": model_name, "data": data,
             "usage": {"prompt_tokens": n, "total_tokens": n}}
@@ -216,9 +216,9 @@ def scoring_safetensors(scored: Scored, rows: tuple[Rows, ...], dtype: str, meta
     out = scored.outputs
     tensors: list = [("input_row_offsets", row_offsets(scored.inputs.lengths), None)]
     for kind in OUTPUT_KINDS:
-        if kind.rows not in rows or kind.name not in out.arrays:
+        arr = out.get(kind)
+        if kind.rows not in rows or arr is None:
             continue
-        arr = out.arrays[kind.name]
         tensors.append((kind.name, *wire_array(arr, dtype)) if kind.follows_dtype else (kind.name, arr, None))
         if not any(name == kind.rows.offsets for name, _, _ in tensors):
             tensors.append((kind.rows.offsets, out.offsets(kind.rows), None))
@@ -280,7 +280,7 @@ def budgeted_json(body: Any, scored: Scored, *, streamed: bool) -> Response:
 
 
 def _results_nbytes(scored: Scored) -> int:
-    return sum(a.nbytes for a in scored.outputs.arrays.values())
+    return scored.outputs.nbytes
 
 
 def scored_response(scored: Scored, accept: str, metrics, *, json_body: Callable[[], Any],

@@ -21,7 +21,8 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from model.runtime.outputs import OutputSpec
+from model.runtime.outputs import LOGITS, VOCAB_LOGPROBS, OutputSpec
+from model.task import Task
 
 from ..deps import Authorized, EngineDep, ServedDep, WorkersAccepting, json_body, request_body
 from ..errors import InvalidInput, UnsupportedOption
@@ -37,7 +38,7 @@ from ..schemas import (
     ScoreResponse,
     responses,
 )
-from ..served import CLASSIFICATION, ServedModel
+from ..served import ServedModel
 from .metered import WorkRoute
 
 router = APIRouter(route_class=WorkRoute, dependencies=[Authorized, WorkersAccepting])
@@ -96,7 +97,7 @@ async def score(req: ScoreBody, request: Request, served: ServedDep, engine: Eng
         inputs = pack_inputs(served, RequestInputs(token_ids=prompts), InputFields("items", "items"))
         spec = OutputSpec(logits=False, vocab_ids=tuple(req.label_token_ids))
         scored = await engine.score(inputs, spec, request.receive)
-        logprobs = scored.outputs.arrays["vocab_logprobs"]  # [items, labels]: one last-token row per prompt
+        logprobs = scored.outputs[VOCAB_LOGPROBS]  # [items, labels]: one last-token row per prompt
         scores = _softmax(logprobs) if req.apply_softmax else np.exp(logprobs.astype(np.float64))
         headers, n = scored.timing_headers, inputs.num_tokens
     return json_response({"object": "scoring", "model": served.name, "scores": scores,
@@ -121,7 +122,7 @@ async def _rerank(req: RerankRequest, request: Request, served: ServedModel, eng
         # The last row's logits: a classifier's head outputs, or a causal LM's vocabulary row whose label columns
         # are read (raw logits: bge-gemma's score is the `Yes` logit itself, not a log-probability).
         scored = await engine.score(inputs, OutputSpec(), request.receive)
-        logits = scored.outputs.arrays["logits"]  # [documents, columns]
+        logits = scored.outputs[LOGITS]  # [documents, columns]
         if reranker.label_token_ids:
             logits = logits[:, list(reranker.label_token_ids)]
         import torch
@@ -159,7 +160,7 @@ async def rerank_v2(req: RerankBody, request: Request, served: ServedDep, engine
 @router.post("/v1/classify", openapi_extra=request_body(ClassifyRequest),
              responses=responses(ClassifyResponse, *SCORING_ERRORS))
 async def classify(req: ClassifyBody, request: Request, served: ServedDep, engine: EngineDep) -> Response:
-    if served.task != CLASSIFICATION:
+    if served.task != Task.CLASSIFICATION:
         raise UnsupportedOption("this model is a causal LM, not a *ForSequenceClassification checkpoint: "
                                 "/v1/classify needs a classifier", param="model")
     if (req.input is None) == (req.messages is None):
@@ -168,7 +169,7 @@ async def classify(req: ClassifyBody, request: Request, served: ServedDep, engin
             else RequestInputs(conversations=req.messages, add_generation_prompt=req.add_generation_prompt))
     inputs = pack_inputs(served, sent, InputFields("input", "input", "messages"))
     scored = await engine.score(inputs, OutputSpec(), request.receive)
-    logits = scored.outputs.arrays["logits"].astype(np.float64)  # [B, num_labels]: the pooled rows
+    logits = scored.outputs[LOGITS].astype(np.float64)  # [B, num_labels]: the pooled rows
     if not req.use_activation:
         probs = logits
     else:

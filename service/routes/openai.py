@@ -24,7 +24,15 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from model.runtime.outputs import OutputSpec, ReturnHiddenStates, ReturnLogits
+from model.runtime.outputs import (
+    HIDDEN_STATES,
+    TARGET_LOGPROBS,
+    TOP_K_IDS,
+    TOP_K_LOGPROBS,
+    OutputSpec,
+    ReturnHiddenStates,
+    ReturnLogits,
+)
 
 from ..deps import Authorized, EngineDep, ServedDep, SettingsDep, WorkersAccepting, json_body, request_body
 from ..errors import InvalidInput, UnsupportedOption
@@ -127,7 +135,6 @@ def iter_choices(tokenizer, req: CompletionRequest, inputs: PackedInputs,
     want_lp = req.logprobs is not None
     tt = TokenTexts(tokenizer)
     lists, texts, offsets = inputs.token_lists, inputs.texts or [None] * len(inputs.lengths), inputs.char_offsets
-    t = outputs.arrays if outputs is not None else {}
     rows = outputs.logit_rows if outputs is not None else [0] * len(lists)
     r = 0
     for i, ids in enumerate(lists):
@@ -139,9 +146,9 @@ def iter_choices(tokenizer, req: CompletionRequest, inputs: PackedInputs,
         if need_prompt_texts:
             queries += [(p, ids[p]) for p in range(n)]
         top_ids = top_vals = None
-        if "top_k_ids" in t:
-            top_ids = t["top_k_ids"][r : r + nrows]
-            top_vals = t["top_k_logprobs"][r : r + nrows]
+        if outputs is not None and outputs.get(TOP_K_IDS) is not None:
+            top_ids = outputs[TOP_K_IDS][r : r + nrows]
+            top_vals = outputs[TOP_K_LOGPROBS][r : r + nrows]
         gen_id = gen_lp = None
         if greedy:
             gen_id, gen_lp = int(top_ids[-1][0]), float(top_vals[-1][0])
@@ -181,7 +188,7 @@ def iter_choices(tokenizer, req: CompletionRequest, inputs: PackedInputs,
             tops: list = []
             text_offset: list[int] = []
             if echo:
-                tl = t["target_logprobs"][r : r + nrows]
+                tl = outputs[TARGET_LOGPROBS][r : r + nrows]
                 tokens += [qtext[(p, ids[p])] for p in range(n)]
                 token_lps.append(None)
                 tops.append(None)
@@ -250,7 +257,7 @@ async def embeddings(req: EmbeddingBody, request: Request, served: ServedDep, en
     mode = ReturnHiddenStates.ALL_NORMALIZED if mean else ReturnHiddenStates.LAST_NORMALIZED
     spec = OutputSpec(logits=False, return_hidden_states=mode, layers=(served.config.num_layers,))
     scored = await engine.score(inputs, spec, request.receive)
-    hs = scored.outputs.arrays["hidden_states"][0]  # [rows, hidden] of the last layer, final norm applied
+    hs = scored.outputs[HIDDEN_STATES][0]  # [rows, hidden] of the last layer, final norm applied
     data = []
     h = 0
     for i, k in enumerate(scored.outputs.hidden_rows):

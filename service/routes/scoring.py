@@ -40,12 +40,6 @@ def logits_spec(req: LogitsRequest, served) -> OutputSpec:
         outside = [i for i in req.vocab_ids if not 0 <= i < vocab]
         if outside:
             raise InvalidInput(f"vocab_ids: token id {outside[0]} is outside [0, {vocab})", param="vocab_ids")
-    if served.task != "causal-lm":
-        # A classifier's rows are its labels' scores, not a next-token distribution.
-        for name in ("target_logprobs", "top_k", "vocab_ids", "target_ranks", "entropy"):
-            if getattr(req, name):
-                raise UnsupportedOption(f"{name} needs a causal LM; this server serves a classifier: ask for logits "
-                                        "(its labels' scores)", param=name)
     asked = {name: getattr(req, name) for name in _SPEC_FIELDS & set(LogitsRequest.model_fields)}
     return OutputSpec(**asked, layers=(served.config.num_layers,))
 

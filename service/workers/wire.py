@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.runtime.outputs import OUTPUT_KINDS, Rows
+from model.runtime.outputs import OUTPUT_KINDS, OutputKind, Rows
 
 from ..packing import row_offsets
 from .protocol import BatchDone, RequestResult, RequestSpan, TensorSlot
@@ -103,12 +103,29 @@ def _fill(buf, plan: list) -> None:
 
 @dataclass
 class RequestOutputs:
-    """One request's result as the encoders read it: numpy arrays by output kind name, and how rows split."""
+    """One request's result as the encoders and routes read it: an array per output kind asked for (read by kind:
+    `outputs[LOGITS]`, `outputs.get(kind)`), and how rows split into sequences."""
 
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, np.ndarray]  # by OutputKind.name, as the result segment lays them out
     logit_rows: list[int]  # per sequence
     hidden_rows: list[int]
     layers: tuple[int, ...]
+
+    def __getitem__(self, kind: OutputKind) -> np.ndarray:
+        """The kind's tensor, every sequence's rows concatenated along `kind.row_dim`."""
+        array = self.get(kind)
+        if array is None:
+            raise KeyError(f"{kind.name} was not asked for by this request")
+        return array
+
+    def get(self, kind: OutputKind) -> np.ndarray | None:
+        """The kind's tensor, or None when the request did not ask for it."""
+        return self.arrays.get(kind.name)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor (what the results budget holds for them)."""
+        return sum(a.nbytes for a in self.arrays.values())
 
     def rows(self, rows: Rows) -> list[int]:
         return self.logit_rows if rows == Rows.LOGIT else self.hidden_rows
