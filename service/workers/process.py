@@ -8,7 +8,7 @@ import logging
 import os
 import time
 
-from .protocol import Batch, BatchDone, BatchFailed, Job, LoadedModel, RunnerOptions, WorkerReady
+from .protocol import Batch, BatchDone, BatchFailed, Job, RunnerOptions, WorkerReady
 from .wire import OutOfMemoryAlone, segment_name, write_results
 
 logger = logging.getLogger("logitserve.workers")
@@ -66,13 +66,12 @@ def run_splitting(runner, batch: Batch, fault_oom_tokens: int = 0) -> tuple[list
 
 def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, device: str,
                 options: RunnerOptions, threads: int, conn) -> None:
-    """options.prefix_sharing: compute shared prefixes once where the model supports it. Off keeps the
-    prefix-stable attention under batch invariance, so that the switch changes no output bit (API.md): only the
-    de-duplication stops; with both switches off the attention is the one with transformers' bits."""
+    """Load this rank's shard with the numerics `options` resolve to (RunnerOptions.numerics, which /info uses
+    too), report them, then run jobs until the pipe closes."""
     import torch
 
-    from model.runtime import invariance
     from model.distributed import destroy, init_process_group
+    from model.families.config import ModelConfig
     from model.runtime.runner import ModelRunner
 
     torch.set_num_threads(threads)
@@ -81,16 +80,9 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
         device = f"cuda:{(replica * tp + rank) % count}"
     try:
         ctx = init_process_group(rank, tp, master_port=port, device=device)
-        # --prefix-sharing off keeps the prefix-stable attention under batch invariance, so that the switch changes
-        # no output bit (API.md); with both off the attention is the one with transformers' bits.
-        stable = options.prefix_sharing or invariance.resolve(options.batch_invariant, ctx.device)
-        runner = ModelRunner.load(
-            checkpoint, device=ctx.device, dtype=options.dtype, parallel=ctx, batch_invariant=options.batch_invariant,
-            prefix_sharing=None if stable else False,
-        )
-        runner.prefix_sharing = runner.prefix_sharing and options.prefix_sharing
-        loaded = LoadedModel(str(runner.dtype).removeprefix("torch."), runner.batch_invariant, runner.prefix_sharing)
-        conn.send(WorkerReady(rank, os.getpid(), loaded))
+        numerics = options.numerics(ModelConfig.from_pretrained(checkpoint), ctx.device)
+        runner = ModelRunner.load(checkpoint, parallel=ctx, numerics=numerics)
+        conn.send(WorkerReady(rank, os.getpid(), runner.numerics))
         counter = itertools.count()
         fault_oom_tokens = int(os.environ.get(FAULT_OOM_TOKENS_ENV) or 0)
         while True:
