@@ -1,4 +1,4 @@
-"""Prometheus series of API.md, under the prefix ``logitserve_``, in one registry per app."""
+"""Prometheus series of docs/api.md, under the prefix ``logitserve_``, in one registry per app."""
 
 from __future__ import annotations
 

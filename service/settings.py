@@ -19,7 +19,7 @@ def flag(default: Any, description: str, metavar: str | None = None, **constrain
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOGITSERVE_", extra="ignore", protected_namespaces=())
 
-    # The public flags of API.md.
+    # The public flags of docs/api.md.
     model: str | None = flag(None, "checkpoint folder, .gguf file or Hub id org/name (default: the embedded default "
                                    "model)", "PATH")
     tp: int = flag(1, "tensor-parallel degree (processes per replica)", "N", ge=1)

@@ -1,6 +1,6 @@
 """Bad input battery and security checks.
 
-Each bad request gets its documented 4xx (API.md, Errors) with a message that names the problem, and a correct
+Each bad request gets its documented 4xx (docs/api.md, Errors) with a message that names the problem, and a correct
 request right after it succeeds. Then the security properties: API keys compared in constant time and never
 logged, no pickle on data from outside the service's processes, localhost by default, non-checkpoint model paths
 refused, the container's non-root user.
