@@ -47,11 +47,13 @@ from model.distributed import ParallelContext
 from model.families import blocks
 from model.families.architectures import GLOBAL_ROPE, NORM_SLOTS
 from model.families.config import ModelConfig
+from model.errors import Cancelled
 from model.layers.base import embedding_scale
 from model.layers.modules import RaggedBatch, classifier_rows, make_norm
 from model.layers.rope import RotaryEmbedding, build_ropes
 from model.runtime.numerics import Numerics, resolve_numerics
 from model.runtime.outputs import ReturnHiddenStates, ReturnLogits
+from model.task import Task
 
 __all__ = [
     "DistributedLogitsPostprocessMixin",
@@ -307,7 +309,7 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         self.layer_rope = tuple(config.layer_rope_kind(i) for i in range(config.num_layers))
         # A classifier's score head reads the normed hidden state as it is (no scaling, no soft-cap); its
         # last-token row is each sequence's last token that is not padding (modules.classifier_rows).
-        self.classifier = config.task == "classification"
+        self.classifier = config.task == Task.CLASSIFICATION
         self.classifier_pad_token_id = config.pad_token_id
         self.logits_scaling = 1.0 if self.classifier else config.logits_scaling
         self.logits_softcap = None if self.classifier else config.final_logit_softcapping
@@ -316,6 +318,9 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         self.use_subgraphs = use_subgraphs
         self.subgraph_layer_groups = subgraph_layer_groups or [list(range(config.num_layers))]
         self._compiled_groups: dict[int, Callable] = {}
+        # Asked before each block of `trunk` (the serving runner sets it for one run): True stops the forward there
+        # with `Cancelled` (its clients are gone, the server is stopping).
+        self.should_stop: Callable[[], bool] | None = None
 
     @property
     def norm_shards(self) -> list[ShardableCallable]:
@@ -371,6 +376,8 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         if 0 in capture:
             captured[0] = h.index_select(0, capture[0])
         for i in range(depth):
+            if self.should_stop is not None and self.should_stop():
+                raise Cancelled(f"stopped before block {i} of {depth}")
             cos, sin = tables[self.layer_rope[i]]
             h = self._block_fn(i)(h, cos, sin, batch, final_rows if i + 1 == depth else None)
             if i + 1 in capture:
