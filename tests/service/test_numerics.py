@@ -20,7 +20,7 @@ NUMERICS = ("dtype", "batch_invariant", "prefix_sharing", "prefix_cache_bytes", 
 def test_info_before_ready_equals_what_the_workers_report(checkpoint_factory, start_server, arch, flags):
     path = checkpoint_factory(arch, with_tokenizer=False)
     app = create_app(Settings(model=str(path), **flags))
-    before = TestClient(app).get("/info").json()  # no lifespan: no worker started
+    before = TestClient(app, base_url="http://localhost").get("/info").json()  # no lifespan: no worker started
     assert app.state.engine.loaded is None
     args = [a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))]
     server = start_server(path, *args)
