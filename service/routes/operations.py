@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import PlainTextResponse, Response
-
-from model.runtime import invariance
 
 from .. import __version__
 from ..deps import Authorized, EngineDep, MetricsDep, ServedDep, SettingsDep
@@ -41,8 +38,9 @@ async def metrics_text(metrics: MetricsDep) -> Response:
 
 @router.get("/info", dependencies=[Authorized], responses=responses(InfoResponse, 401))
 async def info(served: ServedDep, engine: EngineDep, settings: SettingsDep) -> Response:
-    s, loaded = settings, engine.loaded
-    asked = RunnerOptions.from_settings(s)
+    s = settings
+    # As the workers loaded the model; until one has, what they will load: the same resolution from the same inputs.
+    numerics = engine.loaded or RunnerOptions.from_settings(s).numerics(served.config, s.device)
     return json_response({
         "model": served.name,
         "model_path": served.checkpoint,
@@ -54,10 +52,8 @@ async def info(served: ServedDep, engine: EngineDep, settings: SettingsDep) -> R
         "tp": s.tp,
         "replicas": s.replicas,
         "device": s.device,
-        # as the workers loaded the model; until they have, what was asked (batch invariance: the device's default)
-        "dtype": loaded.dtype if loaded else s.dtype,
-        "batch_invariant": loaded.batch_invariant if loaded else invariance.resolve(asked.batch_invariant,
-                                                                                      torch.device(s.device)),
+        "dtype": numerics.dtype,
+        "batch_invariant": numerics.batch_invariant,
         "limits": {
             "max_batch_tokens": s.max_batch_tokens,
             "max_seq_len": served.max_seq_len,
@@ -66,8 +62,10 @@ async def info(served: ServedDep, engine: EngineDep, settings: SettingsDep) -> R
             "max_request_bytes": s.max_request_bytes,
         },
         "pooling": s.pooling,
-        # as the workers run it (a model that cannot share runs unshared); until they have, what was asked (CPU only)
-        "prefix_sharing": loaded.prefix_sharing if loaded else s.prefix_sharing == "on" and s.device == "cpu",
+        "prefix_sharing": numerics.prefix_sharing,
+        "prefix_cache_bytes": numerics.prefix_cache_bytes,
+        "attention": numerics.attention.value,
+        "numerics_reason": numerics.reason,
         "workers": engine.describe_workers(),
     })
 
