@@ -43,13 +43,17 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from model.families.architectures import GLOBAL_ROPE
 from model.distributed import ParallelContext
+from model.families import blocks
+from model.families.architectures import GLOBAL_ROPE, NORM_SLOTS
+from model.families.config import ModelConfig
 from model.errors import Cancelled
 from model.layers.base import embedding_scale
-from model.layers.modules import RaggedBatch, classifier_rows
+from model.layers.modules import RaggedBatch, classifier_rows, make_norm
+from model.layers.rope import RotaryEmbedding, build_ropes
+from model.runtime.numerics import Numerics, resolve_numerics
 from model.runtime.outputs import ReturnHiddenStates, ReturnLogits
-from model.layers.rope import RotaryEmbedding
+from model.task import Task
 
 __all__ = [
     "DistributedLogitsPostprocessMixin",
@@ -211,15 +215,6 @@ class DistributedLogitsPostprocessMixin:
         )
 
 
-# A block's norms by the entry's norm placement, named as checkpoints name them:
-# (attention input, attention output, MLP input, MLP output); None where the placement has no norm.
-NORM_SLOTS: dict[str, tuple[str | None, str | None, str | None, str | None]] = {
-    "pre": ("input_layernorm", None, "post_attention_layernorm", None),
-    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
-    "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),
-}
-
-
 class DistributedTransformerBlock(nn.Module):
     """Residual block: h = x + r * out_norm(attn(in_norm(x))), then h + r * out_norm(mlp(in_norm(h))), with the
     norms its placement has (NORM_SLOTS; absent ones are the identity): "pre" (Llama) norms each branch's input,
@@ -278,57 +273,51 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
 
     def __init__(
         self,
-        layers: list[DistributedTransformerBlock],
-        norm: ShardableCallable,
-        output: nn.Module,
-        embedding: nn.Module,
+        config: ModelConfig,
         parallel: ParallelContext,
-        rope: RotaryEmbedding | Mapping[str, RotaryEmbedding],
+        numerics: Numerics | None = None,
+        *,
+        rope: RotaryEmbedding | Mapping[str, RotaryEmbedding] | None = None,
+        rotary_pairs: bool = False,
         return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
         return_hidden_states: ReturnHiddenStates = ReturnHiddenStates.NONE,
         use_subgraphs: bool = False,
         subgraph_layer_groups: list[list[int]] | None = None,
-        logits_scaling: float = 1.0,
-        logits_softcap: float | None = None,
-        embedding_multiplier: float = 1.0,
-        rotary_pairs: bool = False,
-        layer_rope: Sequence[str | None] = (),
-        scale_embeddings: bool = False,
-        classifier_pad_token_id: int | None = None,
-        classifier: bool = False,
-        rotary_in_float32: bool = False,
     ) -> None:
-        """rope: the rope table maker, or several by name (rope.build_ropes); layer_rope: each layer's table name, or
-        None for a layer without rotary (() : every layer the global table). rotary_pairs: the attentions rotate
-        q/k stored in pair order (modules.Attention), so the cos/sin tables are handed to them half-width.
-        scale_embeddings: embeddings times sqrt(hidden) rounded to their dtype (Gemma, layers.embedding_scale).
-        classifier: the head is a sequence classifier's, whose last-token row is each sequence's last token that is
-        not `classifier_pad_token_id` (modules.classifier_rows). rotary_in_float32: cos/sin tables stay float32
-        (the attentions rotate in float32: OLMo 2)."""
+        """config.architecture's model for `parallel`'s rank (plain nn.Linear / nn.Embedding at full size, each
+        attention for this rank's heads: the TP plan shards them, model/families/tp.py), its kernels as `numerics`
+        says (default: resolve_numerics's defaults for the device). Build it on the meta device, with `rope`
+        (rope.build_ropes: real tables) built outside that context. rotary_pairs: the attentions rotate q/k stored in
+        pair order (modules.Attention), so the cos/sin tables are handed to them half-width. use_subgraphs /
+        subgraph_layer_groups: MAX's regional compilation (one compiled block function per group)."""
         super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.norm = norm
-        self.lm_head = output
-        self.embed_tokens = embedding
+        self.config = config
+        self.numerics = numerics or resolve_numerics(config, parallel.device)
         self.parallel = parallel
+        self.rotary_pairs = rotary_pairs
+        self.layers = nn.ModuleList(
+            DistributedTransformerBlock(**blocks.block_parts(config, i, parallel, self.numerics, rotary_pairs,
+                                                             out_of_graph=use_subgraphs))
+            for i in range(config.num_layers)
+        )
+        self.norm = make_norm(config, config.hidden_size)
+        self.lm_head = blocks.head(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        rope = rope or build_ropes(config, parallel.device)
         self.ropes = dict(rope) if isinstance(rope, Mapping) else {GLOBAL_ROPE: rope}
         self.rope = self.ropes[GLOBAL_ROPE]
-        self.layer_rope = tuple(layer_rope) or (GLOBAL_ROPE,) * len(layers)
-        self.scale_embeddings = scale_embeddings
-        self.classifier = classifier
-        self.rotary_in_float32 = rotary_in_float32
-        self.classifier_pad_token_id = classifier_pad_token_id
+        self.layer_rope = tuple(config.layer_rope_kind(i) for i in range(config.num_layers))
+        # A classifier's score head reads the normed hidden state as it is (no scaling, no soft-cap); its
+        # last-token row is each sequence's last token that is not padding (modules.classifier_rows).
+        self.classifier = config.task == Task.CLASSIFICATION
+        self.classifier_pad_token_id = config.pad_token_id
+        self.logits_scaling = 1.0 if self.classifier else config.logits_scaling
+        self.logits_softcap = None if self.classifier else config.final_logit_softcapping
         self.return_logits = ReturnLogits(return_logits)
         self.return_hidden_states = ReturnHiddenStates(return_hidden_states)
-        self.logits_scaling = logits_scaling
-        self.logits_softcap = logits_softcap
-        self.embedding_multiplier = embedding_multiplier
         self.use_subgraphs = use_subgraphs
-        if subgraph_layer_groups is None:
-            subgraph_layer_groups = [list(range(len(layers)))]
-        self.subgraph_layer_groups = subgraph_layer_groups
+        self.subgraph_layer_groups = subgraph_layer_groups or [list(range(config.num_layers))]
         self._compiled_groups: dict[int, Callable] = {}
-        self.rotary_pairs = rotary_pairs
         # Asked before each block of `trunk` (the serving runner sets it for one run): True stops the forward there
         # with `Cancelled` (its clients are gone, the server is stopping).
         self.should_stop: Callable[[], bool] | None = None
@@ -344,10 +333,7 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         for g, group in enumerate(self.subgraph_layer_groups):
             if idx in group:
                 if g not in self._compiled_groups:
-                    for i in group:  # each layer's attention function (ragged SDPA or eager) stays out of the graph
-                        attn = self.layers[i].self_attn
-                        attn.attention_fn = _compiler_disabled(attn.attention_fn)
-                    # One compiled function per group; each layer of the group passes itself in, so the same
+                    # One compiled function per group (the attentions' kernels were built to stay out of it); each layer of the group passes itself in, so the same
                     # graph is reused with that layer's parameters as inputs.
                     self._compiled_groups[g] = torch.compile(DistributedTransformerBlock.forward, dynamic=True)
                 fn = self._compiled_groups[g]
@@ -374,14 +360,14 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         depth = len(self.layers) if depth is None else depth
         captured: dict[int, torch.Tensor] = {}
         h = self.embed_tokens(tokens)
-        if self.embedding_multiplier != 1.0:
-            h = h * self.embedding_multiplier
-        if self.scale_embeddings:
+        if self.config.embedding_multiplier != 1.0:
+            h = h * self.config.embedding_multiplier
+        if self.config.scale_embeddings:
             h = h * embedding_scale(h.shape[-1], h.dtype)
         positions = batch.positions()
         tables: dict[str | None, tuple[torch.Tensor | None, torch.Tensor | None]] = {None: (None, None)}
         for name in set(self.layer_rope[:depth]) - {None}:
-            table_dtype = torch.float32 if self.rotary_in_float32 else h.dtype
+            table_dtype = torch.float32 if self.config.rotary_in_float32 else h.dtype
             cos, sin = self.ropes[name](positions, batch.seq_lens, table_dtype)  # [T, rotary_dim]
             if self.rotary_pairs:  # q/k in pair order: the two halves of each table are equal
                 half = cos.shape[-1] // 2
@@ -408,15 +394,3 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         h, _ = self.trunk(tokens, batch)
         pooled = [classifier_rows(tokens, batch, self.classifier_pad_token_id)] if self.classifier else None
         return self._postprocess_logits([h], [batch.offsets], return_n_logits, pooled)
-
-
-def _compiler_disabled(fn: Callable) -> Callable:
-    """`fn` kept out of compiled graphs (the host-driven loop over sequences runs eagerly); one wrapper per function,
-    so layers that share a function share its wrapper."""
-    key = getattr(fn, "func", fn), tuple(sorted(getattr(fn, "keywords", {}).items()))
-    if key not in _DISABLED:
-        _DISABLED[key] = torch.compiler.disable(fn)
-    return _DISABLED[key]
-
-
-_DISABLED: dict = {}

@@ -86,9 +86,6 @@ def convert_gguf(gguf_path, out_dir, progress: bool = True) -> Path:
     folder which is renamed into place at the end, so an interrupted conversion leaves no partial checkpoint.
     An existing ``out_dir`` is replaced.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
     gguf_path = Path(gguf_path).resolve()
     out_dir = Path(out_dir).resolve()
     if not gguf_path.is_file():
@@ -99,49 +96,9 @@ def convert_gguf(gguf_path, out_dir, progress: bool = True) -> Path:
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        bar.set_postfix_str("loading + dequantizing weights")
-        logger.info("converting %s: loading and dequantizing weights", gguf_path)
-        with torch.inference_mode():
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf_path.parent),
-                gguf_file=gguf_path.name,
-                quantization_config=GgufConfig(dequantize=True),
-                local_files_only=True,
-            )
-        bar.update(1)
-
-        bar.set_postfix_str("writing model.safetensors")
-        logger.info("converting %s: writing model.safetensors", gguf_path)
-        model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="100GB")
-        del model
-        bar.update(1)
-
-        bar.set_postfix_str("tokenizer")
-        logger.info("converting %s: writing tokenizer.json", gguf_path)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True)
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            raise DefaultModelError(f"transformers gave no fast tokenizer for {gguf_path.name}")
-        # tokenizer_config.json and the chat template are useful to clients; tokenizer.json is what we serve.
-        tokenizer.save_pretrained(str(tmp))
-        backend.save(str(tmp / "tokenizer.json"))
-        bar.update(1)
-
-        for name in CHECKPOINT_FILES:
-            if not (tmp / name).is_file():
-                raise DefaultModelError(f"conversion of {gguf_path.name} did not produce {name}")
-        for stray in tmp.glob("*.bin"):  # never ship pickles
-            stray.unlink()
-        _make_readable(tmp)
-
+        _write_checkpoint(gguf_path, tmp, bar)
         bar.set_postfix_str("finalizing")
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _replace_folder(tmp, out_dir)
         bar.update(1)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -150,6 +107,58 @@ def convert_gguf(gguf_path, out_dir, progress: bool = True) -> Path:
         bar.close()
     logger.info("converted %s -> %s in %.1f s", gguf_path.name, out_dir, time.monotonic() - started)
     return out_dir
+
+
+def _write_checkpoint(gguf_path: Path, tmp: Path, bar) -> None:
+    """The dequantized weights (safetensors only) and the fast tokenizer of `gguf_path`, written into `tmp`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    bar.set_postfix_str("loading + dequantizing weights")
+    logger.info("converting %s: loading and dequantizing weights", gguf_path)
+    with torch.inference_mode():
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent),
+            gguf_file=gguf_path.name,
+            quantization_config=GgufConfig(dequantize=True),
+            local_files_only=True,
+        )
+    bar.update(1)
+
+    bar.set_postfix_str("writing model.safetensors")
+    logger.info("converting %s: writing model.safetensors", gguf_path)
+    model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="100GB")
+    del model
+    bar.update(1)
+
+    bar.set_postfix_str("tokenizer")
+    logger.info("converting %s: writing tokenizer.json", gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise DefaultModelError(f"transformers gave no fast tokenizer for {gguf_path.name}")
+    # tokenizer_config.json and the chat template are useful to clients; tokenizer.json is what we serve.
+    tokenizer.save_pretrained(str(tmp))
+    backend.save(str(tmp / "tokenizer.json"))
+    bar.update(1)
+
+    for name in CHECKPOINT_FILES:
+        if not (tmp / name).is_file():
+            raise DefaultModelError(f"conversion of {gguf_path.name} did not produce {name}")
+    for stray in tmp.glob("*.bin"):  # never ship pickles
+        stray.unlink()
+    _make_readable(tmp)
+
+
+def _replace_folder(tmp: Path, out_dir: Path) -> None:
+    """`tmp` renamed to `out_dir`; an existing `out_dir` is moved aside first and removed after."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _permute(w, n_head: int):
@@ -170,12 +179,35 @@ def write_gguf(hf_dir, out, qtype: str = "F32") -> Path:
     cfg = json.loads((hf_dir / "config.json").read_text())
     tok = json.loads((hf_dir / "tokenizer.json").read_text())
     tensors = load_file(str(hf_dir / "model.safetensors"))
-    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    rope_theta = cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0)
     quantized = qtype != "F32"
     tmp = out.with_suffix(".partial")
     w = gguf.GGUFWriter(str(tmp), "llama")
     w.add_name(hf_dir.name)
+    _add_gguf_metadata(w, cfg, tok, quantized)
+
+    def add(name: str, data, norm: bool = False) -> None:
+        data = np.ascontiguousarray(data.astype(np.float32))
+        if quantized and not norm and data.ndim == 2:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(name, gguf.quants.quantize(data, q8), raw_dtype=q8)
+        else:
+            w.add_tensor(name, data)
+
+    _add_gguf_tensors(add, cfg, tensors)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.replace(out)
+    return out
+
+
+def _add_gguf_metadata(w, cfg: dict, tok: dict, quantized: bool) -> None:
+    """llama.cpp's Llama keys from config.json, and tokenizer.json's vocabulary as a gpt2-style BPE one."""
+    import gguf
+
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    rope_theta = cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0)
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_block_count(cfg["num_hidden_layers"])
@@ -201,14 +233,10 @@ def write_gguf(hf_dir, out, qtype: str = "F32") -> Path:
     w.add_eos_token_id(cfg["eos_token_id"])
     w.add_add_bos_token(False)
 
-    def add(name: str, data, norm: bool = False) -> None:
-        data = np.ascontiguousarray(data.astype(np.float32))
-        if quantized and not norm and data.ndim == 2:
-            q8 = gguf.GGMLQuantizationType.Q8_0
-            w.add_tensor(name, gguf.quants.quantize(data, q8), raw_dtype=q8)
-        else:
-            w.add_tensor(name, data)
 
+def _add_gguf_tensors(add, cfg: dict, tensors: dict) -> None:
+    """Every tensor under llama.cpp's name, q/k rows permuted for its rotary layout; `add(name, data, norm)`."""
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     add("token_embd.weight", tensors["model.embed_tokens.weight"])
     add("output_norm.weight", tensors["model.norm.weight"], norm=True)
     if "lm_head.weight" in tensors and not cfg.get("tie_word_embeddings"):
@@ -224,12 +252,6 @@ def write_gguf(hf_dir, out, qtype: str = "F32") -> Path:
         add(f"blk.{i}.ffn_gate.weight", tensors[p + "mlp.gate_proj.weight"])
         add(f"blk.{i}.ffn_up.weight", tensors[p + "mlp.up_proj.weight"])
         add(f"blk.{i}.ffn_down.weight", tensors[p + "mlp.down_proj.weight"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tmp.replace(out)
-    return out
 
 
 # ------------------------------------------------------------------------------------------ default model

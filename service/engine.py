@@ -27,7 +27,7 @@ from .inputs import PackedInputs
 from .metrics import Metrics
 from .settings import Settings
 from .workers import RequestOutputs
-from .workers.protocol import LoadedModel
+from model.runtime.numerics import Numerics
 
 logger = logging.getLogger("logitserve.engine")
 
@@ -144,8 +144,8 @@ class Engine:
             raise NotReady(f"not ready: {self.not_ready_reason()}", retry_after=2)
 
     @property
-    def loaded(self) -> LoadedModel | None:
-        """What the workers loaded (dtype, batch invariance, prefix sharing), as they reported it; None until one has."""
+    def loaded(self) -> Numerics | None:
+        """The numerics the workers loaded the model with, as they reported them; None until one has."""
         return self.pool.loaded if self.pool is not None else None
 
     def describe_workers(self) -> list[dict]:

@@ -280,6 +280,9 @@ class InfoResponse(BaseModel):
     limits: dict
     pooling: str
     prefix_sharing: bool
+    prefix_cache_bytes: int
+    attention: str  # the attention kernel: sdpa, eager (soft-caps) or prefix_stable
+    numerics_reason: str | None  # why prefix sharing and the prefix cache are off, where the model cannot have them
     workers: list[dict]
 
 

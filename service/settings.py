@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     prefix_sharing: Literal["on", "off"] = flag(
         "on", "sequences of a batch that start with the same tokens compute them once (where the model supports "
               "it: CPU, SDPA attention; /info reports it)")
+    prefix_cache_bytes: int | None = flag(
+        None, "bytes each replica's prefix cache may hold (default: 1 GiB where prefix sharing is in force, else 0; "
+              "0 turns the cache off; /info reports it)", "N", ge=0)
     allowed_hosts: Annotated[list[str], NoDecode] = flag(
         [], "host names a request's Host header may carry besides the bound address, localhost names, 127.0.0.1 and "
             "::1 (always allowed), comma-separated; *.example.com for subdomains, * for any (default: none more; any "

@@ -2,7 +2,7 @@
 
 An entry says which config.json keys the family reads beyond the shared ones (``read``, into the
 ``ArchitectureFields`` of its ``ModelConfig``), how its checkpoint names our modules' tensors (``weights``), how
-tensor parallelism shards them (``tp_plan``), and which kind of MLP and head it is built with (model/families/loader.py
+tensor parallelism shards them (``tp_plan``), and which kind of MLP and head it is built with (model/families/blocks.py
 builds each kind). Everything an entry does not name is shared: model/families/config.py reads the common fields,
 model/families/loader.py assembles and loads any entry's model. A new family is one entry here plus what is genuinely new
 (a field, a module kind, a TP style), and a tiny checkpoint recipe in tests/checkpoints.py (a test requires one
@@ -26,8 +26,15 @@ from model.task import Task
 HFConfig = Mapping[str, Any]  # a parsed config.json
 
 # Where a block puts its norms: "pre" (Llama: before attention and before the MLP), "sandwich" (Gemma 2 and 3:
-# before and after each), "post" (OLMo 2: after each, none before). model/families/loader.py builds them by NORM_SLOTS.
+# before and after each), "post" (OLMo 2: after each, none before). model/families/blocks.py builds them by NORM_SLOTS.
 NORM_PLACEMENTS = ("pre", "sandwich", "post")
+# A block's norms by placement, named as checkpoints name them: (attention input, attention output, MLP input, MLP
+# output); None where the placement has no norm.
+NORM_SLOTS: dict[str, tuple[str | None, str | None, str | None, str | None]] = {
+    "pre": ("input_layernorm", None, "post_attention_layernorm", None),
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),
+}
 # The rope table a layer rotates q and k with: "global", "local" (Gemma 3's sliding layers) or None (no rotary).
 GLOBAL_ROPE, LOCAL_ROPE = "global", "local"
 
@@ -307,7 +314,7 @@ class WeightNames:
 
 
 # Module path pattern -> sharding style (model/families/tp.py implements the styles); unnamed modules are replicated.
-# An MoE family's sparse layers (loader.MLPS["moe"]) are built at shard size and match no pattern here; its dense
+# An MoE family's sparse layers (blocks.MLPS["moe"]) are built at shard size and match no pattern here; its dense
 # layers (mlp_only_layers) are sharded as any dense MLP.
 DECODER_TP_PLAN: Mapping[str, str] = {
     "embed_tokens": "vocab_embedding",
@@ -329,8 +336,8 @@ class Architecture:
     read: Callable[[HFConfig], ArchitectureFields] = read_llama
     weights: WeightNames = field(default_factory=WeightNames)
     tp_plan: Mapping[str, str] = field(default_factory=lambda: DECODER_TP_PLAN)
-    mlp: str = "gated"  # each layer's MLP, a key of loader.MLPS (an MoE family adds its kind)
-    head: str = "lm_head"  # on the final hidden states, a key of loader.HEADS (a classifier adds its `score`)
+    mlp: str = "gated"  # each layer's MLP, a key of blocks.MLPS (an MoE family adds its kind)
+    head: str = "lm_head"  # on the final hidden states, a key of blocks.HEADS (a classifier adds its `score`)
 
     @property
     def task(self) -> Task:

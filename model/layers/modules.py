@@ -205,8 +205,9 @@ class Attention(nn.Module):
     first cos.shape[-1] dims of each head (partial rotary); a layer handed no cos/sin (NoPE) does not rotate.
 
     The entry's traits pick the rest: q/k norms per head (RMSNorm, or the Gemma family's UpcastRMSNorm), or over
-    the whole projection (`qk_norms` given by the loader: OLMo 2's ShardedRMSNorm, built for this rank's rows); the
-    attention function (ragged SDPA, or transformers' eager path with the config's soft-cap)."""
+    the whole projection (`qk_norms` given by the loader: OLMo 2's ShardedRMSNorm, built for this rank's rows).
+    `kernel` computes the attention (attention_kernels.attention_kernel of the kind the numerics chose: ragged
+    SDPA, transformers' eager path with the config's soft-cap, or prefix-stable); it is fixed at construction."""
 
     def __init__(
         self,
@@ -218,6 +219,7 @@ class Attention(nn.Module):
         kv_head_index: torch.Tensor | None = None,
         rotary_pairs: bool = False,
         qk_norms: tuple[nn.Module, nn.Module] | None = None,
+        kernel: Callable,
     ) -> None:
         super().__init__()
         if rotary_pairs and config.qk_norm:  # the norm would sum each head's squares in another order
@@ -242,12 +244,7 @@ class Attention(nn.Module):
         if qk_norms is None and config.qk_norm:
             qk_norms = (head_norm(config), head_norm(config))
         self.q_norm, self.k_norm = qk_norms or (None, None)
-        # Regional compilation swaps in a compiler-disabled copy: the host-driven loop over sequences stays eager.
-        self.attention_fn = (
-            functools.partial(eager_attention, softcap=config.attention_softcap)
-            if config.attention == "eager"
-            else ragged_attention
-        )
+        self.attention_fn = kernel
 
     @torch.no_grad()
     def after_loading(self) -> None:

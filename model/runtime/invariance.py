@@ -21,7 +21,7 @@ dimension changes no bit (its query blocks follow the length only), RMSNorm sums
 and index_select copy values. Under tensor parallelism the all-reduce of 2 ranks is one commutative addition, but
 gloo's ring sums 3 or more ranks in an order that follows an element's offset in the buffer
 (``all_reduce_in_rank_order``). Two results followed the neighbours' requests, not kernels: top-k ties
-(``top_k_as_alone``) and the log-sum-exp formula (one formula now, ``ModelRunner._log_sum_exp``).
+(``top_k_as_alone``) and the log-sum-exp formula (one formula now, ``scores.ScoreReducer._normalizers``).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ has rows of its own. The results are the same bits as without sharing and as eac
 Not shareable: rotary embeddings whose frequencies follow the sequence's length (dynamic NTK past the trained
 context, LongRoPE), where the same prefix row differs between sequences of different lengths; transformers' eager
 attention with a soft-cap (Gemma 2), which has no prefix-stable form here; CUDA, whose flash varlen kernel is not
-prefix-stable (``supports_sharing``).
+prefix-stable (``numerics.why_not_prefix_stable``). Whether a model shares is decided once, with its attention kind,
+by model/runtime/numerics.py.
 
 Extra memory: the attention's padded buffers, one group of at most ``attention_stable.MAX_GROUP_SLOTS`` slots at a
 time, hold every sequence's full length (a shared prefix is copied into each sequence's keys); the index tensors
@@ -29,10 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.layers.attention_stable import BLOCK, BlockLayout, prefix_stable_attention
+from model.layers.attention_kernels import AttentionKind
+from model.layers.attention_stable import BLOCK, BlockLayout
+from model.layers.modules import RaggedBatch
 from model.runtime.invariance import ROW_MULTIPLE, padded_count
-from model.layers.modules import RaggedBatch, ragged_attention
-from model.layers.rope import LongRopeEmbedding, RotaryEmbedding
+from model.runtime.numerics import why_not_prefix_stable
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -148,52 +150,17 @@ class SharedPrefixBatch:
 
 
 def supports_sharing(model) -> bool:
-    """Whether `model` (a DistributedTransformer) can run prefix-stable attention and share prefixes: on the CPU,
-    every layer on SDPA attention (not the soft-capped eager path), and rotary tables that depend on a row's position
-    only (not dynamic NTK, not LongRoPE, whose frequencies follow the sequence's length)."""
-    if model.parallel.device.type != "cpu":
-        return False
-    for rope in model.ropes.values():
-        if isinstance(rope, LongRopeEmbedding):
-            return False
-        if isinstance(rope, RotaryEmbedding) and rope.rope.rope_type == "dynamic":
-            return False
-        if not isinstance(rope, (RotaryEmbedding, LongRopeEmbedding)):
-            return False
-    return all(_unwrapped(layer.self_attn.attention_fn) in (ragged_attention, prefix_stable_attention)
-               for layer in model.layers)
-
-
-def enable_prefix_sharing(model, requested: bool | None) -> bool:
-    """Put every layer of `model` on prefix_stable_attention when sharing is requested (None: wherever supported)
-    and supported; returns whether sharing is in force. Asked for explicitly where unsupported, it is refused."""
-    if requested is False:
-        return False
-    if not supports_sharing(model):
-        if requested:
-            raise ValueError("prefix sharing is supported on CPU for SDPA-attention models whose rotary frequencies "
-                             "follow the position only (not soft-capped attention, dynamic NTK or LongRoPE)")
-        return False
-    use_prefix_stable_attention(model)
-    return True
-
-
-def use_prefix_stable_attention(model) -> None:
-    """Every layer of `model` (a DistributedTransformer) attends with prefix_stable_attention."""
-    for layer in model.layers:
-        layer.self_attn.attention_fn = prefix_stable_attention
+    """Whether `model` (a DistributedTransformer) could share prefixes had it been built with prefix-stable
+    attention: on the CPU, not the soft-capped eager attention, rotary tables that depend on a row's position only
+    (numerics.why_not_prefix_stable)."""
+    return why_not_prefix_stable(model.config, model.parallel.device) is None
 
 
 def can_share(model) -> bool:
-    """Whether a row's hidden states depend only on its prefix in this model: prefix-stable attention in every layer
-    and rotary frequencies that do not follow the sequence's length."""
-    return supports_sharing(model) and all(
-        _unwrapped(layer.self_attn.attention_fn) is prefix_stable_attention for layer in model.layers
-    )
-
-
-def _unwrapped(fn):
-    return getattr(fn, "__wrapped__", fn)  # also through torch.compiler.disable
+    """Whether a row's hidden states depend only on its prefix in this model: it was built with the prefix-stable
+    attention in every layer (its numerics say so; resolve_numerics chose it only where the rotary frequencies do
+    not follow the sequence's length)."""
+    return model.numerics.attention == AttentionKind.PREFIX_STABLE
 
 
 def _unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,32 +13,19 @@ from pathlib import Path
 
 import torch
 
-from model.runtime import invariance
-from model.families.config import ModelConfig
 from model.distributed import ParallelContext
 from model.distributed_transformer import DistributedTransformer
+from model.families.config import ModelConfig
 from model.families.loader import load_model
-from model.runtime.memory import retain_freed_memory
+from model.layers.attention_kernels import AttentionKind
 from model.layers.modules import RaggedBatch, classifier_rows
+from model.runtime import invariance
+from model.runtime.memory import retain_freed_memory
+from model.runtime.numerics import Numerics, resolve_numerics
 from model.runtime.outputs import SCORE_KINDS, OutputSpec, ReturnLogits, SequenceOutput
 from model.runtime.prefix_cache import NEVER, Needs, PrefixCache, TrunkResult, cached_trunk
-from model.runtime.prefix_sharing import can_share, enable_prefix_sharing
 from model.runtime.scores import RowScores, ScoreAsk, ScoreReducer
 from model.task import Task
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.device) -> torch.dtype:
-    """`auto` is the checkpoint's dtype on CUDA and float32 on CPU."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return DTYPES.get(config.torch_dtype, torch.float32) if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; supported: auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
 
 @dataclass
 class _RowPlan:
@@ -75,30 +62,32 @@ def _rows_of(ask: ScoreAsk, s: int, e: int) -> ScoreAsk:
 
 
 class ModelRunner:
-    def __init__(
-        self,
-        model: DistributedTransformer,
-        config: ModelConfig,
-        parallel: ParallelContext,
-        dtype: torch.dtype,
-        batch_invariant: bool = False,
-    ):
+    """Runs batches on a loaded model with the numerics it was built with (model/runtime/numerics.py)."""
+
+    def __init__(self, model: DistributedTransformer, config: ModelConfig, parallel: ParallelContext,
+                 numerics: Numerics | None = None):
         self.model = model
         self.config = config
         self.parallel = parallel
-        self.dtype = dtype
-        # A sequence's outputs are the same bits whatever shares its batch (model/runtime/invariance.py): every matmul of
-        # run() gets a multiple of invariance.ROW_MULTIPLE rows.
-        self.batch_invariant = batch_invariant
-        self.row_multiple = invariance.ROW_MULTIPLE if batch_invariant else 1
-        # Shared prefixes computed once (model/runtime/prefix_sharing.py): in force where the model's attention is
-        # prefix-stable (ModelRunner.load's prefix_sharing); the count of token rows not recomputed so far.
-        self._prefix_sharing = can_share(model)
-        self.prefix_shared_tokens = 0
-        # Prefixes kept across batches (model/runtime/prefix_cache.py), where prefixes can be shared; None: off.
+        self.numerics = numerics or model.numerics
+        if self.numerics.attention != model.numerics.attention or self.numerics.dtype != model.numerics.dtype or \
+                self.numerics.batch_invariant != model.numerics.batch_invariant:
+            raise ValueError(f"the model was built with {model.numerics}; a runner may change only prefix sharing "
+                             "and the prefix cache")
+        if self.numerics.prefix_sharing and self.numerics.attention != AttentionKind.PREFIX_STABLE:
+            raise ValueError(f"prefix sharing needs prefix-stable attention; this model was built with "
+                             f"{self.numerics.attention.value} attention (ModelRunner.load)")
+        self.dtype = self.numerics.torch_dtype
+        # A sequence's outputs are the same bits whatever shares its batch (model/runtime/invariance.py): every
+        # matmul of run() gets a multiple of row_multiple rows.
+        self.batch_invariant = self.numerics.batch_invariant
+        self.row_multiple = self.numerics.row_multiple
+        self.prefix_shared_tokens = 0  # token rows not recomputed so far (prefix sharing)
+        # Prefixes kept across batches (model/runtime/prefix_cache.py) in the numerics' bytes; None: off.
         self.prefix_cache: PrefixCache | None = None
         self.prefix_cache_hit_tokens = 0  # token rows read from the cache so far
         self.last_run = RunStats()  # the last run's counts
+        self.use_prefix_cache(self.numerics.prefix_cache_bytes)
         head = model.lm_head
         # A classifier's replicated score head holds every label on every rank.
         vocab_start = head.vocab.start if hasattr(head, "vocab") else 0
@@ -116,13 +105,16 @@ class ModelRunner:
         dtype: str | torch.dtype = "auto",
         parallel: ParallelContext | None = None,
         retain_memory: bool = True,
+        numerics: Numerics | None = None,
         batch_invariant: bool | None = None,
         prefix_sharing: bool | None = None,
-        prefix_cache_bytes: int = 0,
+        prefix_cache_bytes: int | None = 0,
         **model_kwargs,
     ) -> ModelRunner:
-        """retain_memory: on CPU, keep freed activations in the process for the next batch (see model/runtime/memory.py:
-        no page faults on fresh memory per batch, at the price of holding the peak working set).
+        """The checkpoint's model with `numerics`, or with what resolve_numerics makes of `dtype`, `batch_invariant`,
+        `prefix_sharing` and `prefix_cache_bytes` (None: the default). retain_memory: on CPU, keep freed
+        activations in the process for the next batch (model/runtime/memory.py: no page faults on fresh memory per
+        batch, at the price of holding the peak working set).
 
         batch_invariant: every output of a sequence is the same bits whatever else shares its batch and wherever it
         sits there (model/runtime/invariance.py); None: on for the CPU, off for CUDA, where True is refused.
@@ -137,21 +129,25 @@ class ModelRunner:
         parallel = parallel or ParallelContext.single(device)
         if retain_memory and parallel.device.type == "cpu":
             retain_freed_memory()
-        torch_dtype = resolve_dtype(dtype, config, parallel.device)
-        invariant = invariance.resolve(batch_invariant, parallel.device)
-        if invariant:
+        numerics = numerics or resolve_numerics(
+            config, parallel.device, dtype=dtype, batch_invariant=batch_invariant, prefix_sharing=prefix_sharing,
+            prefix_cache_bytes=prefix_cache_bytes)
+        if numerics.batch_invariant:
             parallel = replace(parallel, sum_in_rank_order=True)
-        model = load_model(str(checkpoint), config, parallel, torch_dtype, **model_kwargs)
-        enable_prefix_sharing(model, prefix_sharing)
-        runner = cls(model, config, parallel, torch_dtype, batch_invariant=invariant)
-        runner.use_prefix_cache(prefix_cache_bytes)
-        return runner
+        model = load_model(str(checkpoint), config, parallel, numerics, **model_kwargs)
+        return cls(model, config, parallel, numerics)
+
+    def with_numerics(self, numerics: Numerics) -> ModelRunner:
+        """A runner over the same model (the same weights) with other numerics, where the model's construction
+        allows them: prefix sharing on or off (on needs the prefix-stable attention), another prefix cache size."""
+        return type(self)(self.model, self.config, self.parallel, numerics)
 
     def use_prefix_cache(self, capacity: int) -> bool:
         """Keep prefixes across batches in `capacity` bytes (0: no cache, and an existing one is dropped); only
-        where prefixes are shared (can_share) and under batch invariance, without which a cached row's bits would
-        follow the batch that computed it. Returns whether the cache is on."""
-        on = capacity > 0 and can_share(self.model) and self.batch_invariant and not self.model.use_subgraphs
+        where prefixes are shared (the prefix-stable attention) and under batch invariance, without which a cached
+        row's bits would follow the batch that computed it. Returns whether the cache is on."""
+        on = (capacity > 0 and self.numerics.attention == AttentionKind.PREFIX_STABLE and self.batch_invariant
+              and not self.model.use_subgraphs)
         self.prefix_cache = PrefixCache.for_model(self.model, capacity) if on else None
         return on
 
@@ -162,15 +158,8 @@ class ModelRunner:
 
     @property
     def prefix_sharing(self) -> bool:
-        """Whether shared prefixes are computed once. Turning it off keeps the prefix-stable attention: the outputs
-        keep their bits, every row of every sequence is computed."""
-        return self._prefix_sharing
-
-    @prefix_sharing.setter
-    def prefix_sharing(self, on: bool) -> None:
-        if on and not can_share(self.model):
-            raise ValueError("this model was not loaded with prefix-stable attention (ModelRunner.load)")
-        self._prefix_sharing = on
+        """Whether shared prefixes are computed once."""
+        return self.numerics.prefix_sharing
 
     def _logit_rows(self, spec: OutputSpec, n: int, pooled: int | None) -> range:
         """The positions whose head rows a sequence of n tokens gets: for a classifier's last_token, its pooled
@@ -439,27 +428,28 @@ class ModelRunner:
         self.last_run = RunStats(trunk.shared_tokens, trunk.cache_hit_tokens, self.prefix_cache_bytes)
         vocab = self._vocab_outputs(h, plan, specs, trunk.row_keys) if plan.vocab_rows else None
         captured_cpu = {layer: t.cpu() for layer, t in captured.items()}
+        return [self._sequence_output(b, spec, batch.seq_lens[b], pooled[b], plan, vocab, captured_cpu)
+                for b, spec in enumerate(specs)]
 
-        outputs = []
-        for b, spec in enumerate(specs):
-            n = batch.seq_lens[b]
-            positions = torch.tensor(list(self._logit_rows(spec, n, pooled[b])), dtype=torch.int64)
-            seq = SequenceOutput(positions=positions)
-            start, count = plan.vocab_slices[b]
-            if count:
-                if spec.logits:
-                    first = int(vocab.logits_row_index[start])
-                    seq.logits = vocab.logits[first : first + count]
-                for kind in SCORE_KINDS:
-                    if kind.asked_by(spec):
-                        mine = getattr(vocab.scores, kind.name)[start : start + count]  # [count] or [count, widest]
-                        setattr(seq, kind.name, mine if mine.dim() == 1 else mine[:, : kind.columns(spec)])
-            if plan.hidden_slices[b]:
-                stacked = torch.stack([captured_cpu[layer][s : s + c] for layer, s, c in plan.hidden_slices[b]])
-                if spec.return_hidden_states.normalized:
-                    stacked = self.model.norm(stacked.to(dev)).cpu()
-                seq.hidden_states = stacked
-                seq.hidden_positions = torch.tensor(list(spec.hidden_rows(n)), dtype=torch.int64)
-                seq.layers = tuple(layer for layer, _, _ in plan.hidden_slices[b])
-            outputs.append(seq)
-        return outputs
+    def _sequence_output(self, b: int, spec: OutputSpec, n: int, pooled: int | None, plan: _RowPlan,
+                         vocab: _VocabOutputs | None, captured: dict[int, torch.Tensor]) -> SequenceOutput:
+        """Sequence b's outputs (n tokens), sliced from the batch's vocab outputs and captured hidden rows (CPU)."""
+        positions = torch.tensor(list(self._logit_rows(spec, n, pooled)), dtype=torch.int64)
+        seq = SequenceOutput(positions=positions)
+        start, count = plan.vocab_slices[b]
+        if count:
+            if spec.logits:
+                first = int(vocab.logits_row_index[start])
+                seq.logits = vocab.logits[first : first + count]
+            for kind in SCORE_KINDS:
+                if kind.asked_by(spec):
+                    mine = getattr(vocab.scores, kind.name)[start : start + count]  # [count] or [count, widest]
+                    setattr(seq, kind.name, mine if mine.dim() == 1 else mine[:, : kind.columns(spec)])
+        if plan.hidden_slices[b]:
+            stacked = torch.stack([captured[layer][s : s + c] for layer, s, c in plan.hidden_slices[b]])
+            if spec.return_hidden_states.normalized:
+                stacked = self.model.norm(stacked.to(self.parallel.device)).cpu()
+            seq.hidden_states = stacked
+            seq.hidden_positions = torch.tensor(list(spec.hidden_rows(n)), dtype=torch.int64)
+            seq.layers = tuple(layer for layer, _, _ in plan.hidden_slices[b])
+        return seq

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import PlainTextResponse, Response
 
-from model.runtime import invariance
 from model.task import Task
 
 from .. import __version__
-from ..deps import Authorized, EngineDep, MetricsDep, ServedDep, SettingsDep
+from ..deps import Authorized, EngineDep, MetricsDep, ServedDep, SettingsDep, TokenizingDep
 from ..errors import NotReady, error_response
 from ..responses import json_response
 from ..schemas import InfoResponse, ModelsResponse, StatusResponse, responses
@@ -41,9 +39,11 @@ async def metrics_text(metrics: MetricsDep) -> Response:
 
 
 @router.get("/info", dependencies=[Authorized], responses=responses(InfoResponse, 401))
-async def info(served: ServedDep, engine: EngineDep, settings: SettingsDep) -> Response:
-    s, loaded = settings, engine.loaded
-    asked = RunnerOptions.from_settings(s)
+async def info(served: ServedDep, engine: EngineDep, settings: SettingsDep,
+               tokenizing: TokenizingDep) -> Response:
+    s = settings
+    # As the workers loaded the model; until one has, what they will load: the same resolution from the same inputs.
+    numerics = engine.loaded or RunnerOptions.from_settings(s).numerics(served.config, s.device)
     return json_response({
         "model": served.name,
         "model_path": served.checkpoint,
@@ -55,10 +55,8 @@ async def info(served: ServedDep, engine: EngineDep, settings: SettingsDep) -> R
         "tp": s.tp,
         "replicas": s.replicas,
         "device": s.device,
-        # as the workers loaded the model; until they have, what was asked (batch invariance: the device's default)
-        "dtype": loaded.dtype if loaded else s.dtype,
-        "batch_invariant": loaded.batch_invariant if loaded else invariance.resolve(asked.batch_invariant,
-                                                                                      torch.device(s.device)),
+        "dtype": numerics.dtype,
+        "batch_invariant": numerics.batch_invariant,
         "limits": {
             "max_batch_tokens": s.max_batch_tokens,
             "max_seq_len": served.max_seq_len,
@@ -69,15 +67,17 @@ async def info(served: ServedDep, engine: EngineDep, settings: SettingsDep) -> R
         "pooling": s.pooling,
         # the embedding endpoints' pooling, Dense layers, normalization and prompts as in force
         "embedding": served.embedding.describe(),
-        # as the workers run it (a model that cannot share runs unshared); until they have, what was asked (CPU only)
-        "prefix_sharing": loaded.prefix_sharing if loaded else s.prefix_sharing == "on" and s.device == "cpu",
+        "prefix_sharing": numerics.prefix_sharing,
+        "prefix_cache_bytes": numerics.prefix_cache_bytes,
+        "attention": numerics.attention.value,
+        "numerics_reason": numerics.reason,
         "workers": engine.describe_workers(),
         "auto_truncate": served.auto_truncate,
-        **tei_info(served, s, loaded.dtype if loaded else s.dtype),
+        **tei_info(served, s, numerics.dtype, tokenizing.threads),
     })
 
 
-def tei_info(served, s, dtype: str) -> dict:
+def tei_info(served, s, dtype: str, tokenizing_threads: int) -> dict:
     """Text Embeddings Inference's `Info` fields (its clients read them from the same GET /info)."""
     if served.task == Task.CLASSIFICATION:
         labels = {str(i): label for i, label in served.id2label.items()}
@@ -89,8 +89,8 @@ def tei_info(served, s, dtype: str) -> dict:
             "model_type": model_type, "max_concurrent_requests": s.effective_max_queue_tokens,
             "max_input_length": served.max_seq_len, "max_batch_tokens": s.max_batch_tokens, "max_batch_requests": None,
             # every sequence has a token: no batch of more sequences than the queue's tokens is ever accepted
-            "max_client_batch_size": s.effective_max_queue_tokens, "tokenization_workers": 1, "sha": None,
-            "docker_label": None}
+            "max_client_batch_size": s.effective_max_queue_tokens, "tokenization_workers": tokenizing_threads,
+            "sha": None, "docker_label": None}
 
 
 @router.get("/v1/models", dependencies=[Authorized], responses=responses(ModelsResponse, 401))

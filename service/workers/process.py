@@ -16,7 +16,6 @@ from .protocol import (
     BatchFailed,
     CancelFlags,
     Job,
-    LoadedModel,
     RunnerOptions,
     WorkerReady,
 )
@@ -98,9 +97,8 @@ def stop_check(cancel: CancelFlags, batch_id: int, tp: int, device, slow_block_s
 
 def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, device: str,
                 options: RunnerOptions, threads: int, conn, cancel: CancelFlags, parent_pid: int) -> None:
-    """options.prefix_sharing: compute shared prefixes once where the model supports it. Off keeps the
-    prefix-stable attention under batch invariance, so that the switch changes no output bit (docs/api.md): only the
-    de-duplication stops; with both switches off the attention is the one with transformers' bits.
+    """Load this rank's shard with the numerics `options` resolve to (RunnerOptions.numerics, which /info uses
+    too), report them, then run jobs until the pipe closes.
 
     `cancel`: the replica's cancellation flags, read before a batch and before each of its blocks."""
     die_with_parent(parent_pid)
@@ -108,8 +106,8 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
 
     from model.errors import Cancelled
 
-    from model.runtime import invariance
     from model.distributed import destroy, init_process_group
+    from model.families.config import ModelConfig
     from model.runtime.runner import ModelRunner
 
     torch.set_num_threads(threads)
@@ -118,16 +116,9 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
         device = f"cuda:{(replica * tp + rank) % count}"
     try:
         ctx = init_process_group(rank, tp, master_port=port, device=device)
-        # --prefix-sharing off keeps the prefix-stable attention under batch invariance, so that the switch changes
-        # no output bit (docs/api.md); with both off the attention is the one with transformers' bits.
-        stable = options.prefix_sharing or invariance.resolve(options.batch_invariant, ctx.device)
-        runner = ModelRunner.load(
-            checkpoint, device=ctx.device, dtype=options.dtype, parallel=ctx, batch_invariant=options.batch_invariant,
-            prefix_sharing=None if stable else False,
-        )
-        runner.prefix_sharing = runner.prefix_sharing and options.prefix_sharing
-        loaded = LoadedModel(str(runner.dtype).removeprefix("torch."), runner.batch_invariant, runner.prefix_sharing)
-        conn.send(WorkerReady(rank, os.getpid(), loaded))
+        numerics = options.numerics(ModelConfig.from_pretrained(checkpoint), ctx.device)
+        runner = ModelRunner.load(checkpoint, parallel=ctx, numerics=numerics)
+        conn.send(WorkerReady(rank, os.getpid(), runner.numerics))
         counter = itertools.count()
         fault_oom_tokens = int(os.environ.get(FAULT_OOM_TOKENS_ENV) or 0)
         slow_block_s = float(os.environ.get(FAULT_SLOW_BLOCK_ENV) or 0)

@@ -11,7 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from model.families.config import ModelConfig
+from model.runtime.numerics import Numerics, resolve_numerics
 from model.runtime.outputs import OutputSpec
 
 
@@ -89,34 +92,33 @@ class BatchFailed:
 
 @dataclass(frozen=True)
 class RunnerOptions:
-    """How the ranks load the model (the serve settings' choices; None: the runner's default for the device)."""
+    """What the serve settings ask of the model's numerics (None: the default), resolved by `numerics`."""
 
     dtype: str  # "auto", "float32", ...
     batch_invariant: bool | None = None
-    prefix_sharing: bool = True  # where the model supports it
+    prefix_sharing: bool | None = None  # None: wherever the model can share ("--prefix-sharing on")
+    prefix_cache_bytes: int | None = None
 
     @classmethod
     def from_settings(cls, settings) -> RunnerOptions:
         """From service.settings.Settings."""
-        on_off = {None: None, "on": True, "off": False}
-        return cls(dtype=settings.dtype, batch_invariant=on_off[settings.batch_invariant],
-                   prefix_sharing=on_off[settings.prefix_sharing])
+        return cls(dtype=settings.dtype, batch_invariant={None: None, "on": True, "off": False}[settings.batch_invariant],
+                   prefix_sharing=None if settings.prefix_sharing == "on" else False,
+                   prefix_cache_bytes=settings.prefix_cache_bytes)
 
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """What the ranks loaded, as /info reports it."""
-
-    dtype: str  # the dtype of the weights (torch name without "torch.")
-    batch_invariant: bool
-    prefix_sharing: bool  # whether shared prefixes are computed once
+    def numerics(self, config: ModelConfig, device: torch.device | str) -> Numerics:
+        """The numerics the workers load the model with and /info reports (before the workers are ready too): the
+        server keeps its promise that under batch invariance the sharing and cache switches change no bit."""
+        return resolve_numerics(config, device, dtype=self.dtype, batch_invariant=self.batch_invariant,
+                                prefix_sharing=self.prefix_sharing, prefix_cache_bytes=self.prefix_cache_bytes,
+                                switches_keep_bits=True)
 
 
 @dataclass
 class WorkerReady:
     rank: int
     pid: int
-    loaded: LoadedModel
+    loaded: Numerics  # what the rank loaded the model with, as RunnerOptions.numerics resolved it
 
 
 class CancelFlags:

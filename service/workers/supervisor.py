@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
 from typing import Any, Callable
 
+from model.runtime.numerics import Numerics
+
 from ..errors import InternalError, NotReady, WorkerFailed
 from .process import worker_main
 from .protocol import (
@@ -31,7 +33,6 @@ from .protocol import (
     BatchFailed,
     CancelFlags,
     Job,
-    LoadedModel,
     RunnerOptions,
     WorkerReady,
 )
@@ -70,7 +71,7 @@ class Replica:
         self.pids: list[int] = []
         self.restarts = 0
         self.ever_ready = False
-        self.loaded: LoadedModel | None = None  # as the ranks loaded the model
+        self.loaded: Numerics | None = None  # as the ranks loaded the model
         self.inflight: OrderedDict[int, _InFlight] = OrderedDict()
         self.inflight_tokens = 0
         self._lock = threading.Lock()
@@ -333,8 +334,8 @@ class WorkerPool:
         return any(r.state == "ready" or (r.ever_ready and r.state == "restarting") for r in self.replicas)
 
     @property
-    def loaded(self) -> LoadedModel | None:
-        """What the workers loaded; None until one replica has."""
+    def loaded(self) -> Numerics | None:
+        """The numerics the workers loaded the model with; None until one replica has."""
         return next((r.loaded for r in self.replicas if r.loaded is not None), None)
 
     def reasons(self) -> list[str]:

@@ -9,7 +9,8 @@ import torch
 from model.families.architectures import ARCHITECTURES, WeightNames
 from model.families.config import ModelConfig
 from model.distributed import ParallelContext
-from model.families.loader import HEADS, MLPS, build_model
+from model.families.blocks import HEADS, MLPS
+from model.families.loader import build_model
 from model.layers.rope import RotaryEmbedding
 from model.families.tp import HeadLayout, shard_model
 from tests.checkpoints import RECIPES

@@ -4,6 +4,7 @@ sharing on, with it off and alone, at tp 1 and tp 2; which models share; the cou
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -69,13 +70,14 @@ def on_off_alone(runner: ModelRunner, seqs: list[list[int]], spec: OutputSpec):
     before = runner.prefix_shared_tokens
     on = run(runner, seqs, spec)
     shared = runner.prefix_shared_tokens - before
-    runner.prefix_sharing = False
-    try:
-        off = run(runner, seqs, spec)
-    finally:
-        runner.prefix_sharing = True
+    off = run(unshared(runner), seqs, spec)
     alone = [run(runner, [s], spec)[0] for s in seqs]
     return on, off, alone, shared
+
+
+def unshared(runner: ModelRunner) -> ModelRunner:
+    """The same model (its prefix-stable attention) run without sharing prefixes."""
+    return runner.with_numerics(replace(runner.numerics, prefix_sharing=False))
 
 
 def assert_same_bits(got, want, where):
@@ -113,11 +115,7 @@ def test_mixed_specs_in_one_batch_share_and_keep_their_bits(runner):
     specs = [list(SPECS.values())[b % len(SPECS)] for b in range(len(seqs))]
     ids, offsets = pack_ids(seqs)
     on = runner.run(torch.from_numpy(ids), torch.from_numpy(offsets), specs)
-    runner.prefix_sharing = False
-    try:
-        off = runner.run(torch.from_numpy(ids), torch.from_numpy(offsets), specs)
-    finally:
-        runner.prefix_sharing = True
+    off = unshared(runner).run(torch.from_numpy(ids), torch.from_numpy(offsets), specs)
     for b in range(len(seqs)):
         assert_same_bits(on[b], off[b], b)
 
@@ -137,7 +135,7 @@ def test_off_at_load_keeps_the_attention_with_transformers_bits(tmp_path):
     assert not off.prefix_sharing and not can_share(off.model)
     assert all(layer.self_attn.attention_fn is ragged_attention for layer in off.model.layers)
     with pytest.raises(ValueError, match="prefix-stable"):
-        off.prefix_sharing = True
+        off.with_numerics(replace(off.numerics, prefix_sharing=True))
     on = ModelRunner.load(path)
     assert on.prefix_sharing
     assert all(layer.self_attn.attention_fn is prefix_stable_attention for layer in on.model.layers)

@@ -10,7 +10,7 @@ from model import ModelRunner
 from model.layers import attention_stable
 from model.layers.attention_stable import BLOCK, BlockLayout, prefix_stable_attention
 from model.layers.modules import RaggedBatch
-from model.runtime.prefix_sharing import ROW_MULTIPLE, SharedPrefixBatch, can_share, shared_trunk, use_prefix_stable_attention
+from model.runtime.prefix_sharing import ROW_MULTIPLE, SharedPrefixBatch, can_share, shared_trunk
 
 HQ, HKV, D = 4, 2, 16
 CPU = torch.device("cpu")
@@ -215,8 +215,7 @@ def row_invariant_linear(linear):
 def stable_runner(checkpoint_factory, monkeypatch):
     # Widths of multiples of 16 (no scalar tails in element-wise kernels), head_dim 32, three blocks of 64 rows.
     path = checkpoint_factory("llama", hidden_size=128, num_heads=4, num_kv_heads=2, intermediate_size=256)
-    runner = ModelRunner.load(path, dtype="float32")
-    use_prefix_stable_attention(runner.model)
+    runner = ModelRunner.load(path, dtype="float32")  # prefix-stable attention: the CPU default
     assert can_share(runner.model)
     monkeypatch.setattr(F, "linear", row_invariant_linear(F.linear))
     return runner
