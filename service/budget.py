@@ -10,7 +10,7 @@ when the request fails, times out or its client goes away (`Reservation.release`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,18 +73,24 @@ def format_bytes(n: int) -> str:
 
 
 class ResultBudget:
-    """Bytes reserved for results not yet sent; the gauge `logitserve_result_bytes` follows it."""
+    """Bytes reserved for results not yet sent; the gauge `logitserve_result_bytes` follows it. `on_release` is
+    called whenever bytes come back (the batcher's wake-up: released bytes may let a held batch go)."""
 
-    def __init__(self, capacity: int, gauge):
+    def __init__(self, capacity: int, gauge, on_release: Callable[[], None] | None = None):
         self.capacity = capacity
         self.used = 0
         self._gauge = gauge
-        self._on_release = None  # the batcher's wake-up: released bytes may let a held batch go
+        self._on_release = on_release
 
     @property
     def batch_limit(self) -> int:
         """Result bytes one batch may hold (a request larger than this runs alone)."""
         return max(1, self.capacity // BATCH_SHARE)
+
+    @property
+    def free(self) -> int:
+        """Bytes that can be reserved now."""
+        return self.capacity - self.used
 
     def fits(self, nbytes: int) -> bool:
         """Whether these bytes can be reserved now (anything fits an empty budget that is large enough for it)."""
@@ -107,8 +113,12 @@ class Reservation:
     def __init__(self, budget: ResultBudget, nbytes: int):
         self._budget = budget
         self.nbytes = nbytes
+        self.released = False
 
-    def release(self) -> None:
-        if self.nbytes:
-            n, self.nbytes = self.nbytes, 0
-            self._budget._add(-n)  # noqa: SLF001
+    def release(self) -> bool:
+        """Give the bytes back; True if this call did (a second call does nothing)."""
+        if self.released:
+            return False
+        self.released = True
+        self._budget._add(-self.nbytes)  # noqa: SLF001
+        return True

@@ -7,7 +7,7 @@ full rows are gathered across ranks only for sequences that asked for full logit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -476,15 +476,27 @@ class ModelRunner:
                 ids[start : start + count, :width] = torch.tensor(spec.vocab_ids, dtype=torch.int64)
         return ids.to(dev)
 
-    @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, input_row_offsets: torch.Tensor, specs: Sequence[OutputSpec]) -> list[SequenceOutput]:
+    def run(self, input_ids: torch.Tensor, input_row_offsets: torch.Tensor, specs: Sequence[OutputSpec],
+            should_stop: Callable[[], bool] | None = None) -> list[SequenceOutput]:
         """input_ids int64 [T] packed; input_row_offsets int64 [B+1]; one OutputSpec per sequence.
+
+        should_stop: asked before each block; True raises model.errors.Cancelled there (with tp > 1 every rank's
+        must answer the same at the same block).
 
         A classifier (config.task CLASSIFICATION) returns rows of num_labels logits; its last_token row is the
         sequence's pooled row (the last token that is not pad_token_id), positions saying which; the outputs that
         read a next-token vocabulary (outputs.VOCABULARY_FIELDS) raise ValueError.
 
         With tp > 1 every rank calls this with the same arguments and gets the same outputs."""
+        self.model.should_stop = should_stop
+        try:
+            return self._run(input_ids, input_row_offsets, specs)
+        finally:
+            self.model.should_stop = None
+
+    @torch.inference_mode()
+    def _run(self, input_ids: torch.Tensor, input_row_offsets: torch.Tensor, specs: Sequence[OutputSpec]
+             ) -> list[SequenceOutput]:
         if len(specs) != len(input_row_offsets) - 1:
             raise ValueError("one OutputSpec per sequence is needed")
         self._check_specs(specs)
