@@ -199,14 +199,23 @@ def _tp_rank(ctx, path: str, batches: list[list[list[int]]], spec: OutputSpec):
     return outs, alone, runner.prefix_cache.bytes
 
 
-def test_tp2_each_rank_caches_its_shard_with_the_same_bits(tmp_path):
+TP_SPECS = {
+    "every output": OutputSpec(return_logits=ReturnLogits.ALL, target_logprobs=True, top_k=4, vocab_ids=(3, 1),
+                               entropy=True, target_ranks=True, return_hidden_states=ReturnHiddenStates.LAST,
+                               layers=(1, -1)),
+    # the second batch's cached rows take these from the products each rank kept (reduced across ranks)
+    "kept products": OutputSpec(return_logits=ReturnLogits.ALL, logits=False, target_logprobs=True, entropy=True),
+}
+
+
+@pytest.mark.parametrize("kind", TP_SPECS)
+def test_tp2_each_rank_caches_its_shard_with_the_same_bits(tmp_path, kind):
     path = make_checkpoint(tmp_path / "tp", "llama", with_tokenizer=False, hidden_size=128, num_heads=4,
                            num_kv_heads=2, intermediate_size=256, num_layers=2, vocab_size=300)
     rng = random.Random(11)
     context = tokens(rng, 2 * BLOCK + 9)
     batches = [[context + tokens(rng, n) for n in (4, 12)], [context + tokens(rng, n) for n in (1, 30, 7)]]
-    spec = OutputSpec(return_logits=ReturnLogits.ALL, target_logprobs=True, top_k=4, vocab_ids=(3, 1), entropy=True,
-                      target_ranks=True, return_hidden_states=ReturnHiddenStates.LAST, layers=(1, -1))
+    spec = TP_SPECS[kind]
     per_rank = launch_local(_tp_rank, 2, str(path), batches, spec)
     for outs, alone, nbytes in per_rank:
         assert outs[0][1].prefix_cache_hit_tokens == 0 and outs[1][1].prefix_cache_hit_tokens == 2 * BLOCK
