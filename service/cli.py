@@ -1,4 +1,4 @@
-"""`logitserve serve` and `logitserve convert-gguf`. Flags override `LOGITSERVE_*` environment variables."""
+"""`logitserve serve`, `logitserve convert-gguf` and the offline commands (service/batch/cli.py). Flags override `LOGITSERVE_*` environment variables."""
 
 from __future__ import annotations
 
@@ -30,20 +30,28 @@ def _env(name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """`serve`'s flags come from Settings: names, help text and defaults are declared once, there. Values are
-    taken as text and validated by Settings, so a bad value of a flag or of its variable reads the same."""
-    from service.settings import Settings
-
+    taken as text and validated by Settings, so a bad value of a flag or of its variable reads the same. The offline
+    commands take them too (the in-process server they run is configured as `serve` is)."""
     parser = argparse.ArgumentParser(prog="logitserve", description="Serve logits, log-probabilities and hidden states.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP server")
-    for name, field in Settings.flags().items():
-        default = "" if field.default in (None, []) else f" (default: {field.default})"
-        serve.add_argument(_option(name), dest=name, default=None, metavar=_metavar(name, field),
-                           help=f"{field.description}{default} [env {_env(name)}]")
+    _add_settings_flags(serve)
     convert = sub.add_parser("convert-gguf", help="convert a .gguf file into a checkpoint folder")
     convert.add_argument("file")
     convert.add_argument("outdir")
+    from service.batch.cli import add_offline_commands
+
+    add_offline_commands(sub, _add_settings_flags)
     return parser
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    from service.settings import Settings
+
+    for name, field in Settings.flags().items():
+        default = "" if field.default in (None, []) else f" (default: {field.default})"
+        parser.add_argument(_option(name), dest=name, default=None, metavar=_metavar(name, field),
+                            help=f"{field.description}{default} [env {_env(name)}]")
 
 
 def settings_from(overrides: dict[str, str]):
@@ -174,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         out = convert_gguf(args.file, args.outdir)
         print(out)
         return 0
-    overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    from service.batch.cli import OFFLINE_COMMANDS, run_offline
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.flags() and v is not None}
     try:
         from service.hub import HubError, hub_id
 
@@ -186,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     except (InvalidSettings, NotACheckpoint, HubError) as exc:
         print(f"logitserve: {exc}", file=sys.stderr)
         return 2
+    if args.command in OFFLINE_COMMANDS:
+        return run_offline(args, settings)
     return serve(settings)
 
 
