@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     settings = settings or Settings()
     served = ServedModel.load(settings)
     metrics = metrics or Metrics()
-    engine = Engine(settings, served.checkpoint, metrics, ResultDims.of(served.config))
+    engine = Engine(settings, served.checkpoint, metrics, ResultDims.of(served.config), served.config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

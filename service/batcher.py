@@ -5,7 +5,8 @@ takes work out of it: it skips requests whose future is already done (timed out,
 requests by the token budget and the result-bytes share of a batch (`packing.fits`), holds requests back while
 the results budget (`budget.ResultBudget`) is spent, and sends a batch to the least-loaded replica as soon as one has a
 free slot: every replica holds one running and one prefetched batch, so a worker never idles while work is
-queued, and nothing waits for a batch to fill.
+queued, and nothing waits for a batch to fill. With several replicas keeping prefix caches, the router
+(routing.py) sends the batch instead to the free replica that holds its prefixes unless that one is clearly busier.
 
 Batches are grouped by shared prefix (the workers compute a prefix shared within a batch once): after the oldest
 request, a batch takes first the queued requests, among the next ``SHARING_LOOKAHEAD``, whose sequences start with
@@ -30,6 +31,7 @@ from model.runtime.outputs import OutputSpec
 from .budget import Reservation, ResultBudget
 from .errors import InternalError, NotReady, OutOfMemory, QueueFull, ServiceError
 from .packing import fits, row_offsets
+from .routing import PrefixRouter, Route
 from .workers import Batch, MappedBatch, Replica, RequestOutputs, RequestSpan, Requeue, WorkerPool
 
 logger = logging.getLogger("logitserve.batcher")
@@ -86,8 +88,9 @@ def _release(work: Work) -> None:
 
 class Batcher:
     def __init__(self, pool: WorkerPool | None, max_batch_tokens: int, max_queue_tokens: int, metrics,
-                 budget: ResultBudget | None = None):
+                 budget: ResultBudget | None = None, router: PrefixRouter | None = None):
         self.pool = pool
+        self.router = router  # None: every batch goes to the least busy free replica
         self.budget = budget if budget is not None else ResultBudget(1 << 62, metrics.result_bytes)
         self.budget._on_release = self.wake  # noqa: SLF001
         self.max_batch_tokens = max_batch_tokens
@@ -144,12 +147,18 @@ class Batcher:
                 if not works:
                     break
                 # Submitted here, synchronously, so that the replica's slots are taken before the next pick.
-                batch, fut = self._send(replica, works)
-                task = asyncio.get_running_loop().create_task(self._complete(replica, works, batch, fut))
+                batch, route = self._batch(works), None
+                if self.router is not None:
+                    route = self.router.route(self.pool, batch, replica)
+                    replica = route.replica
+                fut = self._send(replica, works, batch)
+                if route is not None:
+                    self.router.dispatched(route, batch)
+                task = asyncio.get_running_loop().create_task(self._complete(replica, works, batch, fut, route))
                 self._dispatches.add(task)
                 task.add_done_callback(self._dispatches.discard)
                 # Not held here until the next dispatch: the future's results pin its requests' shared memory.
-                del batch, fut, task, works
+                del batch, fut, task, works, route
 
     def _take(self) -> list[Work]:
         """The next batch: the oldest request, then those sharing a prefix with the batch (``_sharing``), then the
@@ -193,22 +202,26 @@ class Batcher:
                 return i
         return None
 
-    def _send(self, replica: Replica, works: list[Work]):
-        now = time.perf_counter()
+    @staticmethod
+    def _batch(works: list[Work]) -> Batch:
         ids = np.concatenate([w.input_ids for w in works]) if len(works) > 1 else works[0].input_ids
         lengths = [n for w in works for n in w.lengths]
         specs, spans = [], []
         for w in works:
             spans.append(RequestSpan(len(specs), len(specs) + len(w.lengths)))
             specs.extend([w.spec] * len(w.lengths))
+        return Batch(ids, row_offsets(lengths), specs, spans)
+
+    def _send(self, replica: Replica, works: list[Work], batch: Batch):
+        now = time.perf_counter()
+        for w in works:
             w.dispatched_at = now
             self.metrics.queue_duration.observe(now - w.enqueued_at)
-        batch = Batch(ids, row_offsets(lengths), specs, spans)
         self.metrics.batch_tokens.observe(batch.num_tokens)
-        self.metrics.batch_sequences.observe(len(lengths))
-        return batch, replica.submit(batch)
+        self.metrics.batch_sequences.observe(len(batch.specs))
+        return replica.submit(batch)
 
-    async def _complete(self, replica: Replica, works: list[Work], batch: Batch, fut) -> None:
+    async def _complete(self, replica: Replica, works: list[Work], batch: Batch, fut, route: Route | None) -> None:
         label = str(replica.index)
         try:
             result: MappedBatch = await fut
@@ -238,6 +251,10 @@ class Batcher:
                 self.metrics.oom_retries.inc(done.oom_retries)
             if done.prefix_shared_tokens:
                 self.metrics.prefix_shared_tokens.inc(done.prefix_shared_tokens)
+            if done.prefix_cache_hit_tokens:
+                self.metrics.prefix_cache_hit_tokens.inc(done.prefix_cache_hit_tokens)
+            if route is None or route.restarts == replica.restarts:  # not a batch of the replica before it restarted
+                self.metrics.prefix_cache_bytes.labels(label).set(done.prefix_cache_bytes)
             self.metrics.replica_batches.labels(label).inc()
             self.metrics.replica_batch_tokens.labels(label).inc(batch.num_tokens)
             self.metrics.replica_busy_seconds.labels(label).inc(done.forward_s)
@@ -254,6 +271,8 @@ class Batcher:
                     outputs = result.outputs(i, w.reservation)
                     w.future.set_result(WorkResult(outputs, queue_s, done.forward_s, w.reservation))
         finally:
+            if route is not None:
+                self.router.answered(route)
             self._wake.set()
 
     # ------------------------------------------------------------------------------------------ lifetime

@@ -19,6 +19,7 @@ from .budget import Reservation, ResultBudget, ResultDims, format_bytes, result_
 from .errors import ClientDisconnected, NotReady, RequestTimeout, ResponseTooLarge
 from .inputs import PackedInputs
 from .metrics import Metrics
+from .routing import PrefixRouter
 from .settings import Settings
 from .workers import RequestOutputs
 from .workers.protocol import LoadedModel
@@ -47,8 +48,10 @@ class Scored:
 
 
 class Engine:
-    def __init__(self, settings: Settings, checkpoint: str, metrics: Metrics, dims: ResultDims):
+    def __init__(self, settings: Settings, checkpoint: str, metrics: Metrics, dims: ResultDims, config=None):
+        """config: the served model's ModelConfig, which sizes the router's copy of each replica's prefix cache."""
         self.settings = settings
+        self.config = config
         self.checkpoint = checkpoint
         self.metrics = metrics
         self.dims = dims
@@ -62,7 +65,9 @@ class Engine:
         from .workers import WorkerPool
 
         s = self.settings
-        self.batcher = Batcher(None, s.max_batch_tokens, s.effective_max_queue_tokens, self.metrics, self.budget)
+        router = PrefixRouter(self.config, enabled=s.prefix_routing) if self.config is not None else None
+        self.batcher = Batcher(None, s.max_batch_tokens, s.effective_max_queue_tokens, self.metrics, self.budget,
+                               router)
         self.pool = WorkerPool(s, self.checkpoint, self.metrics, asyncio.get_running_loop(), on_change=self.batcher.wake)
         self.batcher.pool = self.pool
         self.batcher.start()

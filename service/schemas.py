@@ -256,6 +256,7 @@ class InfoResponse(BaseModel):
     limits: dict
     pooling: str
     prefix_sharing: bool
+    prefix_cache_bytes: int
     workers: list[dict]
 
 

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     prefix_sharing: Literal["on", "off"] = flag(
         "on", "sequences of a batch that start with the same tokens compute them once (where the model supports "
               "it: CPU, SDPA attention; /info reports it)")
+    prefix_cache_bytes: int | None = flag(
+        None, "bytes each replica keeps of recently scored prefixes, least recently used evicted first (default: "
+              "1 GiB where prefix sharing is in force, else 0; 0 turns the cache off)", "N", ge=0)
 
     # Operational knobs (environment only).
     served_model_name: str | None = Field(None, description="the model id clients see (default: the folder's name)")
@@ -58,6 +61,9 @@ class Settings(BaseSettings):
     send_timeout: float = Field(60.0, gt=0, description="seconds one send of a response body may wait for the client "
                                                         "to read before the connection is dropped and its results "
                                                         "released")
+    prefix_routing: bool = Field(True, description="with several replicas, send a batch to the replica whose prefix "
+                                                   "cache holds its prefixes unless it is clearly busier (off: the "
+                                                   "least busy replica, as a baseline)")
     max_startup_failures: int = Field(3, ge=1, description="consecutive failed starts of a replica before giving up")
     log_level: str = Field("info", description="uvicorn's log level")
 
@@ -83,6 +89,13 @@ class Settings(BaseSettings):
     @property
     def effective_max_queue_tokens(self) -> int:
         return self.max_queue_tokens if self.max_queue_tokens is not None else 16 * self.max_batch_tokens
+
+    @property
+    def effective_prefix_cache_bytes(self) -> int:
+        """The prefix cache limit per replica as asked; the workers turn it to 0 where the model cannot share."""
+        if self.prefix_cache_bytes is not None:
+            return self.prefix_cache_bytes
+        return 1 << 30 if self.prefix_sharing == "on" and self.device == "cpu" else 0
 
     @classmethod
     def flags(cls) -> dict[str, Any]:

@@ -68,6 +68,8 @@ async def info(served: ServedDep, engine: EngineDep, settings: SettingsDep) -> R
         "pooling": s.pooling,
         # as the workers run it (a model that cannot share runs unshared); until they have, what was asked (CPU only)
         "prefix_sharing": loaded.prefix_sharing if loaded else s.prefix_sharing == "on" and s.device == "cpu",
+        # the limit per replica, as the workers keep it (0: off, or the model cannot share); until then, as asked
+        "prefix_cache_bytes": loaded.prefix_cache_bytes if loaded else s.effective_prefix_cache_bytes,
         "workers": engine.describe_workers(),
     })
 

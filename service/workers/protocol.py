@@ -72,6 +72,8 @@ class BatchDone:
     forward_s: float
     oom_retries: int  # sub-batches re-run after the device ran out of memory
     prefix_shared_tokens: int = 0  # token rows not recomputed thanks to prefix sharing
+    prefix_cache_hit_tokens: int = 0  # token rows not recomputed because the replica's prefix cache held them
+    prefix_cache_bytes: int = 0  # bytes the replica's prefix cache holds after this batch
 
 
 @dataclass
@@ -87,13 +89,15 @@ class RunnerOptions:
     dtype: str  # "auto", "float32", ...
     batch_invariant: bool | None = None
     prefix_sharing: bool = True  # where the model supports it
+    prefix_cache_bytes: int = 0  # the prefix cache's limit per replica (0: off)
 
     @classmethod
     def from_settings(cls, settings) -> RunnerOptions:
         """From service.settings.Settings."""
         on_off = {None: None, "on": True, "off": False}
         return cls(dtype=settings.dtype, batch_invariant=on_off[settings.batch_invariant],
-                   prefix_sharing=on_off[settings.prefix_sharing])
+                   prefix_sharing=on_off[settings.prefix_sharing],
+                   prefix_cache_bytes=settings.effective_prefix_cache_bytes)
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class LoadedModel:
     dtype: str  # the dtype of the weights (torch name without "torch.")
     batch_invariant: bool
     prefix_sharing: bool  # whether shared prefixes are computed once
+    prefix_cache_bytes: int = 0  # the prefix cache's limit per replica in force (0: off, or the model cannot share)
 
 
 @dataclass
