@@ -6,7 +6,9 @@ requests by the token budget and the result-bytes share of a batch (`packing.fit
 the results budget (`budget.ResultBudget`) is spent, and sends a batch to the least-loaded replica as soon as one has a
 free slot: every replica holds one running and one prefetched batch, so a worker never idles while work is
 queued, and nothing waits for a batch to fill. With several replicas keeping prefix caches, the router
-(routing.py) sends the batch instead to the free replica that holds its prefixes unless that one is clearly busier.
+(routing.py) places the requests instead: a batch goes to the replica that caches its first request's prefixes
+unless that one is clearly busier, and takes only the requests that replica suits; a request whose replica has no
+free slot waits for it while later ones go elsewhere.
 
 Batches are grouped by shared prefix (the workers compute a prefix shared within a batch once): after the oldest
 request, a batch takes first the queued requests, among the next ``SHARING_LOOKAHEAD``, whose sequences start with
@@ -23,6 +25,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -41,6 +44,8 @@ logger = logging.getLogger("logitserve.batcher")
 SHARING_KEY_TOKENS = 16
 # Queued requests searched for ones that share a prefix with the batch being formed.
 SHARING_LOOKAHEAD = 256
+# Queued requests the router places (each costs a walk of the replicas' shadow trees along its sequences).
+ROUTING_LOOKAHEAD = 16
 
 
 @dataclass(eq=False)
@@ -143,27 +148,38 @@ class Batcher:
                 replica = self.pool.pick()
                 if replica is None:
                     break
-                works = self._take()
+                first, joins = 0, None
+                if self.router is not None and self.router.active(self.pool):
+                    placed = self.router.place(self.pool, self._in_view(ROUTING_LOOKAHEAD))
+                    if placed is None:
+                        break  # each request in view waits for the replica caching its prefix (woken by answers)
+                    first, replica = placed
+                    joins = self.router.joiner(self.pool, replica, self._queue[first])
+                works = self._take(first, joins)
                 if not works:
                     break
                 # Submitted here, synchronously, so that the replica's slots are taken before the next pick.
-                batch, route = self._batch(works), None
-                if self.router is not None:
-                    route = self.router.route(self.pool, batch, replica)
-                    replica = route.replica
+                batch = self._batch(works)
                 fut = self._send(replica, works, batch)
-                if route is not None:
-                    self.router.dispatched(route, batch)
+                route = self.router.dispatched(replica, batch) if self.router is not None else None
                 task = asyncio.get_running_loop().create_task(self._complete(replica, works, batch, fut, route))
                 self._dispatches.add(task)
                 task.add_done_callback(self._dispatches.discard)
                 # Not held here until the next dispatch: the future's results pin its requests' shared memory.
                 del batch, fut, task, works, route
 
-    def _take(self) -> list[Work]:
-        """The next batch: the oldest request, then those sharing a prefix with the batch (``_sharing``), then the
+    def _in_view(self, n: int) -> list[tuple[int, Work]]:
+        """The first `n` queued requests still waiting, with their queue indices."""
+        return [(i, w) for i, w in enumerate(itertools.islice(self._queue, n)) if not w.future.done()]
+
+    def _take(self, first: int = 0, joins: Callable[[Work], bool] | None = None) -> list[Work]:
+        """The next batch: the oldest request, then those sharing a prefix with the batch (``_joining``), then the
         rest in arrival order; empty while the head of the queue waits for the results budget (a request never
-        overtakes an older one that is held back, so a large one is not starved)."""
+        overtakes an older one that is held back, so a large one is not starved).
+
+        With the router (several replicas caching prefixes) the batch starts with the queued request at `first`
+        (the one it placed) and the rest joins only where `joins` says this replica suits it: the others wait for
+        the replica that caches their prefixes."""
         works: list[Work] = []
         keys: set[bytes] = set()
         tokens = nbytes = 0
@@ -171,10 +187,20 @@ class Batcher:
             w = self._queue[0]
             if w.future.done():
                 self._queue.popleft()
+                first = max(0, first - 1)
                 continue
             if not self.budget.fits(w.result_bytes):
                 break  # held back until responses being sent release their bytes (budget wakes us)
-            pick = self._sharing(keys, tokens, nbytes) if keys else None
+            if not works:
+                pick = first
+                if not self.budget.fits(self._queue[first].result_bytes):
+                    break
+            else:
+                pick = self._joining(lambda q: not keys.isdisjoint(q.prefix_keys), tokens, nbytes) if keys else None
+                if pick is None and joins is not None:
+                    pick = self._joining(joins, tokens, nbytes, ROUTING_LOOKAHEAD)
+                    if pick is None:
+                        break
             if pick is None:
                 if not fits(tokens, w.num_tokens, self.max_batch_tokens, nbytes, w.result_bytes,
                             self.budget.batch_limit):
@@ -191,14 +217,15 @@ class Batcher:
             self._add_tokens(-w.num_tokens)
         return works
 
-    def _sharing(self, keys: set[bytes], tokens: int, nbytes: int) -> int | None:
-        """Queue index of the first request among the next SHARING_LOOKAHEAD that shares a prefix key with the
-        batch (`keys`) and joins it within its budgets; None if there is none."""
-        for i, w in enumerate(itertools.islice(self._queue, SHARING_LOOKAHEAD)):
-            if (not w.future.done() and not keys.isdisjoint(w.prefix_keys)
+    def _joining(self, joins: Callable[[Work], bool], tokens: int, nbytes: int,
+                 lookahead: int = SHARING_LOOKAHEAD) -> int | None:
+        """Queue index of the first request among the next `lookahead` that `joins` the batch and fits within its
+        budgets; None if there is none."""
+        for i, w in enumerate(itertools.islice(self._queue, lookahead)):
+            if (not w.future.done()
                     and fits(tokens, w.num_tokens, self.max_batch_tokens, nbytes, w.result_bytes,
                              self.budget.batch_limit)
-                    and self.budget.fits(w.result_bytes)):
+                    and self.budget.fits(w.result_bytes) and joins(w)):  # last: the router counts what joins
                 return i
         return None
 

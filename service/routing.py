@@ -1,4 +1,4 @@
-"""Cache-aware routing (SGLang's cache-aware router): the replica a batch goes to when there are several.
+"""Cache-aware routing (SGLang's cache-aware router): which replica a request goes to when there are several.
 
 Every replica keeps an exact prefix cache of what it scored (--prefix-cache-bytes); the front end cannot see it, so
 the router keeps, per replica, an approximate copy: a token trie (`ShadowTree`) of the sequences it dispatched
@@ -6,11 +6,13 @@ there, holding at most as many tokens as the replica's byte limit does at `cache
 recently used dropped first, and emptied when the replica restarts (its cache starts empty).
 
 SGLang sends a request to the worker with the longest prefix match unless the load is imbalanced by more than a
-threshold, then to the least loaded. Here the threshold is the work itself: a batch goes to the free replica where
-it would finish first, its pending work (the uncached tokens of the batches it holds) plus the batch's tokens that
-replica has not cached. So the replica holding a prefix gets the batch unless it is busier by more than the tokens
-its cache saves; with nothing cached anywhere that is the least busy one, and between equals the one whose cache
-holds the fewest tokens, so that distinct prefixes spread over the replicas' caches instead of all evicting one.
+threshold, then to the least loaded. Here the threshold is the work itself: a request is placed on the ready replica
+where it would finish first, that replica's pending work (the uncached tokens of the batches it holds) plus the
+request's tokens it has not cached. So the replica holding a prefix gets the request unless it is busier by more
+than the tokens its cache saves; with nothing cached anywhere that is the least busy one, and between equals the one
+whose cache holds the fewest tokens, so that distinct prefixes spread over the replicas' caches instead of all
+evicting one. A request whose best replica has no free slot waits for it (the batcher places the next one
+meanwhile), and a batch takes only requests that no other replica caches more of.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass, field
+from typing import Callable
 
+import numpy as np
 import torch
 
 from .workers.protocol import Batch
@@ -103,7 +107,7 @@ class ShadowTree:
 
 @dataclass
 class Route:
-    """A batch's destination and the work it was counted as there (released when the batch is answered)."""
+    """A batch's replica and the work it was counted as there (released when the batch is answered)."""
 
     replica: object  # workers.Replica
     work: int  # the batch's tokens that replica had not cached
@@ -134,39 +138,80 @@ class PrefixRouter:
             self._pending[replica.index] = 0
         return tree
 
-    def route(self, pool, batch: Batch, least_busy) -> Route:
-        """Where a batch goes: the free replica where it would finish first (module docstring); `least_busy` (the
-        pool's pick) where routing is off or no replica keeps a cache."""
-        seqs = _sequences(batch)
-        free = [r for r in pool.replicas if r.free_slots > 0] if self.enabled and len(pool.replicas) > 1 else []
-        best, best_key, best_work = least_busy, None, batch.num_tokens
-        for r in free:
-            tree = self._tree(r)
-            if tree is None:
-                return Route(least_busy, batch.num_tokens, least_busy.restarts)
-            work = sum(len(s) - tree.match(s) for s in seqs)
-            key = (self._pending[r.index] + work, tree.size, len(r.inflight), r.index)
-            if best_key is None or key < best_key:
-                best, best_key, best_work = r, key, work
-        return Route(best, best_work, best.restarts)
+    def _caching(self, pool) -> list:
+        """The ready replicas that keep a prefix cache."""
+        return [r for r in pool.replicas if r.state == "ready" and self._tree(r) is not None]
 
-    def dispatched(self, route: Route, batch: Batch) -> None:
-        """The batch was sent: its sequences are (approximately) in the replica's cache from now on."""
-        tree = self._tree(route.replica) if self.enabled else None
+    def active(self, pool) -> bool:
+        """Whether requests are placed by their cached prefixes: routing is on and several replicas cache."""
+        return self.enabled and len(self._caching(pool)) > 1
+
+    def _uncached(self, replica, seqs: list[list[int]]) -> int:
+        tree = self._trees[replica.index]
+        return sum(len(s) - tree.match(s) for s in seqs)
+
+    def place(self, pool, waiting: list) -> tuple[int, object] | None:
+        """The first of the `waiting` requests ((queue index, Work) in arrival order) whose best replica (where it
+        would finish first: the module docstring) has a free slot, and that replica; None if every one waits."""
+        replicas = self._caching(pool)
+        for index, work in waiting:
+            seqs = _sequences(work)
+            best = min(replicas, key=lambda r: (self._pending[r.index] + self._uncached(r, seqs),
+                                                self._trees[r.index].size, len(r.inflight), r.index))
+            if best.free_slots > 0:
+                return index, best
+        return None
+
+    def joiner(self, pool, replica, first) -> Callable[[object], bool]:
+        """For a batch being formed for `replica` from the Work `first`: a predicate, asked of each further queued
+        request that fits the batch, whether it joins (it is then counted as taken). It joins unless another ready
+        replica would finish it sooner (counting the batch formed so far as pending here) and either caches a
+        different part of it (it waits for that replica, as `place` would) or is free (it takes the request next)."""
+        others = [r for r in self._caching(pool) if r is not replica]
+        forming = self._uncached(replica, _sequences(first))
+
+        def joins(work) -> bool:
+            nonlocal forming
+            seqs = _sequences(work)
+            here = self._uncached(replica, seqs)
+            cost = self._pending[replica.index] + forming + here
+            for r in others:
+                there = self._uncached(r, seqs)
+                if self._pending[r.index] + there < cost and (there != here or r.free_slots > 0):
+                    return False
+            forming += here
+            return True
+
+        return joins
+
+    def dispatched(self, replica, batch: Batch) -> Route:
+        """The batch was sent: its work waits on the replica, its sequences are (approximately) in the replica's
+        cache from now on."""
+        tree = self._tree(replica) if self.enabled else None
         if tree is None:
-            route.work = 0  # not counted as pending either
-            return
-        self._pending[route.replica.index] += route.work
-        for s in _sequences(batch):
+            return Route(replica, 0, replica.restarts)
+        seqs = _split(batch.input_ids.tolist(), np.diff(batch.offsets).tolist())
+        route = Route(replica, self._uncached(replica, seqs), replica.restarts)
+        self._pending[replica.index] += route.work
+        for s in seqs:
             tree.insert(s)
+        return route
 
     def answered(self, route: Route) -> None:
         """The batch was answered or failed: its work no longer waits on the replica."""
         index = route.replica.index
-        if index in self._pending and self._restarts[index] == route.restarts:
+        if route.work and self._restarts.get(index) == route.restarts:
             self._pending[index] -= route.work
 
 
-def _sequences(batch: Batch) -> list[list[int]]:
-    ids, bounds = batch.input_ids.tolist(), batch.offsets.tolist()
-    return [ids[a:b] for a, b in zip(bounds, bounds[1:])]
+def _sequences(work) -> list[list[int]]:
+    """A queued request's (batcher.Work) sequences."""
+    return _split(work.input_ids.tolist(), work.lengths)
+
+
+def _split(ids: list[int], lengths: list[int]) -> list[list[int]]:
+    out, start = [], 0
+    for n in lengths:
+        out.append(ids[start : start + n])
+        start += n
+    return out

@@ -47,13 +47,14 @@ def test_shadow_tree_smaller_than_one_sequence_keeps_its_head():
 class Replica:
     def __init__(self, index: int, cache_bytes: int = TOKEN_BYTES * 1000):
         self.index = index
+        self.state = "ready"
         self.restarts = 0
         self.inflight: list = []
         self.loaded = LoadedModel("float32", True, True, cache_bytes)
 
     @property
     def free_slots(self) -> int:
-        return 2 - len(self.inflight)
+        return 2 - len(self.inflight) if self.state == "ready" else 0
 
 
 def batch(*seqs: list[int]) -> Batch:
@@ -61,71 +62,92 @@ def batch(*seqs: list[int]) -> Batch:
     return Batch(ids, row_offsets([len(s) for s in seqs]), [None] * len(seqs), [RequestSpan(0, len(seqs))])
 
 
-def send(router: PrefixRouter, pool, b: Batch, least_busy=None):
-    route = router.route(pool, b, least_busy or pool.replicas[0])
-    router.dispatched(route, b)
-    return route
+def request(*seqs: list[int]):
+    """What the router reads of a queued Work."""
+    return SimpleNamespace(input_ids=np.array([t for s in seqs for t in s], dtype=np.int64),
+                           lengths=[len(s) for s in seqs])
+
+
+def place(router: PrefixRouter, pool, *seqs: list[int]):
+    """The replica the router places one request on, and the batch sent there with its Route."""
+    placed = router.place(pool, [(0, request(*seqs))])
+    assert placed is not None
+    return router.dispatched(placed[1], batch(*seqs))
+
+
+def pair(**kw) -> SimpleNamespace:
+    return SimpleNamespace(replicas=[Replica(0, **kw), Replica(1, **kw)])
 
 
 P, Q = list(range(100, 200)), list(range(300, 400))  # two 100-token prefixes
 
 
 def test_a_repeat_goes_to_the_replica_holding_its_prefix():
-    pool = SimpleNamespace(replicas=[Replica(0), Replica(1)])
-    router = PrefixRouter(CONFIG)
-    first = send(router, pool, batch(P + [1]))
+    pool, router = pair(), PrefixRouter(CONFIG)
+    assert router.active(pool)
+    first = place(router, pool, P + [1])
     router.answered(first)
-    second = send(router, pool, batch(Q + [2]))  # nothing of Q cached anywhere: the emptier cache
+    second = place(router, pool, Q + [2])  # nothing of Q cached anywhere: the emptier cache
     router.answered(second)
     assert (first.replica.index, second.replica.index) == (0, 1)
     for suffix in ([3, 4], [5], [6, 7, 8]):
         for prefix, holder in ((Q, 1), (P, 0)):
-            route = send(router, pool, batch(prefix + suffix, prefix + suffix[:1]), least_busy=pool.replicas[1 - holder])
+            route = place(router, pool, prefix + suffix, prefix + suffix[:1])
             assert route.replica.index == holder and route.work == len(suffix) + 1
             router.answered(route)
+    # A batch for replica 0 formed from a P request: more P joins, Q (cached by replica 1) does not, nor does a
+    # request of neither while replica 1 is free and less busy than the batch makes replica 0; once replica 1 is
+    # full, it does.
+    joins = router.joiner(pool, pool.replicas[0], request(P + [9]))
+    assert joins(request(P + [10])) and not joins(request(Q + [9]))
+    fresh = request(list(range(900, 950)))
+    assert not joins(fresh)
+    pool.replicas[1].inflight = [object(), object()]
+    assert joins(fresh) and not joins(request(Q + [10]))
 
 
-def test_a_clearly_busier_holder_is_passed_over():
-    pool = SimpleNamespace(replicas=[Replica(0), Replica(1)])
-    router = PrefixRouter(CONFIG)
-    send(router, pool, batch(P))  # replica 0 holds P, its 100 tokens still pending
+def test_a_clearly_busier_holder_is_passed_over_and_a_full_one_waited_for():
+    pool, router = pair(), PrefixRouter(CONFIG)
+    busy = place(router, pool, P)  # replica 0 holds P, its 100 tokens still pending
+    assert busy.replica.index == 0
     # P again saves 100 tokens on replica 0, which is 100 busier: a tie, broken by the emptier cache.
-    assert router.route(pool, batch(P + [1]), pool.replicas[1]).replica.index == 1
-    busy = send(router, pool, batch(P + [1]))  # goes to 1 now, which holds P too
+    router.answered(place(router, pool, Q))
+    assert router._pending == {0: 100, 1: 0}
+    assert router.place(pool, [(0, request(P + [1]))])[1].index == 0  # replica 1 holds Q: 100 + 1 < 0 + 101 + ...
+    pool.replicas[1].inflight = [object(), object()]  # replica 1 full: a Q request waits, a later P one goes
+    assert router.place(pool, [(0, request(Q + [1]))]) is None
+    assert router.place(pool, [(3, request(Q + [1])), (5, request(P + [2]))]) == (5, pool.replicas[0])
     router.answered(busy)
-    assert busy.replica.index == 1
-    pool.replicas[1].inflight = [object(), object()]  # no free slot: replica 0 even though busier
-    assert router.route(pool, batch(P + [2]), pool.replicas[0]).replica.index == 0
+    pool.replicas[1].inflight = []
+    big = place(router, pool, list(range(1000, 1300)))  # 300 new tokens pending on the emptier... replica 0 (tie)
+    assert big.replica.index == 0 and router._pending == {0: 300, 1: 0}
+    # P on replica 0 costs 300 + 1, on replica 1 0 + 101: replica 0 is clearly busier
+    assert router.place(pool, [(0, request(P + [1]))])[1].index == 1
 
 
 def test_a_restarted_replica_is_forgotten():
-    pool = SimpleNamespace(replicas=[Replica(0), Replica(1)])
-    router = PrefixRouter(CONFIG)
-    router.answered(send(router, pool, batch(P)))
-    router.answered(send(router, pool, batch(Q)))
+    pool, router = pair(), PrefixRouter(CONFIG)
+    router.answered(place(router, pool, P))
+    router.answered(place(router, pool, Q))
     pool.replicas[0].restarts += 1  # its cache starts empty: P is held nowhere now
-    route = router.route(pool, batch(P + [1]), pool.replicas[1])
+    route = place(router, pool, P + [1])
     assert route.work == 101 and route.replica.index == 0  # the emptier cache, not a remembered hit
+    pool.replicas[1].state = "restarting"  # not ready: neither placed on nor counted
+    assert not router.active(pool)
 
 
-def test_off_or_without_caches_the_least_busy_replica():
-    pool = SimpleNamespace(replicas=[Replica(0), Replica(1)])
-    router = PrefixRouter(CONFIG, enabled=False)
-    send(router, pool, batch(P))
-    assert router.route(pool, batch(P), pool.replicas[1]).replica.index == 1
-    pool = SimpleNamespace(replicas=[Replica(0, cache_bytes=0), Replica(1, cache_bytes=0)])
-    router = PrefixRouter(CONFIG)
-    send(router, pool, batch(P))
-    assert router.route(pool, batch(P), pool.replicas[1]).replica.index == 1
+def test_off_or_without_caches_nothing_is_placed():
+    assert not PrefixRouter(CONFIG, enabled=False).active(pair())
+    assert not PrefixRouter(CONFIG).active(pair(cache_bytes=0))
+    assert not PrefixRouter(CONFIG).active(SimpleNamespace(replicas=[Replica(0)]))
 
 
 def test_the_shadow_tree_is_bounded_like_the_replica_cache():
-    pool = SimpleNamespace(replicas=[Replica(0, cache_bytes=TOKEN_BYTES * 150), Replica(1, cache_bytes=TOKEN_BYTES * 150)])
-    router = PrefixRouter(CONFIG)
+    pool, router = pair(cache_bytes=TOKEN_BYTES * 150), PrefixRouter(CONFIG)
     for prefix in (P, Q, P, Q):
-        router.answered(send(router, pool, batch(prefix), least_busy=pool.replicas[0]))
+        router.answered(place(router, pool, prefix))
     assert [router._trees[i].size for i in (0, 1)] == [100, 100]
-    router.answered(send(router, pool, batch(list(range(500, 620)))))  # 120 new tokens: replica 0 (a tie)
+    router.answered(place(router, pool, list(range(500, 620))))  # 120 new tokens: replica 0 (a tie)
     assert [router._trees[i].size for i in (0, 1)] == [150, 100]
 
 
@@ -178,3 +200,27 @@ def test_batcher_routes_and_counts_hits_and_cache_bytes():
     assert registry.get_sample_value("logitserve_prefix_cache_hit_tokens_total") == 3 * 7 + 2 * 5
     assert registry.get_sample_value("logitserve_prefix_cache_bytes", {"replica": "0"}) == 1000
     assert registry.get_sample_value("logitserve_prefix_cache_bytes", {"replica": "1"}) == 2000
+
+
+def test_batcher_places_queued_requests_by_prefix():
+    """Requests of two prefixes queued together, and one of neither: each batch holds one prefix's requests, each
+    prefix stays on one replica, and nothing waits forever."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        replicas = [FakeReplica(0, 0, 0), FakeReplica(1, 0, 0)]
+        b = Batcher(FakePool(replicas), max_batch_tokens=1000, max_queue_tokens=10000, metrics=Metrics(),
+                    router=PrefixRouter(CONFIG))
+        works = []
+        for seq in (P + [1], Q + [1], P + [2], Q + [2], P + [3], [7] * 20):
+            works.append(Work(np.array(seq, dtype=np.int64), [len(seq)], None, loop.create_future()))
+            b.submit(works[-1])
+        b.start()
+        await asyncio.wait_for(asyncio.gather(*(w.future for w in works)), 5)
+        await b.stop()
+        return replicas
+
+    replicas = asyncio.run(main())
+    heads = [[{int(b.input_ids[int(o)]) for o in b.offsets[:-1]} for b in r.batches] for r in replicas]
+    assert all(h <= {P[0], 7} for h in heads[0]) and all(h <= {Q[0], 7} for h in heads[1]), heads
+    assert sum(len(b.offsets) - 1 for r in replicas for b in r.batches) == 6
