@@ -52,7 +52,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cpu_name, f32_gguf, model_path, real_flops, start_server  # noqa: E402
-from service.packing import budget_batches, pack_ids  # noqa: E402  (the server's packing rule)
+from service.packing import pack_ids, plan_batches  # noqa: E402  (the server's packing rule)
 
 HF_BATCH = 8
 CASES = ("last", "ppl", "all")
@@ -93,15 +93,15 @@ def _make_system(system: str, path: str, gguf: str, budget: int):
                  "all": OutputSpec(return_logits=ReturnLogits.ALL)}
 
         def run(case, seqs):
-            done, check = [0.0] * len(seqs), []
+            done, check = [0.0] * len(seqs), [None] * len(seqs)
             t0 = time.perf_counter()
-            for batch in budget_batches([len(s) for s in seqs], budget):
+            for batch in plan_batches(seqs, budget):  # in the server's order (a shared prefix groups sequences)
                 ids, offsets = pack_ids([seqs[i] for i in batch])
                 outs = runner.run(torch.from_numpy(ids), torch.from_numpy(offsets), [specs[case]] * len(batch))
                 now = time.perf_counter() - t0
                 for i, o in zip(batch, outs):
                     done[i] = now
-                    check.append(_check(case, o.logits, o.target_logprobs))
+                    check[i] = _check(case, o.logits, o.target_logprobs)
             return done, check
 
         return run
@@ -185,7 +185,7 @@ def _make_system(system: str, path: str, gguf: str, budget: int):
 
         def run(case, seqs):
             seconds = flops = 0.0
-            for batch in budget_batches([len(s) for s in seqs], budget):
+            for batch in plan_batches(seqs, budget):
                 tokens = sum(len(seqs[i]) for i in batch)
                 s, f = roof(tokens, len(batch) if case == "last" else tokens)
                 seconds, flops = seconds + s, flops + f

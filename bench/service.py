@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import start_server  # noqa: E402
-from service.packing import budget_batches, pack_ids  # noqa: E402  (the server's packing rule)
+from service.packing import pack_ids, plan_batches  # noqa: E402  (the server's packing rule)
 
 WORKLOADS = {
     "last-token, JSON": ({"return_logits": "last_token"}, {}),
@@ -49,7 +49,7 @@ def in_process(model: str, requests, options: dict, max_batch_tokens: int) -> fl
     torch.set_num_threads(os.cpu_count() or 1)
     runner = ModelRunner.load(model, device="cpu", dtype="float32")
     spec = OutputSpec(return_logits=ReturnLogits(options["return_logits"]))
-    batches = [[requests[i] for i in b] for b in budget_batches(map(len, requests), max_batch_tokens)]
+    batches = [[requests[i] for i in b] for b in plan_batches(requests, max_batch_tokens)]
 
     def run(batch):
         ids, offsets = pack_ids(batch)

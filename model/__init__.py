@@ -13,6 +13,7 @@ from model.distributed_transformer import (
 )
 from model.runtime.outputs import OutputSpec, ReturnHiddenStates, ReturnLogits, SequenceOutput
 from model.runtime.runner import ModelRunner
+from model.task import Task
 
 __all__ = [
     "DistributedLogitsPostprocessMixin",
@@ -26,6 +27,7 @@ __all__ = [
     "ReturnLogits",
     "SequenceOutput",
     "ShardableCallable",
+    "Task",
     "UnsupportedModelError",
     "distributed_logits_postprocess",
     "forward_sharded_layers",

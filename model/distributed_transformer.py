@@ -45,6 +45,7 @@ from torch import nn
 
 from model.families.architectures import GLOBAL_ROPE
 from model.distributed import ParallelContext
+from model.errors import Cancelled
 from model.layers.base import embedding_scale
 from model.layers.modules import RaggedBatch, classifier_rows
 from model.runtime.outputs import ReturnHiddenStates, ReturnLogits
@@ -328,6 +329,9 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         self.subgraph_layer_groups = subgraph_layer_groups
         self._compiled_groups: dict[int, Callable] = {}
         self.rotary_pairs = rotary_pairs
+        # Asked before each block of `trunk` (the serving runner sets it for one run): True stops the forward there
+        # with `Cancelled` (its clients are gone, the server is stopping).
+        self.should_stop: Callable[[], bool] | None = None
 
     @property
     def norm_shards(self) -> list[ShardableCallable]:
@@ -386,6 +390,8 @@ class DistributedTransformer(DistributedLogitsPostprocessMixin, nn.Module):
         if 0 in capture:
             captured[0] = h.index_select(0, capture[0])
         for i in range(depth):
+            if self.should_stop is not None and self.should_stop():
+                raise Cancelled(f"stopped before block {i} of {depth}")
             cos, sin = tables[self.layer_rope[i]]
             h = self._block_fn(i)(h, cos, sin, batch, final_rows if i + 1 == depth else None)
             if i + 1 in capture:

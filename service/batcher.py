@@ -1,31 +1,24 @@
-"""The batcher (TEI style): one asyncio task owns the queue and packs requests into batches by a token budget.
+"""The batcher (TEI style): one asyncio task owns the queue and packs requests into batches.
 
 Requests carry futures. Admission (`submit`) only appends to the queue and wakes the owner; the owner task alone
-takes work out of it: it skips requests whose future is already done (timed out, client gone), packs whole
-requests by the token budget and the result-bytes share of a batch (`packing.fits`), holds requests back while
-the results budget (`budget.ResultBudget`) is spent, and sends a batch to the least-loaded replica as soon as one has a
-free slot: every replica holds one running and one prefetched batch, so a worker never idles while work is
-queued, and nothing waits for a batch to fill. With several replicas keeping prefix caches, the router
-(routing.py) places the requests instead: a batch goes to the replica that caches its first request's prefixes
-unless that one is clearly busier, and takes only the requests that replica suits; a request whose replica has no
-free slot waits for it while later ones go elsewhere.
+takes work out of it, by the packing rule (`packing.take_batch`: the oldest request first, then those sharing a
+prefix with the batch, whole requests up to the token budget and the result-bytes share of a batch), holding
+requests back while the results budget (`budget.ResultBudget`) is spent, and sends a batch to the least-loaded
+replica as soon as one has a free slot: every replica holds one running and one prefetched batch, so a worker
+never idles while work is queued, and nothing waits for a batch to fill.
 
-Batches are grouped by shared prefix (the workers compute a prefix shared within a batch once): after the oldest
-request, a batch takes first the queued requests, among the next ``SHARING_LOOKAHEAD``, whose sequences start with
-the same ``SHARING_KEY_TOKENS`` tokens as one already taken, then the rest in arrival order. Every batch starts with
-the oldest request, so a request waits at most one batch per request queued before it.
+The owner sleeps on one event (`wake`) that everything which may let a batch go sets: a submission, a replica's
+free slot or state change (the pool's `on_change`), results released (the budget's `on_release`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -33,19 +26,11 @@ from model.runtime.outputs import OutputSpec
 
 from .budget import Reservation, ResultBudget
 from .errors import InternalError, NotReady, OutOfMemory, QueueFull, ServiceError
-from .packing import fits, row_offsets
+from .packing import BatchLimits, prefix_keys, row_offsets, take_batch
 from .routing import PrefixRouter, Route
 from .workers import Batch, MappedBatch, Replica, RequestOutputs, RequestSpan, Requeue, WorkerPool
 
 logger = logging.getLogger("logitserve.batcher")
-
-# Leading tokens that mark two sequences as sharing a prefix worth grouping (a context's continuations, few-shot
-# prompts); shorter sequences are packed in arrival order.
-SHARING_KEY_TOKENS = 16
-# Queued requests searched for ones that share a prefix with the batch being formed.
-SHARING_LOOKAHEAD = 256
-# Queued requests the router places (each costs a walk of the replicas' shadow trees along its sequences).
-ROUTING_LOOKAHEAD = 16
 
 
 @dataclass(eq=False)
@@ -61,6 +46,7 @@ class Work:
     queued: bool = False
     result_bytes: int = 0  # what its results take (budget.result_bytes), reserved at dispatch
     reservation: Reservation | None = None
+    dispatch: Dispatch | None = None  # the batch it was sent in, while that runs
 
     @property
     def num_tokens(self) -> int:
@@ -68,13 +54,22 @@ class Work:
 
     @functools.cached_property
     def prefix_keys(self) -> frozenset[bytes]:
-        """The first SHARING_KEY_TOKENS tokens of each of its sequences that has as many."""
-        keys, start = set(), 0
-        for n in self.lengths:
-            if n >= SHARING_KEY_TOKENS:
-                keys.add(self.input_ids[start : start + SHARING_KEY_TOKENS].tobytes())
-            start += n
-        return frozenset(keys)
+        return prefix_keys(self.input_ids, self.lengths)
+
+
+@dataclass(eq=False)
+class Dispatch:
+    """A batch sent to a replica, and its requests."""
+
+    replica: Replica
+    batch: Batch
+    works: list[Work]
+    route: Route | None = None  # the router's account of it (routing.py)
+
+    def cancel_if_abandoned(self) -> None:
+        """Every request of the batch is answered or abandoned (client gone, timed out): stop computing it."""
+        if all(w.future.done() for w in self.works):
+            self.replica.cancel(self.batch)
 
 
 @dataclass
@@ -92,20 +87,24 @@ def _release(work: Work) -> None:
 
 
 class Batcher:
-    def __init__(self, pool: WorkerPool | None, max_batch_tokens: int, max_queue_tokens: int, metrics,
-                 budget: ResultBudget | None = None, router: PrefixRouter | None = None):
+    """`wake` is the event the pool's `on_change` and the budget's `on_release` set (built with them, before
+    either); without a budget, results are not bounded."""
+
+    def __init__(self, pool: WorkerPool, max_batch_tokens: int, max_queue_tokens: int, metrics,
+                 budget: ResultBudget | None = None, wake: asyncio.Event | None = None,
+                 router: PrefixRouter | None = None):
         self.pool = pool
         self.router = router  # None: every batch goes to the least busy free replica
-        self.budget = budget if budget is not None else ResultBudget(1 << 62, metrics.result_bytes)
-        self.budget._on_release = self.wake  # noqa: SLF001
+        self._wake = wake if wake is not None else asyncio.Event()
+        self.budget = budget if budget is not None else ResultBudget(1 << 62, metrics.result_bytes, self.wake)
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_tokens = max_queue_tokens
         self.metrics = metrics
         self.queued_tokens = 0
         self._queue: deque[Work] = deque()
-        self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._dispatches: set[asyncio.Task] = set()
+        self._running: set[Dispatch] = set()  # batches sent and not answered yet
         self._closed = False
 
     # ---------------------------------------------------------------- admission (called by request handlers)
@@ -113,6 +112,10 @@ class Batcher:
         if self._closed:
             raise NotReady("the server is draining", retry_after=5)
         n = work.num_tokens
+        if n > self.max_queue_tokens:  # would never be admitted, even by an empty queue: refused, not run
+            from .tokenizing import queue_limit_error
+
+            raise queue_limit_error(n, self.max_queue_tokens)
         if self.queued_tokens and self.queued_tokens + n > self.max_queue_tokens:
             raise QueueFull(
                 f"the queue holds {self.queued_tokens} tokens; this request's {n} would pass the limit of "
@@ -128,6 +131,8 @@ class Batcher:
         if work.queued:
             work.queued = False
             self._add_tokens(-work.num_tokens)
+        elif work.dispatch is not None:  # while its batch runs: the batch stops once none of its requests waits
+            work.dispatch.cancel_if_abandoned()
 
     def _add_tokens(self, n: int) -> None:
         self.queued_tokens += n
@@ -148,107 +153,54 @@ class Batcher:
                 replica = self.pool.pick()
                 if replica is None:
                     break
-                first, joins = 0, None
-                if self.router is not None and self.router.active(self.pool):
-                    placed = self.router.place(self.pool, self._in_view(ROUTING_LOOKAHEAD))
-                    if placed is None:
-                        break  # each request in view waits for the replica caching its prefix (woken by answers)
-                    first, replica = placed
-                    joins = self.router.joiner(self.pool, replica, self._queue[first])
-                works = self._take(first, joins)
+                works = self._take()
                 if not works:
                     break
+                if self.router is not None and self.router.active(self.pool):
+                    # The replica caching the oldest request's prefixes, unless it is clearly busier or full.
+                    placed = self.router.place(self.pool, [(0, works[0])])
+                    replica = placed[1] if placed is not None else replica
                 # Submitted here, synchronously, so that the replica's slots are taken before the next pick.
-                batch = self._batch(works)
-                fut = self._send(replica, works, batch)
-                route = self.router.dispatched(replica, batch) if self.router is not None else None
-                task = asyncio.get_running_loop().create_task(self._complete(replica, works, batch, fut, route))
+                batch, fut = self._send(replica, works)
+                dispatch = Dispatch(replica, batch, works)
+                dispatch.route = self.router.dispatched(replica, batch) if self.router is not None else None
+                for w in works:
+                    w.dispatch = dispatch
+                self._running.add(dispatch)
+                task = asyncio.get_running_loop().create_task(self._complete(dispatch, fut))
                 self._dispatches.add(task)
                 task.add_done_callback(self._dispatches.discard)
                 # Not held here until the next dispatch: the future's results pin its requests' shared memory.
-                del batch, fut, task, works, route
+                del batch, fut, task, works, dispatch
 
-    def _in_view(self, n: int) -> list[tuple[int, Work]]:
-        """The first `n` queued requests still waiting, with their queue indices."""
-        return [(i, w) for i, w in enumerate(itertools.islice(self._queue, n)) if not w.future.done()]
-
-    def _take(self, first: int = 0, joins: Callable[[Work], bool] | None = None) -> list[Work]:
-        """The next batch: the oldest request, then those sharing a prefix with the batch (``_joining``), then the
-        rest in arrival order; empty while the head of the queue waits for the results budget (a request never
-        overtakes an older one that is held back, so a large one is not starved).
-
-        With the router (several replicas caching prefixes) the batch starts with the queued request at `first`
-        (the one it placed) and the rest joins only where `joins` says this replica suits it: the others wait for
-        the replica that caches their prefixes."""
-        works: list[Work] = []
-        keys: set[bytes] = set()
-        tokens = nbytes = 0
-        while self._queue:
-            w = self._queue[0]
-            if w.future.done():
-                self._queue.popleft()
-                first = max(0, first - 1)
-                continue
-            if not self.budget.fits(w.result_bytes):
-                break  # held back until responses being sent release their bytes (budget wakes us)
-            if not works:
-                pick = first
-                if not self.budget.fits(self._queue[first].result_bytes):
-                    break
-            else:
-                pick = self._joining(lambda q: not keys.isdisjoint(q.prefix_keys), tokens, nbytes) if keys else None
-                if pick is None and joins is not None:
-                    pick = self._joining(joins, tokens, nbytes, ROUTING_LOOKAHEAD)
-                    if pick is None:
-                        break
-            if pick is None:
-                if not fits(tokens, w.num_tokens, self.max_batch_tokens, nbytes, w.result_bytes,
-                            self.budget.batch_limit):
-                    break
-                pick = 0
-            w = self._queue[pick]
-            del self._queue[pick]
-            works.append(w)
-            keys |= w.prefix_keys
-            tokens += w.num_tokens
-            nbytes += w.result_bytes
+    def _take(self) -> list[Work]:
+        """The next batch by the packing rule, its results' bytes reserved; empty while the head of the queue waits
+        for the results budget (the budget's release wakes the owner)."""
+        limits = BatchLimits(self.max_batch_tokens, self.budget.batch_limit, self.budget.free)
+        works = take_batch(self._queue, limits, live=lambda w: not w.future.done())
+        for w in works:
             w.reservation = self.budget.reserve(w.result_bytes)
             w.queued = False
             self._add_tokens(-w.num_tokens)
         return works
 
-    def _joining(self, joins: Callable[[Work], bool], tokens: int, nbytes: int,
-                 lookahead: int = SHARING_LOOKAHEAD) -> int | None:
-        """Queue index of the first request among the next `lookahead` that `joins` the batch and fits within its
-        budgets; None if there is none."""
-        for i, w in enumerate(itertools.islice(self._queue, lookahead)):
-            if (not w.future.done()
-                    and fits(tokens, w.num_tokens, self.max_batch_tokens, nbytes, w.result_bytes,
-                             self.budget.batch_limit)
-                    and self.budget.fits(w.result_bytes) and joins(w)):  # last: the router counts what joins
-                return i
-        return None
-
-    @staticmethod
-    def _batch(works: list[Work]) -> Batch:
+    def _send(self, replica: Replica, works: list[Work]):
+        now = time.perf_counter()
         ids = np.concatenate([w.input_ids for w in works]) if len(works) > 1 else works[0].input_ids
         lengths = [n for w in works for n in w.lengths]
         specs, spans = [], []
         for w in works:
             spans.append(RequestSpan(len(specs), len(specs) + len(w.lengths)))
             specs.extend([w.spec] * len(w.lengths))
-        return Batch(ids, row_offsets(lengths), specs, spans)
-
-    def _send(self, replica: Replica, works: list[Work], batch: Batch):
-        now = time.perf_counter()
-        for w in works:
             w.dispatched_at = now
             self.metrics.queue_duration.observe(now - w.enqueued_at)
+        batch = Batch(ids, row_offsets(lengths), specs, spans)
         self.metrics.batch_tokens.observe(batch.num_tokens)
-        self.metrics.batch_sequences.observe(len(batch.specs))
-        return replica.submit(batch)
+        self.metrics.batch_sequences.observe(len(lengths))
+        return batch, replica.submit(batch)
 
-    async def _complete(self, replica: Replica, works: list[Work], batch: Batch, fut, route: Route | None) -> None:
+    async def _complete(self, dispatch: Dispatch, fut) -> None:
+        replica, works, batch = dispatch.replica, dispatch.works, dispatch.batch
         label = str(replica.index)
         try:
             result: MappedBatch = await fut
@@ -280,6 +232,7 @@ class Batcher:
                 self.metrics.prefix_shared_tokens.inc(done.prefix_shared_tokens)
             if done.prefix_cache_hit_tokens:
                 self.metrics.prefix_cache_hit_tokens.inc(done.prefix_cache_hit_tokens)
+            route = dispatch.route
             if route is None or route.restarts == replica.restarts:  # not a batch of the replica before it restarted
                 self.metrics.prefix_cache_bytes.labels(label).set(done.prefix_cache_bytes)
             self.metrics.replica_batches.labels(label).inc()
@@ -298,8 +251,11 @@ class Batcher:
                     outputs = result.outputs(i, w.reservation)
                     w.future.set_result(WorkResult(outputs, queue_s, done.forward_s, w.reservation))
         finally:
-            if route is not None:
-                self.router.answered(route)
+            if dispatch.route is not None:
+                self.router.answered(dispatch.route)
+            self._running.discard(dispatch)
+            for w in works:
+                w.dispatch = None
             self._wake.set()
 
     # ------------------------------------------------------------------------------------------ lifetime
@@ -313,6 +269,16 @@ class Batcher:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.busy and (deadline is None or time.monotonic() < deadline):
             await asyncio.sleep(0.05)
+
+    def stop_running(self) -> None:
+        """Shutdown past its grace: every batch still running stops at its next block, and every request still
+        queued or running is answered 503."""
+        self._closed = True
+        for dispatch in list(self._running):
+            dispatch.replica.cancel(dispatch.batch)
+        for w in self._queue:
+            if not w.future.done():
+                w.future.set_exception(NotReady("the server is shutting down", retry_after=5))
 
     async def stop(self) -> None:
         self._closed = True

@@ -10,7 +10,7 @@ when the request fails, times out or its client goes away (`Reservation.release`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,10 +41,7 @@ def _factor(name: str, spec: OutputSpec, dims: ResultDims) -> int:
         return int(getattr(dims, name))
     if not hasattr(spec, name):
         raise ValueError(f"per_row names {name!r}, neither an OutputSpec field nor a model size")
-    value = getattr(spec, name)
-    if value is None:  # an optional list not asked for
-        return 0
-    return len(value) if isinstance(value, (tuple, list)) else int(value)
+    return spec.amount(name)
 
 
 def _rows(rows: Rows, spec: OutputSpec, num_tokens: int) -> int:
@@ -76,18 +73,24 @@ def format_bytes(n: int) -> str:
 
 
 class ResultBudget:
-    """Bytes reserved for results not yet sent; the gauge `logitserve_result_bytes` follows it."""
+    """Bytes reserved for results not yet sent; the gauge `logitserve_result_bytes` follows it. `on_release` is
+    called whenever bytes come back (the batcher's wake-up: released bytes may let a held batch go)."""
 
-    def __init__(self, capacity: int, gauge):
+    def __init__(self, capacity: int, gauge, on_release: Callable[[], None] | None = None):
         self.capacity = capacity
         self.used = 0
         self._gauge = gauge
-        self._on_release = None  # the batcher's wake-up: released bytes may let a held batch go
+        self._on_release = on_release
 
     @property
     def batch_limit(self) -> int:
         """Result bytes one batch may hold (a request larger than this runs alone)."""
         return max(1, self.capacity // BATCH_SHARE)
+
+    @property
+    def free(self) -> int:
+        """Bytes that can be reserved now."""
+        return self.capacity - self.used
 
     def fits(self, nbytes: int) -> bool:
         """Whether these bytes can be reserved now (anything fits an empty budget that is large enough for it)."""
@@ -110,8 +113,12 @@ class Reservation:
     def __init__(self, budget: ResultBudget, nbytes: int):
         self._budget = budget
         self.nbytes = nbytes
+        self.released = False
 
-    def release(self) -> None:
-        if self.nbytes:
-            n, self.nbytes = self.nbytes, 0
-            self._budget._add(-n)  # noqa: SLF001
+    def release(self) -> bool:
+        """Give the bytes back; True if this call did (a second call does nothing)."""
+        if self.released:
+            return False
+        self.released = True
+        self._budget._add(-self.nbytes)  # noqa: SLF001
+        return True

@@ -169,13 +169,11 @@ def prepare_tokenizer(tokenizer: Tokenizer, special_tokens: SpecialTokens) -> To
 # ------------------------------------------------------------------------------------------------ jinja
 
 
-@lru_cache(maxsize=1)
-def _environment():
-    """The jinja2 environment transformers renders chat templates in (chat_template_utils._compile_jinja_template)."""
+def _generation_tag():
+    """``{% generation %}...{% endgeneration %}``, an extension class."""
     import jinja2
     import jinja2.ext
     import jinja2.nodes
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class GenerationTag(jinja2.ext.Extension):
         """``{% generation %}...{% endgeneration %}`` marks assistant text for transformers' assistant-token
@@ -191,24 +189,12 @@ def _environment():
         def _body(self, caller):
             return caller()
 
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
+    return GenerationTag
 
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # jinja's own tojson escapes HTML characters; chat templates expect plain JSON
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    def strftime_now(format):
-        return datetime.now().strftime(format)
-
-    class TemplateDict:
-        """``dict(...)`` in a template, without exposing the dict type itself."""
-
-        def __call__(self, *args, **kwargs):
-            return dict(*args, **kwargs)
-
-        def fromkeys(self, *args, **kwargs):
-            return dict.fromkeys(*args, **kwargs)
+def _template_namespace():
+    """The ``namespace`` a template may call, a class."""
+    import jinja2
 
     class TemplateNamespace(jinja2.utils.Namespace):
         """jinja's namespace, refusing underscore-prefixed attribute names (a way to CPython internals)."""
@@ -231,14 +217,44 @@ def _environment():
                     f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}."
                 )
 
+    return TemplateNamespace
+
+
+class _TemplateDict:
+    """``dict(...)`` in a template, without exposing the dict type itself."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+@lru_cache(maxsize=1)
+def _environment():
+    """The jinja2 environment transformers renders chat templates in (chat_template_utils._compile_jinja_template)."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # jinja's own tojson escapes HTML characters; chat templates expect plain JSON
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format):
+        return datetime.now().strftime(format)
+
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
+        trim_blocks=True, lstrip_blocks=True, extensions=[_generation_tag(), jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
-    env.globals["dict"] = TemplateDict()
-    env.globals["namespace"] = TemplateNamespace
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _template_namespace()
     return env
 
 

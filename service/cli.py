@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP server")
     for name, field in Settings.flags().items():
-        default = "" if field.default is None else f" (default: {field.default})"
+        default = "" if field.default in (None, []) else f" (default: {field.default})"
         serve.add_argument(_option(name), dest=name, default=None, metavar=_metavar(name, field),
                            help=f"{field.description}{default} [env {_env(name)}]")
     convert = sub.add_parser("convert-gguf", help="convert a .gguf file into a checkpoint folder")
@@ -133,7 +133,7 @@ def serve(settings) -> int:
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: refuse new work, finish what is in flight
-            engine.draining = True
+            engine.begin_drain()
             super().handle_exit(sig, frame)
             if sig == signal.SIGTERM:
                 # A drained SIGTERM is a clean exit (0), not a re-raised signal.
@@ -157,11 +157,10 @@ def serve(settings) -> int:
                 await asyncio.sleep(0.01)
             await super().shutdown(sockets)
 
-    from service.send_timeout import SendTimeoutGuard
+    from service.http_limits import uvicorn_http_options
 
-    guarded = SendTimeoutGuard(app, settings.send_timeout, app.state.metrics.send_timeouts)
-    config = uvicorn.Config(guarded, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=None, access_log=False)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=None, access_log=False, **uvicorn_http_options(settings))
     Server(config).run()
     return 0
 

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from model.runtime.outputs import OUTPUT_KINDS, Rows
+from model.runtime.outputs import OUTPUT_KINDS, OUTPUT_REQUEST_FIELDS, Rows
 
 SAFETENSORS = "application/x-safetensors"
 
@@ -201,6 +201,15 @@ def _inputs(inputs, input_ids, messages=None, add_generation_prompt=False) -> di
     return {"inputs": inputs}
 
 
+def _plain(value):
+    """A request field's value as JSON takes it (numpy and torch integers, arrays of ids as lists of ints)."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return value
+
+
 def _drop_none(d: dict) -> dict:
     return {k: v for k, v in d.items() if v is not None}
 
@@ -242,16 +251,17 @@ class _Base:
 
         return "POST", path, body, headers, parse
 
-    def _logits_call(self, inputs=None, input_ids=None, *, return_logits="last_token", return_n_logits=1, logits=True,
-                     target_logprobs=False, top_k=0, vocab_ids=None, target_ranks=False, entropy=False,
-                     return_hidden_states="none", dtype="float32", add_special_tokens=True, messages=None,
-                     add_generation_prompt=False, binary=True):
-        body = {**_inputs(inputs, input_ids, messages, add_generation_prompt), "return_logits": return_logits, "return_n_logits": return_n_logits,
-                "logits": logits, "target_logprobs": target_logprobs, "top_k": top_k,
-                "return_hidden_states": return_hidden_states, "dtype": dtype}
-        if vocab_ids is not None:
-            body["vocab_ids"] = [int(i) for i in vocab_ids]
-        body.update({k: True for k, v in (("target_ranks", target_ranks), ("entropy", entropy)) if v})
+    def _logits_call(self, inputs=None, input_ids=None, *, return_logits="last_token", return_n_logits=1,
+                     dtype="float32", add_special_tokens=True, messages=None, add_generation_prompt=False, binary=True,
+                     **outputs):
+        """`outputs`: the request fields that ask for outputs (OUTPUT_REQUEST_FIELDS: logits, target_logprobs, top_k,
+        vocab_ids, ...), sent as given; the server's defaults apply to the others."""
+        unknown = sorted(set(outputs) - set(OUTPUT_REQUEST_FIELDS))
+        if unknown:
+            raise TypeError(f"logits() got unexpected arguments {unknown}; outputs: {', '.join(OUTPUT_REQUEST_FIELDS)}")
+        body = {**_inputs(inputs, input_ids, messages, add_generation_prompt), "return_logits": return_logits,
+                "return_n_logits": return_n_logits, "dtype": dtype,
+                **{name: _plain(value) for name, value in outputs.items() if value is not None}}
         if inputs is not None:
             body["add_special_tokens"] = add_special_tokens
         return self._score("/v1/logits", body, binary)
@@ -306,9 +316,9 @@ class _Base:
 
 
 _DOC_METHODS = """
-    logits(inputs=None, input_ids=None, *, messages, add_generation_prompt, return_logits, return_n_logits, logits,
-           target_logprobs, top_k, vocab_ids, target_ranks, entropy, return_hidden_states, dtype, add_special_tokens,
-           binary=True) -> Result
+    logits(inputs=None, input_ids=None, *, messages, add_generation_prompt, return_logits, return_n_logits, dtype,
+           add_special_tokens, binary=True, **outputs) -> Result; outputs are the output kinds' request fields:
+           """ + ", ".join(OUTPUT_REQUEST_FIELDS) + """
     hidden_states(inputs=None, input_ids=None, *, messages, add_generation_prompt, return_hidden_states, layers, dtype,
                   binary=True) -> Result
     embeddings(input, *, binary=True, dimensions=None) -> array [B, dimensions or hidden]

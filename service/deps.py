@@ -4,18 +4,31 @@ its router's `dependencies`; nothing is checked by hand inside a route."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 from typing import Annotated, TypeVar
 
 import orjson
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from .engine import Engine
-from .errors import InvalidInput, PayloadTooLarge, Unauthorized, UnsupportedOption, format_validation_errors
+from .errors import (
+    ClientDisconnected,
+    InvalidInput,
+    PayloadTooLarge,
+    SlowRequest,
+    Unauthorized,
+    UnsupportedMediaType,
+    UnsupportedOption,
+    format_validation_errors,
+)
 from .metrics import Metrics
 from .served import ServedModel
 from .settings import Settings
+from .tokenizing import TokenizingPool
 
 
 def _served(request: Request) -> ServedModel:
@@ -34,7 +47,12 @@ def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+def _tokenizing(request: Request) -> TokenizingPool:
+    return request.app.state.tokenizing
+
+
 ServedDep = Annotated[ServedModel, Depends(_served)]
+TokenizingDep = Annotated[TokenizingPool, Depends(_tokenizing)]
 EngineDep = Annotated[Engine, Depends(_engine)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
@@ -65,17 +83,39 @@ Authorized = Depends(require_api_key)
 WorkersAccepting = Depends(require_workers)
 
 
+JSON = "application/json"
+
+
+def require_json(request: Request) -> None:
+    """Only a body declared as JSON is read as JSON (`application/json`, parameters such as charset allowed): a web
+    page can post text/plain, forms and multipart to any server without asking, but not JSON (that needs a CORS
+    preflight, which this server grants only to --cors-origins)."""
+    declared = request.headers.get("content-type", "")
+    if declared.partition(";")[0].strip().lower() != JSON:
+        shown = repr(declared[:100]) if declared else "none"
+        raise UnsupportedMediaType(f"the body must be JSON sent as Content-Type: {JSON} (got {shown})",
+                                   param="content-type")
+
+
 async def read_body(request: Request, settings: SettingsDep) -> bytes:
+    require_json(request)
     limit = settings.max_request_bytes
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"request body of {length} bytes is larger than the limit of {limit} bytes")
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(settings.body_timeout):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise SlowRequest(f"the request body did not arrive within {settings.body_timeout:g}s "
+                          f"({total} bytes received)") from None
+    except ClientDisconnect:  # gone mid-body: a 499, not a server error
+        raise ClientDisconnected() from None
     return b"".join(chunks)
 
 

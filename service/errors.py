@@ -1,12 +1,20 @@
-"""Domain errors and the one table that maps each to an HTTP status and error type.
+"""Domain errors, the one table that maps each to an HTTP status and error type, and the one function that makes
+any exception a response (`error_for`: the app's exception handlers and every route's `MeteredRoute` call it).
 
 Body of every error: ``{"error": {"type": ..., "message": ..., "param": ...}}``.
 """
 
 from __future__ import annotations
 
+import logging
+
 import orjson
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.responses import Response
+
+logger = logging.getLogger("logitserve.app")
 
 
 class ServiceError(Exception):
@@ -41,6 +49,18 @@ class PayloadTooLarge(ServiceError):
     pass
 
 
+class HostNotAllowed(ServiceError):
+    """The Host header names a host outside --allowed-hosts (a DNS-rebinding page, or a misconfigured proxy)."""
+
+
+class UnsupportedMediaType(ServiceError):
+    """A body declared as something other than application/json (a browser's form or text/plain post)."""
+
+
+class SlowRequest(ServiceError):
+    """The client did not send its request within the read timeouts."""
+
+
 class ResponseTooLarge(ServiceError):
     """The request's results alone exceed --max-result-bytes: refused before any forward runs."""
 
@@ -54,7 +74,7 @@ class NotReady(ServiceError):
 
 
 class WorkerFailed(ServiceError):
-    """A rank of the group that held this request's batch died or hung."""
+    """A rank of the replica that held this request's batch died or hung."""
 
 
 class OutOfMemory(WorkerFailed):
@@ -76,10 +96,13 @@ class ClientDisconnected(Exception):
 
 ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
     UnsupportedOption: (400, "unsupported_option"),
+    HostNotAllowed: (400, "host_not_allowed"),
     Unauthorized: (401, "authentication_error"),
     NotFound: (404, "not_found"),
     MethodNotAllowed: (405, "method_not_allowed"),
+    SlowRequest: (408, "request_timeout"),
     PayloadTooLarge: (413, "payload_too_large"),
+    UnsupportedMediaType: (415, "unsupported_media_type"),
     InvalidInput: (422, "invalid_request_error"),
     ResponseTooLarge: (422, "response_too_large"),
     QueueFull: (429, "queue_full"),
@@ -109,7 +132,32 @@ def error_response(exc: ServiceError) -> Response:
         headers["Retry-After"] = str(max(1, int(round(retry))))
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
+    if status == 408:  # the rest of a slow request is not waited for
+        headers["Connection"] = "close"
     return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def error_for(request: Request, exc: Exception) -> Response:
+    """The response to an exception raised while answering `request`, wherever it was raised (a dependency, a
+    route, the router: no route, wrong method): the contract's error body; 499 (never sent) when the client is
+    gone; anything else is a bug, logged and answered 500."""
+    if isinstance(exc, ServiceError):
+        return error_response(exc)
+    if isinstance(exc, ClientDisconnected):
+        logger.info("%s %s: the client went away (499)", request.method, request.url.path)
+        return Response(status_code=499)
+    if isinstance(exc, RequestValidationError):
+        message, param = format_validation_errors(list(exc.errors()))
+        return error_response(InvalidInput(message, param=param))
+    if isinstance(exc, HTTPException):
+        if exc.status_code == 404:
+            return error_response(NotFound(f"no route {request.url.path}"))
+        if exc.status_code == 405:
+            return error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}"))
+        body = orjson.dumps({"error": {"type": "http_error", "message": str(exc.detail), "param": None}})
+        return Response(body, status_code=exc.status_code, media_type="application/json", headers=exc.headers)
+    logger.error("request failed: %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(InternalError(f"{type(exc).__name__}: {exc}"))
 
 
 def format_validation_errors(errors: list[dict]) -> tuple[str, str | None]:

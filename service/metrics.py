@@ -1,4 +1,4 @@
-"""Prometheus series of API.md, under the prefix ``logitserve_``, in one registry per app."""
+"""Prometheus series of docs/api.md, under the prefix ``logitserve_``, in one registry per app."""
 
 from __future__ import annotations
 
@@ -37,7 +37,10 @@ class Metrics:
         self.oom_retries = Counter(
             p + "oom_retries", "Sub-batches retried after a batch ran out of device memory (split in halves).",
             registry=r)
-        self.worker_restarts = Counter(p + "worker_restarts", "Worker group restarts after a rank failed.", registry=r)
+        self.cancelled_batches = Counter(
+            p + "cancelled_batches", "Batches stopped before or during their forward: every client gone, or shutdown.",
+            registry=r)
+        self.worker_restarts = Counter(p + "worker_restarts", "Replica restarts after a rank failed.", registry=r)
         self.send_timeouts = Counter(
             p + "send_timeouts", "Responses whose connection was dropped because one send of the body waited longer "
             "than the send timeout (LOGITSERVE_SEND_TIMEOUT) for the client to read.", registry=r)

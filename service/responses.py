@@ -4,7 +4,8 @@
 Large bodies are never built whole: safetensors is sent from views of the workers' shared memory, and JSON is
 encoded row by row as it is sent (`iter_json`), with the socket's backpressure. A scored response releases its
 results' bytes in the results budget once it is fully sent, its client is gone or stopped reading past the send
-timeout (`BudgetedResponse`, `send_timeout.py`)."""
+timeout (`BudgetedResponse`, `send_timeout.py`); a body built at once is built inside the route's `with` block
+on the results' handle (`engine.Scored`), which releases them as the route returns it."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from model.runtime.outputs import OUTPUT_KINDS, Rows
+from model.runtime.outputs import HIDDEN_POSITIONS, HIDDEN_STATES, OUTPUT_KINDS, Rows
 
 from .engine import Scored
 from .packing import row_offsets
@@ -104,14 +105,14 @@ def logits_json(scored: Scored, model_name: str) -> dict:
     """/v1/logits: per sequence, every output the request asked for at its key path (OutputKind.json). The body as
     an object whose arrays are views of the results (encoded by `scored_response`, streamed when large)."""
     out = scored.outputs
-    kinds = [k for k in OUTPUT_KINDS if k.json is not None and k.name in out.arrays]
+    kinds = [k for k in OUTPUT_KINDS if k.json is not None and out.get(k) is not None]
     starts = {rows: out.offsets(rows) for rows in Rows}
     data = []
     for i, n in enumerate(scored.inputs.lengths):
         item: dict = {"index": i, "num_tokens": n}
         for kind in kinds:
             a, b = starts[kind.rows][i : i + 2]
-            value = out.arrays[kind.name][(slice(None),) * kind.row_dim + (slice(a, b),)]
+            value = out[kind][(slice(None),) * kind.row_dim + (slice(a, b),)]
             _put(item, kind.json, value if kind.json_null is None else _nullable(value, kind.json_null))
         data.append(item)
     n = scored.inputs.num_tokens
@@ -124,9 +125,9 @@ def hidden_states_json(scored: Scored, model_name: str) -> dict:
     data = []
     for i, n in enumerate(scored.inputs.lengths):
         a, b = offsets[i : i + 2]
-        data.append({"index": i, "num_tokens": n, "positions": out.arrays["hidden_positions"][a:b],
+        data.append({"index": i, "num_tokens": n, "positions": out[HIDDEN_POSITIONS][a:b],
                      "layers": list(out.layers),
-                     "hidden_states": out.arrays["hidden_states"][:, a:b]})
+                     "hidden_states": out[HIDDEN_STATES][:, a:b]})
     n = scored.inputs.num_tokens
     return {"object": "hidden_states", "model": model_name, "data": data,
             "usage": {"prompt_tokens": n, "total_tokens": n}}
@@ -216,9 +217,9 @@ def scoring_safetensors(scored: Scored, rows: tuple[Rows, ...], dtype: str, meta
     out = scored.outputs
     tensors: list = [("input_row_offsets", row_offsets(scored.inputs.lengths), None)]
     for kind in OUTPUT_KINDS:
-        if kind.rows not in rows or kind.name not in out.arrays:
+        arr = out.get(kind)
+        if kind.rows not in rows or arr is None:
             continue
-        arr = out.arrays[kind.name]
         tensors.append((kind.name, *wire_array(arr, dtype)) if kind.follows_dtype else (kind.name, arr, None))
         if not any(name == kind.rows.offsets for name, _, _ in tensors):
             tensors.append((kind.rows.offsets, out.offsets(kind.rows), None))
@@ -232,14 +233,15 @@ async def _slices(parts: list, step: int):
 
 
 class BudgetedResponse(StreamingResponse):
-    """A streamed body built from one request's results: their bytes in the results budget are released when the
-    body is fully sent, the client is gone, or a send waited past the send timeout (the connection is then dropped
-    already); the views over them are dropped too, so the mapping goes."""
+    """A streamed body built from one request's results, which it owns: their handle is handed over to it and
+    closed (their bytes in the results budget released) when the body is fully sent, the client is gone, or a send
+    waited past the send timeout (the connection is then dropped already); the views over them are dropped too, so
+    the mapping goes."""
 
-    def __init__(self, content, release: Callable[[], None], **kwargs):
+    def __init__(self, content, results: Scored, **kwargs):
         super().__init__(content, **kwargs)
         self._content = content
-        self._release = release
+        self._results = results.hand_over()
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -247,7 +249,7 @@ class BudgetedResponse(StreamingResponse):
         except SendTimedOut:  # counted and logged where it timed out: this body ends here, as on a disconnect
             pass
         finally:
-            self._release()
+            self._results.close()
             for iterator in (self.body_iterator, self._content):
                 close = getattr(iterator, "aclose", None)
                 try:
@@ -270,23 +272,22 @@ def _encode_json(body_obj: Any, metrics) -> Iterator[bytes]:
 
 def budgeted_json(body: Any, scored: Scored, *, streamed: bool) -> Response:
     """A JSON body made from a scored request's results (with its timing headers): streamed as it is encoded when
-    `streamed`, else built here; either way the results' bytes are released once it is sent."""
+    `streamed` (the response then owns the results), else built here."""
     if streamed:
-        return BudgetedResponse(iter_json(body), scored.release, media_type="application/json",
+        return BudgetedResponse(iter_json(body), scored, media_type="application/json",
                                 headers=scored.timing_headers)
     content = to_json({k: list(v) if isinstance(v, Iterator) else v for k, v in body.items()})
-    scored.release()
     return Response(content, media_type="application/json", headers=scored.timing_headers)
 
 
 def _results_nbytes(scored: Scored) -> int:
-    return sum(a.nbytes for a in scored.outputs.arrays.values())
+    return scored.outputs.nbytes
 
 
 def scored_response(scored: Scored, accept: str, metrics, *, json_body: Callable[[], Any],
                     binary_parts: Callable[[], list]) -> Response:
     """The safetensors body when the client accepts it, else JSON; with the timing headers. `json_body` gives the
-    body as an object (streamed when the results are large) or as bytes."""
+    body as an object (streamed when the results are large: the response then owns the results) or as bytes."""
     t0 = time.perf_counter()
     headers = scored.timing_headers
     if SAFETENSORS in accept:
@@ -297,7 +298,7 @@ def scored_response(scored: Scored, accept: str, metrics, *, json_body: Callable
             # Streamed from views of the request's shared memory, with the socket's backpressure: no copy of the
             # whole body in this process (full-vocabulary logits are ~200 KB per row).
             headers["content-length"] = str(size)
-            return BudgetedResponse(_slices(parts, STREAM_BYTES), scored.release, media_type=SAFETENSORS,
+            return BudgetedResponse(_slices(parts, STREAM_BYTES), scored, media_type=SAFETENSORS,
                                     headers=headers)
         body = b"".join(p[0 : len(p)] if isinstance(p, CastBytes) else p for p in parts)
     else:
@@ -305,9 +306,8 @@ def scored_response(scored: Scored, accept: str, metrics, *, json_body: Callable
         if not isinstance(body, bytes):
             if _results_nbytes(scored) > JSON_STREAM_BYTES:
                 # Encoded row by row in a worker thread as the client reads (no Content-Length: chunked).
-                return BudgetedResponse(_encode_json(body, metrics), scored.release,
+                return BudgetedResponse(_encode_json(body, metrics), scored,
                                         media_type="application/json", headers=headers)
             body = b"".join(iter_json(body))
         metrics.serialization_duration.labels("json").observe(time.perf_counter() - t0)
-    scored.release()  # the body is built: the results' views are no longer read
     return Response(body, media_type=SAFETENSORS if SAFETENSORS in accept else "application/json", headers=headers)

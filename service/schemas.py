@@ -261,12 +261,14 @@ class InfoResponse(BaseModel):
 
 
 _ERROR_DESCRIPTIONS = {
-    400: "unsupported option", 401: "missing or wrong API key", 413: "body larger than --max-request-bytes",
-    422: "invalid input", 429: "queue full (Retry-After)", 503: "not ready, draining or a worker failed (Retry-After)",
+    400: "unsupported option, or a Host header outside --allowed-hosts", 401: "missing or wrong API key",
+    408: "the request's body did not arrive within the body timeout",
+    413: "body larger than --max-request-bytes, or a request larger than the whole queue (--max-queue-tokens)",
+    415: "a body not sent as Content-Type: application/json", 422: "invalid input", 429: "queue full (Retry-After)", 503: "not ready, draining or a worker failed (Retry-After)",
     504: "no result within --request-timeout",
 }
-SCORING_ERRORS = (400, 401, 413, 422, 429, 503, 504)
-TOKENIZER_ERRORS = (400, 401, 413, 422)
+SCORING_ERRORS = (400, 401, 408, 413, 415, 422, 429, 503, 504)
+TOKENIZER_ERRORS = (400, 401, 408, 413, 415, 422)
 
 
 def responses(ok: type[BaseModel] | None, *errors: int, binary: bool = False, text: bool = False) -> dict:

@@ -34,7 +34,7 @@ def _transport(send):
 
 
 class SendTimeoutGuard:
-    """The ASGI app uvicorn runs, in front of the application: each HTTP send is given `timeout_s` to complete.
+    """The application's outermost layer (`app.LogitServe`): each HTTP send is given `timeout_s` to complete.
 
     It must be outermost: it reaches the connection through the server's own `send`."""
 

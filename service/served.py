@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.task import Task
+
 from .chat import ChatTemplate, SpecialTokens, prepare_tokenizer
 from .rerankers import make_reranker
 from .settings import Settings
@@ -23,7 +25,7 @@ class ServedModel:
     chat_template: object | None = None  # service.chat.ChatTemplate, None when the checkpoint has none
     special_tokens: object | None = None  # service.chat.SpecialTokens
     reranker: object | None = None  # service.rerankers.Reranker, None when /v1/rerank is not served
-    task: str = "causal-lm"  # "causal-lm" or "classification"
+    task: Task = Task.CAUSAL_LM
     num_labels: int | None = None  # a classifier's outputs per sequence
     id2label: dict[int, str] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -44,7 +46,7 @@ class ServedModel:
         if tokenizer is not None:
             prepare_tokenizer(tokenizer, special_tokens)
         reranker = None
-        if tokenizer is not None and (settings.reranker is not None or (head.task == CLASSIFICATION
+        if tokenizer is not None and (settings.reranker is not None or (head.task == Task.CLASSIFICATION
                                                                         and head.num_labels == 1)):
             reranker = make_reranker(settings.reranker, tokenizer, special_tokens)
         return cls(checkpoint=checkpoint, name=settings.served_model_name or Path(checkpoint).name, config=config,
@@ -54,15 +56,11 @@ class ServedModel:
                    id2label=head.id2label)
 
 
-CAUSAL_LM = "causal-lm"
-CLASSIFICATION = "classification"
-
-
 @dataclass(frozen=True)
 class ServedHead:
     """What the checkpoint's head computes: the task and, for a classifier, its labels."""
 
-    task: str
+    task: Task
     num_labels: int | None = None
     id2label: dict[int, str] = field(default_factory=dict)
 
@@ -73,15 +71,16 @@ def read_head(checkpoint: str, config) -> ServedHead:
     is len(id2label), 2 when neither is given)."""
     task = getattr(config, "task", None)
     if task is not None:
-        num_labels = getattr(config, "num_labels", None) if task == CLASSIFICATION else None
+        task = Task(task)
+        num_labels = getattr(config, "num_labels", None) if task == Task.CLASSIFICATION else None
         id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
         return ServedHead(task, num_labels, id2label)
     raw = json.loads((Path(checkpoint) / "config.json").read_text())
     arch = (raw.get("architectures") or [""])[0]
     if not arch.endswith("ForSequenceClassification"):
-        return ServedHead(CAUSAL_LM)
+        return ServedHead(Task.CAUSAL_LM)
     id2label = {int(k): str(v) for k, v in (raw.get("id2label") or {}).items()}
     num_labels = raw.get("num_labels") or len(id2label) or 2
     if not id2label:
         id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
-    return ServedHead(CLASSIFICATION, num_labels, id2label)
+    return ServedHead(Task.CLASSIFICATION, num_labels, id2label)

@@ -4,10 +4,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def flag(default: Any, description: str, metavar: str | None = None, **constraints: Any) -> Any:
@@ -19,7 +19,7 @@ def flag(default: Any, description: str, metavar: str | None = None, **constrain
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOGITSERVE_", extra="ignore", protected_namespaces=())
 
-    # The public flags of API.md.
+    # The public flags of docs/api.md.
     model: str | None = flag(None, "checkpoint folder, .gguf file or Hub id org/name (default: the embedded default "
                                    "model)", "PATH")
     tp: int = flag(1, "tensor-parallel degree (processes per replica)", "N", ge=1)
@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     prefix_cache_bytes: int | None = flag(
         None, "bytes each replica keeps of recently scored prefixes, least recently used evicted first (default: "
               "1 GiB where prefix sharing is in force, else 0; 0 turns the cache off)", "N", ge=0)
+    allowed_hosts: Annotated[list[str], NoDecode] = flag(
+        [], "host names a request's Host header may carry besides the bound address, localhost names, 127.0.0.1 and "
+            "::1 (always allowed), comma-separated; *.example.com for subdomains, * for any (default: none more; any "
+            "for a server bound to all interfaces)", "HOST,...")
+    cors_origins: Annotated[list[str], NoDecode] = flag(
+        [], "origins a web page may call the API from, comma-separated (default: none)", "ORIGIN,...")
 
     # Operational knobs (environment only).
     served_model_name: str | None = Field(None, description="the model id clients see (default: the folder's name)")
@@ -64,6 +70,13 @@ class Settings(BaseSettings):
     prefix_routing: bool = Field(True, description="with several replicas, send a batch to the replica whose prefix "
                                                    "cache holds its prefixes unless it is clearly busier (off: the "
                                                    "least busy replica, as a baseline)")
+    drain_timeout: float = Field(5.0, ge=0, description="seconds SIGTERM lets admitted requests finish before the "
+                                                        "batches still running are cancelled (their clients get 503)")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a client has to send a request's headers (408 and "
+                                                          "the connection closed after)")
+    body_timeout: float = Field(60.0, gt=0, description="seconds a client has to send a request's body once its "
+                                                        "headers are in (408 after)")
+    max_header_bytes: int = Field(65536, ge=1024, description="bytes of a request's line and headers (431 above)")
     max_startup_failures: int = Field(3, ge=1, description="consecutive failed starts of a replica before giving up")
     log_level: str = Field("info", description="uvicorn's log level")
 
@@ -85,6 +98,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v):
         return None if v == "" else v
+
+    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, v):
+        if isinstance(v, str):
+            return [part.strip() for part in v.split(",") if part.strip()]
+        return v
 
     @property
     def effective_max_queue_tokens(self) -> int:

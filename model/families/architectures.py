@@ -21,6 +21,7 @@ from typing import Any
 
 from model.families import family_fields as ff
 from model.families.moe_config import MoeConfig
+from model.task import Task
 
 HFConfig = Mapping[str, Any]  # a parsed config.json
 
@@ -332,9 +333,9 @@ class Architecture:
     head: str = "lm_head"  # on the final hidden states, a key of loader.HEADS (a classifier adds its `score`)
 
     @property
-    def task(self) -> str:
-        """"classification" for a *ForSequenceClassification head, else "causal-lm"."""
-        return "classification" if self.head == "score" else "causal-lm"
+    def task(self) -> Task:
+        """CLASSIFICATION for a *ForSequenceClassification head (its `score`), else CAUSAL_LM."""
+        return Task.CLASSIFICATION if self.head == "score" else Task.CAUSAL_LM
 
 
 # A classifier's plan: the decoder's, its small `score` head replicated on every rank (num_labels columns).

@@ -18,6 +18,7 @@ from model.families import family_fields
 from model.families.architectures import ARCHITECTURES, GLOBAL_ROPE, LOCAL_ROPE, NORM_PLACEMENTS, ArchitectureFields
 from model.errors import UnsupportedModelError
 from model.layers.base import ACTIVATIONS
+from model.task import Task
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 # Rope types a family reads its own way (ArchitectureFields.rope_parameters), with the architectures that do.
@@ -111,8 +112,7 @@ class ModelConfig(ArchitectureFields):
     local_rope: RopeConfig | None = None  # the LOCAL_ROPE layers' (Gemma 3's sliding layers)
     tie_word_embeddings: bool = False
     torch_dtype: str = "float32"
-    # "causal-lm" (an lm_head over the vocabulary) or "classification" (a `score` head over num_labels labels)
-    task: str = "causal-lm"
+    task: Task = Task.CAUSAL_LM  # an lm_head over the vocabulary, or a `score` head over num_labels labels
     num_labels: int = 0  # classification: the score head's columns
     id2label: dict[int, str] = field(default_factory=dict)  # classification: each column's label
     bos_token_id: int | None = None
@@ -120,6 +120,7 @@ class ModelConfig(ArchitectureFields):
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "task", Task(self.task))  # its name ("causal-lm") reads as the member
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"
@@ -191,7 +192,7 @@ class ModelConfig(ArchitectureFields):
             return RopeConfig.from_hf(hf, default_theta=family.default_rope_theta)
 
         labels: dict[int, str] = {}
-        if entry.task == "classification":  # PretrainedConfig's rule: id2label wins, else num_labels (default 2)
+        if entry.task == Task.CLASSIFICATION:  # PretrainedConfig's rule: id2label wins, else num_labels (default 2)
             raw = hf.get("id2label") or {i: f"LABEL_{i}" for i in range(int(hf.get("num_labels", 2)))}
             labels = {int(i): str(label) for i, label in raw.items()}
         return cls(

@@ -18,6 +18,7 @@ from model.layers.moe import SparseMoeBlock
 from model.layers.rope import RotaryEmbedding, build_ropes
 from model.families.tp import HeadLayout, shard_model
 from model.families.weights import CheckpointReader
+from model.task import Task
 
 
 def gated_mlp(config: ModelConfig, layer_idx: int, parallel: ParallelContext) -> nn.Module:
@@ -106,7 +107,7 @@ def build_model(
         )
         for i in range(config.num_layers)
     ]
-    classifier = arch.task == "classification"  # the score head reads the normed hidden state as it is
+    classifier = arch.task == Task.CLASSIFICATION  # the score head reads the normed hidden state as it is
     return DistributedTransformer(
         layers=layers,
         norm=make_norm(config, config.hidden_size),

@@ -52,7 +52,11 @@ class BufferGroup:
 
     num_seqs: int  # S
     padded_len: int  # L = BLOCK * (the group's most blocks)
-    slot_rows: torch.Tensor  # int64 [S * L]: the row of q/k/v each slot holds; past a sequence's end, its last row
+    slot_rows: torch.Tensor  # int64 [S * L]: the row of k/v each slot holds; past a sequence's end, its last row
+    # int64 [S * L]: the row of q each slot holds. The same as slot_rows unless k/v have rows past q's (a prefix
+    # cache's, model/runtime/prefix_cache.py): those slots lie in blocks nobody computes here, and take the
+    # sequence's last row (read by no call).
+    query_slot_rows: torch.Tensor
     out_rows: torch.Tensor  # int64 [O]: the rows whose output this group computes (each row in one group only)
     out_slots: torch.Tensor  # int64 [O]: the slot holding each one's output
 
@@ -80,7 +84,7 @@ class BlockLayout:
     padded copy of q/k/v at once. The rows are those of q/k/v: the packed tokens of a plain batch, or the
     de-duplicated rows of a shared-prefix batch (model/runtime/prefix_sharing.py), where several slots hold the same row."""
 
-    num_rows: int  # T: rows of q, k, v and of the output
+    num_rows: int  # T: rows of q and of the output; k and v may have more (cached rows, read only as keys)
     groups: tuple[BufferGroup, ...]
     calls: tuple[BlockCall, ...]
 
@@ -103,8 +107,9 @@ class BlockLayout:
         max_group_slots: int = MAX_GROUP_SLOTS,
     ) -> BlockLayout:
         """seq_rows[b]: the row of each position of sequence b; first_blocks[b]: its first block to compute (the
-        earlier ones are another sequence's: their rows are owned elsewhere). Every row must be owned by one
-        computed block of some sequence."""
+        earlier ones are another sequence's, or a prefix cache's: their rows are owned elsewhere). Every row below
+        `num_rows` must be owned by one computed block of some sequence; rows from `num_rows` on are k/v rows only
+        (a prefix cache's keys and values, appended after the computed rows), never in a computed block."""
         blocks = [-(-len(rows) // BLOCK) for rows in seq_rows]
         by_size: dict[int, list[int]] = {}
         for b in range(len(seq_rows)):
@@ -118,7 +123,7 @@ class BlockLayout:
                 take = max(1, max_group_slots // (BLOCK * max(blocks[b] for b in order)))
                 part, order = order[:take], order[take:]
                 padded_len = BLOCK * max(blocks[b] for b in part)
-                group = _group(part, seq_rows, first_blocks, padded_len, owned, device)
+                group = _group(part, seq_rows, first_blocks, padded_len, owned, num_rows, device)
                 for j in range(padded_len // BLOCK):
                     seqs = [s for s, b in enumerate(part) if first_blocks[b] <= j < blocks[b]]
                     if not seqs:
@@ -143,16 +148,20 @@ def _group(
     first_blocks: list[int],
     padded_len: int,
     owned: list[bool],
+    num_rows: int,
     device: torch.device,
 ) -> BufferGroup:
     """The buffer group of sequences `part` (in slot order); marks the rows whose output it computes in `owned`."""
     slot_rows, out_rows, out_slots = [], [], []
+    query_slot_rows: list[int] = []
     for s, b in enumerate(part):
         rows, base = seq_rows[b], s * padded_len
         # Past the sequence's end its slots repeat its last row: finite values under a -inf mask, which add exact
         # zeros to every sum (and depend on the sequence alone).
         slot_rows.extend(rows)
         slot_rows.extend([rows[-1]] * (padded_len - len(rows)))
+        query_slot_rows.extend(r if r < num_rows else rows[-1] for r in rows)
+        query_slot_rows.extend([rows[-1]] * (padded_len - len(rows)))
         for p in range(BLOCK * first_blocks[b], len(rows)):
             if not owned[rows[p]]:
                 owned[rows[p]] = True
@@ -162,7 +171,9 @@ def _group(
     def tensor(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=device)
 
-    return BufferGroup(len(part), padded_len, tensor(slot_rows), tensor(out_rows), tensor(out_slots))
+    slots = tensor(slot_rows)
+    query_slots = slots if query_slot_rows == slot_rows else tensor(query_slot_rows)
+    return BufferGroup(len(part), padded_len, slots, query_slots, tensor(out_rows), tensor(out_slots))
 
 
 @functools.lru_cache(maxsize=8)  # one per batch; every layer asks again
@@ -215,9 +226,9 @@ def layout_of(batch) -> BlockLayout:
     return layout if layout is not None else BlockLayout.for_ragged(batch)
 
 
-def _fill(src: torch.Tensor, group: BufferGroup) -> torch.Tensor:
+def _fill(src: torch.Tensor, group: BufferGroup, slot_rows: torch.Tensor) -> torch.Tensor:
     """[S, L, H, D]: the group's buffer of `src` ([T, H, D]) rows, one gather."""
-    return src.index_select(0, group.slot_rows).view(group.num_seqs, group.padded_len, *src.shape[1:])
+    return src.index_select(0, slot_rows).view(group.num_seqs, group.padded_len, *src.shape[1:])
 
 
 def prefix_stable_attention(
@@ -225,7 +236,8 @@ def prefix_stable_attention(
 ) -> torch.Tensor:
     """``modules.ragged_attention``'s contract (q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D], causal within each
     sequence, optional sliding window) with prefix-stable bits: see the module docstring. `batch` is a RaggedBatch
-    or carries a `block_layout` (shared prefixes). One group's padded buffers exist at a time."""
+    or carries a `block_layout` (shared prefixes). k/v may hold rows past q's (a prefix cache's keys and values:
+    [T + C, Hkv, D]); the output has q's rows. One group's padded buffers exist at a time."""
     layout = layout_of(batch)
     gqa = q.shape[1] != k.shape[1]
     result = q.new_empty(q.shape)
@@ -233,7 +245,8 @@ def prefix_stable_attention(
     for call in layout.calls:
         calls_by_group.setdefault(call.group, []).append(call)
     for g, group in enumerate(layout.groups):
-        qs, ks, vs = _fill(q, group), _fill(k, group), _fill(v, group)  # [S, L, Hq or Hkv, D]
+        qs = _fill(q, group, group.query_slot_rows)  # [S, L, Hq, D]
+        ks, vs = _fill(k, group, group.slot_rows), _fill(v, group, group.slot_rows)  # [S, L, Hkv, D]
         out = q.new_empty(qs.shape)  # only computed blocks are read back
         for call in calls_by_group.get(g, ()):
             lo, hi = block_keys(call.block, window)

@@ -224,6 +224,7 @@ class Attention(nn.Module):
             raise ValueError("q/k norm needs the checkpoint's rotate-half order")
         if rotary_pairs and config.rotary_dim != config.head_dim:
             raise ValueError("partial rotary needs the checkpoint's rotate-half order")
+        self.layer_idx = layer_idx
         self.head_dim = config.head_dim
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         # Local kv head of each local query head, where the query heads do not map onto the kv heads in uniform
@@ -292,6 +293,9 @@ class Attention(nn.Module):
                 q, k = rope(q, cos, sin), rope(k, cos, sin)
         if self.kv_head_index is not None:
             k, v = k.index_select(1, self.kv_head_index), v.index_select(1, self.kv_head_index)
+        cached = getattr(batch, "cached_kv", None)
+        if cached is not None:  # a prefix cache's rows (model/runtime/prefix_cache.py): keys and values only
+            k, v = cached.extend(self.layer_idx, k, v)  # [T + C, H, D]
         out = self.attention_fn(q, k, v, batch, self.scale, self.window).reshape(t, q_size)  # [T, Hq_local * D]
         return self.o_proj(out if rows is None else out.index_select(0, rows))
 

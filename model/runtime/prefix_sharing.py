@@ -22,7 +22,9 @@ rows than without sharing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,15 +44,21 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 @dataclass(frozen=True)
 class SharedPrefixBatch:
     """A ragged batch de-duplicated along its token trie. Stands in for the RaggedBatch that the trunk and the
-    attention see (positions(), seq_lens, block_layout): the trunk then runs on the U unique rows."""
+    attention see (positions(), seq_lens, block_layout): the trunk then runs on the U unique rows.
+
+    With a prefix cache (model/runtime/prefix_cache.py) a sequence's first positions may be cached rows: their
+    keys and values come from the cache (`cached_kv`, appended after the computed rows as rows
+    [num_tokens, num_tokens + C)), and no block of the batch computes them."""
 
     tokens: torch.Tensor  # int64 [N]: token of each unique row, then of the filler rows (N = num_tokens)
     row_positions: torch.Tensor  # int64 [N]: its position in every sequence that holds it
-    row_index: torch.Tensor  # int64 [T]: packed token row -> unique row
+    row_index: torch.Tensor  # int64 [T]: packed token row -> unique row (>= N: cached row N + c)
     seq_rows: tuple[tuple[int, ...], ...]  # per sequence (batch order): the unique row of each position
     seq_lens: list[int]  # the sequences' lengths (as RaggedBatch.seq_lens)
-    unique_rows: int  # U: the trie's nodes; rows [U, num_tokens) are filler
+    unique_rows: int  # U: the trie's computed nodes; rows [U, num_tokens) are filler
     block_layout: BlockLayout  # the prefix-stable attention's geometry over the unique rows and the filler
+    cached_rows: int = 0  # C: distinct cached rows the batch reads
+    cached_kv: Any = None  # the cache's keys and values per layer (prefix_cache.CachedKV); None: no cache
 
     @property
     def num_tokens(self) -> int:
@@ -59,47 +67,71 @@ class SharedPrefixBatch:
 
     @property
     def shared_tokens(self) -> int:
-        """Token rows not recomputed: packed rows minus unique rows."""
-        return int(self.row_index.shape[0]) - self.unique_rows
+        """Token rows not recomputed thanks to the batch's own sharing: packed rows minus distinct rows (computed
+        or cached)."""
+        return int(self.row_index.shape[0]) - self.unique_rows - self.cached_rows
 
     def positions(self) -> torch.Tensor:
         return self.row_positions
 
     @classmethod
-    def build(cls, input_ids: torch.Tensor, batch: RaggedBatch) -> SharedPrefixBatch:
-        """input_ids int64 [T] packed as `batch` says."""
+    def build(
+        cls,
+        input_ids: torch.Tensor,
+        batch: RaggedBatch,
+        cached: Sequence[Sequence[int]] = (),
+        cached_kv: Any = None,
+    ) -> SharedPrefixBatch:
+        """input_ids int64 [T] packed as `batch` says. cached[b] (optional): the cached row c (0 <= c < C, rows of
+        `cached_kv`) of each of sequence b's first positions, a whole number of blocks, and fewer than its length;
+        equal prefixes must name equal rows."""
         ids = input_ids.tolist()
         seqs = [ids[s:e] for s, e in zip(batch.bounds[:-1], batch.bounds[1:])]
         arrays = [np.asarray(seq, dtype=np.int64) for seq in seqs]
+        cached = list(cached) or [()] * len(seqs)
         # In lexicographic order, a sequence's longest common prefix with any earlier sequence is the one with
-        # its predecessor: the rows of that prefix exist already, the rest are new trie nodes.
+        # its predecessor: the rows of that prefix exist already, the rest are new trie nodes. A cached position
+        # is row -1 - c here; a sequence takes its predecessor's row only where that one is computed (a sequence
+        # reads the cache no further than its own hit, which may be shorter than its predecessor's).
         order = sorted(range(len(seqs)), key=seqs.__getitem__)
         trie_rows: list[list[int]] = [[] for _ in seqs]
         first_blocks = [0] * len(seqs)
         count = 0
         for prev, b in zip([None, *order], order):
-            n = len(seqs[b])
+            n, m = len(seqs[b]), len(cached[b])
             shared = 0 if prev is None else _common_prefix(arrays[prev], arrays[b])
-            trie_rows[b] = (trie_rows[prev][:shared] if shared else []) + list(range(count, count + n - shared))
-            count += n - shared
-            # Query blocks made only of rows that an earlier sequence computes are skipped (all, for a sequence
-            # that another one contains).
-            first_blocks[b] = shared // BLOCK if shared < n else -(-n // BLOCK)
+            mp = 0 if prev is None else len(cached[prev])
+            reuse_lo = min(n, max(m, mp))  # [m, reuse_lo): new (the predecessor reads these from the cache)
+            reuse_hi = max(reuse_lo, min(shared, n))  # [reuse_lo, reuse_hi): the predecessor's computed rows
+            rows = [-1 - c for c in cached[b]]
+            rows += range(count, count + reuse_lo - m)
+            count += reuse_lo - m
+            rows += trie_rows[prev][reuse_lo:reuse_hi] if reuse_hi > reuse_lo else []
+            rows += range(count, count + n - reuse_hi)
+            count += n - reuse_hi
+            trie_rows[b] = rows
+            # Query blocks without a row of its own are skipped: their rows are an earlier sequence's or cached
+            # (all of them, for a sequence that another one contains).
+            first_new = m if reuse_lo > m else reuse_hi
+            first_blocks[b] = first_new // BLOCK if first_new < n else -(-n // BLOCK)
         # Number the unique rows in order of first appearance in the packed batch: no sharing is then the identity.
         renumber: dict[int, int] = {}
         for rows in trie_rows:
             for r in rows:
-                renumber.setdefault(r, len(renumber))
-        seq_rows = tuple(tuple(renumber[r] for r in rows) for rows in trie_rows)
+                if r >= 0:
+                    renumber.setdefault(r, len(renumber))
         # Filler rows (token 0, a sequence of their own, read by nobody) make the row count a multiple of
         # ROW_MULTIPLE, so that the row-wise matmuls give every row the bits it has without sharing.
         filler = tuple(range(count, padded_count(count)))
+        num_rows = count + len(filler)
+        seq_rows = tuple(tuple(renumber[r] if r >= 0 else num_rows - 1 - r for r in rows) for rows in trie_rows)
         layout_rows = [list(r) for r in seq_rows] + ([list(filler)] if filler else [])
         layout_first = first_blocks + ([0] if filler else [])
-        tokens, positions = [0] * (count + len(filler)), [*([0] * count), *range(len(filler))]
-        for seq, rows in zip(seqs, seq_rows):
-            for p, (t, r) in enumerate(zip(seq, rows)):
-                tokens[r], positions[r] = t, p
+        tokens, positions = [0] * num_rows, [*([0] * count), *range(len(filler))]
+        for b, (seq, rows) in enumerate(zip(seqs, seq_rows)):
+            for p in range(len(cached[b]), len(rows)):
+                r = rows[p]
+                tokens[r], positions[r] = seq[p], p
         device = batch.offsets.device
         flat = [r for rows in seq_rows for r in rows]
         return cls(
@@ -109,7 +141,9 @@ class SharedPrefixBatch:
             seq_rows=seq_rows,
             seq_lens=list(batch.seq_lens),
             unique_rows=count,
-            block_layout=BlockLayout.build(layout_rows, layout_first, count + len(filler), device),
+            block_layout=BlockLayout.build(layout_rows, layout_first, num_rows, device),
+            cached_rows=len({r for rows in cached for r in rows}),
+            cached_kv=cached_kv,
         )
 
 

@@ -7,7 +7,7 @@ full rows are gathered across ranks only for sequences that asked for full logit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,9 +20,11 @@ from model.distributed_transformer import DistributedTransformer
 from model.families.loader import load_model
 from model.runtime.memory import retain_freed_memory
 from model.layers.modules import RaggedBatch, classifier_rows
-from model.runtime.outputs import OutputSpec, ReturnLogits, SequenceOutput
-from model.runtime.prefix_sharing import can_share, enable_prefix_sharing, shared_trunk
+from model.runtime.outputs import SCORE_KINDS, OutputSpec, ReturnLogits, SequenceOutput
+from model.runtime.prefix_cache import NEVER, Needs, PrefixCache, TrunkResult, cached_trunk
+from model.runtime.prefix_sharing import can_share, enable_prefix_sharing
 from model.runtime.scores import RowScores, ScoreAsk, ScoreReducer
+from model.task import Task
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,6 +51,15 @@ class _RowPlan:
     hidden_slices: list[list[tuple[int, int, int]]]  # per sequence: (layer, start, count) into hidden_rows[layer]
 
 
+@dataclass(frozen=True)
+class RunStats:
+    """What one ``ModelRunner.run`` saved and holds, for the service's counters (worker -> BatchDone)."""
+
+    prefix_shared_tokens: int = 0  # token rows not recomputed because the batch shared their prefix
+    prefix_cache_hit_tokens: int = 0  # token rows not recomputed because the prefix cache held them
+    prefix_cache_bytes: int = 0  # the cache's bytes after the batch (this rank's)
+
+
 @dataclass
 class _VocabOutputs:
     """What the vocab rows of a batch produced, on the CPU."""
@@ -56,6 +67,11 @@ class _VocabOutputs:
     scores: RowScores  # one row per vocab row
     logits: torch.Tensor | None = None  # float32 [F, V]: the rows that asked for full logits
     logits_row_index: torch.Tensor | None = None  # int64 [R]: vocab row -> its row of `logits`
+
+
+def _rows_of(ask: ScoreAsk, s: int, e: int) -> ScoreAsk:
+    """The ask's per-row fields for rows [s, e)."""
+    return replace(ask, row_top_k=ask.row_top_k[s:e], vocab_ids=None if ask.vocab_ids is None else ask.vocab_ids[s:e])
 
 
 class ModelRunner:
@@ -79,6 +95,10 @@ class ModelRunner:
         # prefix-stable (ModelRunner.load's prefix_sharing); the count of token rows not recomputed so far.
         self._prefix_sharing = can_share(model)
         self.prefix_shared_tokens = 0
+        # Prefixes kept across batches (model/runtime/prefix_cache.py), where prefixes can be shared; None: off.
+        self.prefix_cache: PrefixCache | None = None
+        self.prefix_cache_hit_tokens = 0  # token rows read from the cache so far
+        self.last_run = RunStats()  # the last run's counts
         head = model.lm_head
         # A classifier's replicated score head holds every label on every rank.
         vocab_start = head.vocab.start if hasattr(head, "vocab") else 0
@@ -98,6 +118,7 @@ class ModelRunner:
         retain_memory: bool = True,
         batch_invariant: bool | None = None,
         prefix_sharing: bool | None = None,
+        prefix_cache_bytes: int = 0,
         **model_kwargs,
     ) -> ModelRunner:
         """retain_memory: on CPU, keep freed activations in the process for the next batch (see model/runtime/memory.py:
@@ -108,7 +129,10 @@ class ModelRunner:
 
         prefix_sharing: sequences of a batch that start with the same tokens compute them once, every sequence on
         prefix-stable attention (model/runtime/prefix_sharing.py); None: wherever the model supports it (CPU, SDPA
-        attention, rotary by position); False keeps the attention with transformers' bits."""
+        attention, rotary by position); False keeps the attention with transformers' bits.
+
+        prefix_cache_bytes: bytes of this rank's prefix cache (model/runtime/prefix_cache.py), where prefixes are
+        shared; 0: none."""
         config = ModelConfig.from_pretrained(checkpoint)
         parallel = parallel or ParallelContext.single(device)
         if retain_memory and parallel.device.type == "cpu":
@@ -119,7 +143,22 @@ class ModelRunner:
             parallel = replace(parallel, sum_in_rank_order=True)
         model = load_model(str(checkpoint), config, parallel, torch_dtype, **model_kwargs)
         enable_prefix_sharing(model, prefix_sharing)
-        return cls(model, config, parallel, torch_dtype, batch_invariant=invariant)
+        runner = cls(model, config, parallel, torch_dtype, batch_invariant=invariant)
+        runner.use_prefix_cache(prefix_cache_bytes)
+        return runner
+
+    def use_prefix_cache(self, capacity: int) -> bool:
+        """Keep prefixes across batches in `capacity` bytes (0: no cache, and an existing one is dropped); only
+        where prefixes are shared (can_share) and under batch invariance, without which a cached row's bits would
+        follow the batch that computed it. Returns whether the cache is on."""
+        on = capacity > 0 and can_share(self.model) and self.batch_invariant and not self.model.use_subgraphs
+        self.prefix_cache = PrefixCache.for_model(self.model, capacity) if on else None
+        return on
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """Bytes the prefix cache holds now (0 without one)."""
+        return self.prefix_cache.bytes if self.prefix_cache is not None else 0
 
     @property
     def prefix_sharing(self) -> bool:
@@ -142,16 +181,17 @@ class ModelRunner:
 
     def _pooled_positions(self, input_ids: torch.Tensor, batch: RaggedBatch) -> list[int | None]:
         """Per sequence, a classifier's pooled position (modules.classifier_rows); None for a causal LM."""
-        if self.config.task != "classification":
+        if self.config.task != Task.CLASSIFICATION:
             return [None] * len(batch.seq_lens)
         cpu = RaggedBatch.from_offsets(batch.offsets.cpu(), torch.device("cpu"))
         rows = classifier_rows(input_ids.cpu(), cpu, self.config.pad_token_id)
         return [int(r) - s for r, s in zip(rows.tolist(), batch.bounds[:-1])]
 
     def _check_specs(self, specs: Sequence[OutputSpec]) -> None:
-        if self.config.task == "classification" and any(s.target_logprobs or s.top_k for s in specs):
+        refused = tuple(dict.fromkeys(name for s in specs for name in s.unsupported_fields(self.config.task)))
+        if refused:
             raise ValueError(
-                "target_logprobs and top_k need a next-token vocabulary; this model is a classifier "
+                f"{', '.join(refused)} need a next-token vocabulary; this model is a classifier "
                 f"({self.config.architecture}, {self.config.num_labels} labels): ask for logits"
             )
 
@@ -179,6 +219,23 @@ class ModelRunner:
             plan.hidden_slices.append(slices)
         return plan
 
+    def _needs(self, specs: Sequence[OutputSpec], seq_lens: Sequence[int], pooled: Sequence[int | None]) -> list[Needs]:
+        """Per sequence, the first positions that need a final hidden state and an inner layer's (prefix cache)."""
+        needs = []
+        for spec, n, pool in zip(specs, seq_lens, pooled):
+            final = inner = NEVER
+            if spec.needs_vocab and len(rows := self._logit_rows(spec, n, pool)):
+                final = rows.start
+            hidden = spec.hidden_rows(n)
+            if len(hidden):
+                for layer in self.config.resolve_layers(spec.layers):
+                    if layer == self.config.num_layers:
+                        final = min(final, hidden.start)
+                    else:
+                        inner = min(inner, hidden.start)
+            needs.append(Needs(final, inner))
+        return needs
+
     def _prune(self, plan: _RowPlan, num_tokens: int) -> tuple[int, list[int] | None]:
         """The deepest block any output needs, and the token rows of its output that are needed (None: all).
 
@@ -205,8 +262,17 @@ class ModelRunner:
     # re-read once per chunk).
     SCORE_CHUNK_ROWS = 512
 
-    def _vocab_outputs(self, h: torch.Tensor, plan: _RowPlan, specs: Sequence[OutputSpec]) -> _VocabOutputs:
-        """Logits-derived tensors for the vocab rows, on the CPU."""
+    def _vocab_outputs(
+        self, h: torch.Tensor, plan: _RowPlan, specs: Sequence[OutputSpec], row_keys: torch.Tensor | None = None
+    ) -> _VocabOutputs:
+        """Logits-derived tensors for the vocab rows, on the CPU. row_keys (int64, one per row of h): rows of h
+        with equal keys are one row (a shared or cached prefix): the lm_head, the normalizers and the top-k run
+        once for it, and each vocab row reads its own target from it."""
+        if row_keys is not None:
+            keys = row_keys.index_select(0, torch.tensor(plan.vocab_rows, device=h.device))
+            distinct, inverse = torch.unique(keys, return_inverse=True)
+            if len(distinct) < len(keys):
+                return self._distinct_vocab_outputs(h, plan, specs, distinct, inverse)
         dev = h.device
         rows, row_targets = plan.vocab_rows, plan.targets
         flags = [s.logits for s, (_, c) in zip(specs, plan.vocab_slices) for _ in range(c)]
@@ -218,15 +284,7 @@ class ModelRunner:
         flags, ks = flags + [False] * fill, ks + [0] * fill
         every_row = rows == list(range(h.shape[0]))  # every row, in order: no gather copy of h
         row_index = None if every_row else torch.tensor(rows, device=dev)
-        asking = [s for s in specs if s.needs_vocab]
-        targets = torch.tensor(row_targets, device=dev) if any(s.needs_targets for s in asking) else None
-        ask = ScoreAsk(top_k=max(ks, default=0),
-                       row_top_k=torch.tensor(ks, dtype=torch.int64, device=dev),
-                       vocab_ids=self._vocab_ids(plan, specs, len(rows), dev),
-                       target_logprobs=any(s.target_logprobs for s in asking),
-                       target_ranks=any(s.target_ranks for s in asking),
-                       entropy=any(s.entropy for s in asking))
-        scored = targets is not None or ask.top_k or ask.vocab_ids is not None or ask.entropy
+        targets, ask, scored = self._ask(plan, specs, row_targets, ks, dev)
 
         if not any(flags):
             # Scores only (perplexity, top-k): the lm_head runs in row chunks, no [R, vocab] tensor exists.
@@ -236,12 +294,7 @@ class ModelRunner:
             for s in range(0, n, step):
                 e = min(n, s + step)
                 rows_h = h[s:e] if every_row else h.index_select(0, row_index[s:e])
-                chunk_ask = replace(
-                    ask,
-                    row_top_k=ask.row_top_k[s:e],
-                    vocab_ids=None if ask.vocab_ids is None else ask.vocab_ids[s:e],
-                )
-                chunks.append(self.scores(rows_h, None if targets is None else targets[s:e], chunk_ask))
+                chunks.append(self.scores(rows_h, None if targets is None else targets[s:e], _rows_of(ask, s, e)))
             return _VocabOutputs(RowScores.cat(chunks))
 
         rows_h = h if every_row else h.index_select(0, row_index)
@@ -250,6 +303,70 @@ class ModelRunner:
         want_full = torch.tensor(flags, dtype=torch.bool, device=dev)
         # All rows wanted (the common case): the logits tensor itself, not a [R, V] copy of it.
         full = local if all(flags) else local.index_select(0, want_full.nonzero().squeeze(1))
+        return _VocabOutputs(
+            scores=RowScores.cat([scores]),
+            logits=self.model.gather_logits(full).cpu(),
+            logits_row_index=torch.cumsum(want_full.long(), 0).cpu() - 1,
+        )
+
+    def _ask(self, plan: _RowPlan, specs: Sequence[OutputSpec], row_targets: list[int], ks: list[int],
+             dev: torch.device) -> tuple[torch.Tensor | None, ScoreAsk, bool]:
+        """The vocab rows' targets (None: nobody reads them), what the reducer is asked, and whether anything is."""
+        asking = [s for s in specs if s.needs_vocab]
+        targets = torch.tensor(row_targets, device=dev) if any(s.needs_targets for s in asking) else None
+        ask = ScoreAsk(top_k=max(ks, default=0),
+                       row_top_k=torch.tensor(ks, dtype=torch.int64, device=dev),
+                       vocab_ids=self._vocab_ids(plan, specs, len(row_targets), dev),
+                       **{flag: any(s.amount(flag) for s in asking) for flag in ScoreAsk.flags()})
+        scored = any(s.vocabulary_fields for s in asking)  # any score at all (else full logits alone)
+        return targets, ask, scored
+
+    def _distinct_vocab_outputs(
+        self, h: torch.Tensor, plan: _RowPlan, specs: Sequence[OutputSpec], distinct: torch.Tensor,
+        inverse: torch.Tensor,
+    ) -> _VocabOutputs:
+        """_vocab_outputs where several vocab rows are one row: the lm_head and what reads the whole vocabulary
+        run on the D distinct rows (in chunks of SCORE_CHUNK_ROWS, padded to whole row groups), and each vocab
+        row reads its target, chosen ids and own top-k from its distinct row. inverse int64 [R]: vocab row ->
+        distinct row."""
+        dev = h.device
+        count = len(distinct)
+        vocab_rows = torch.tensor(plan.vocab_rows, device=dev)
+        # one row of h for each distinct row (its first vocab row)
+        first = torch.full((count,), len(inverse), dtype=torch.int64, device=dev).scatter_reduce_(
+            0, inverse, torch.arange(len(inverse), device=dev), "amin")
+        h_rows = invariance.pad_rows(vocab_rows.index_select(0, first).tolist(), self.row_multiple)
+        flags = [s.logits for s, (_, c) in zip(specs, plan.vocab_slices) for _ in range(c)]
+        ks = [s.top_k for s, (_, c) in zip(specs, plan.vocab_slices) for _ in range(c)]
+        targets, ask, scored = self._ask(plan, specs, plan.targets, ks, dev)
+        h_index = torch.tensor(h_rows, device=dev)
+
+        if not any(flags):
+            # vocab rows sorted by their distinct row: a chunk of distinct rows is a slice of them
+            order = torch.argsort(inverse, stable=True)
+            sorted_inverse = inverse.index_select(0, order)
+            step, chunks = self.SCORE_CHUNK_ROWS, []
+            for s in range(0, len(h_rows), step):
+                e = min(len(h_rows), s + step)
+                a, b = (int(x) for x in torch.searchsorted(sorted_inverse, torch.tensor([s, e], device=dev)))
+                picked = order[a:b]
+                chunk_ask = replace(ask, row_top_k=ask.row_top_k.index_select(0, picked),
+                                    vocab_ids=None if ask.vocab_ids is None else ask.vocab_ids.index_select(0, picked))
+                chunks.append(self.scores(h.index_select(0, h_index[s:e]),
+                                          None if targets is None else targets.index_select(0, picked), chunk_ask,
+                                          row_of=sorted_inverse[a:b] - s))
+            back = torch.argsort(order)  # sorted position of each vocab row
+            joined = RowScores.cat(chunks)
+            for name, value in vars(joined).items():
+                if value is not None:
+                    setattr(joined, name, value.index_select(0, back.cpu()))
+            return _VocabOutputs(joined)
+
+        rows_h = h.index_select(0, h_index)
+        local = self.model.compute_logits(rows_h)  # [D (padded), V_local]
+        scores = self.scores(rows_h, targets, ask, logits=local, row_of=inverse) if scored else RowScores()
+        want_full = torch.tensor(flags, dtype=torch.bool, device=dev)
+        full = local.index_select(0, inverse[want_full])
         return _VocabOutputs(
             scores=RowScores.cat([scores]),
             logits=self.model.gather_logits(full).cpu(),
@@ -269,15 +386,27 @@ class ModelRunner:
                 ids[start : start + count, :width] = torch.tensor(spec.vocab_ids, dtype=torch.int64)
         return ids.to(dev)
 
-    @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, input_row_offsets: torch.Tensor, specs: Sequence[OutputSpec]) -> list[SequenceOutput]:
+    def run(self, input_ids: torch.Tensor, input_row_offsets: torch.Tensor, specs: Sequence[OutputSpec],
+            should_stop: Callable[[], bool] | None = None) -> list[SequenceOutput]:
         """input_ids int64 [T] packed; input_row_offsets int64 [B+1]; one OutputSpec per sequence.
 
-        A classifier (config.task "classification") returns rows of num_labels logits; its last_token row is the
-        sequence's pooled row (the last token that is not pad_token_id), positions saying which; target_logprobs
-        and top_k raise ValueError (no next-token vocabulary).
+        should_stop: asked before each block; True raises model.errors.Cancelled there (with tp > 1 every rank's
+        must answer the same at the same block).
+
+        A classifier (config.task CLASSIFICATION) returns rows of num_labels logits; its last_token row is the
+        sequence's pooled row (the last token that is not pad_token_id), positions saying which; the outputs that
+        read a next-token vocabulary (outputs.VOCABULARY_FIELDS) raise ValueError.
 
         With tp > 1 every rank calls this with the same arguments and gets the same outputs."""
+        self.model.should_stop = should_stop
+        try:
+            return self._run(input_ids, input_row_offsets, specs)
+        finally:
+            self.model.should_stop = None
+
+    @torch.inference_mode()
+    def _run(self, input_ids: torch.Tensor, input_row_offsets: torch.Tensor, specs: Sequence[OutputSpec]
+             ) -> list[SequenceOutput]:
         if len(specs) != len(input_row_offsets) - 1:
             raise ValueError("one OutputSpec per sequence is needed")
         self._check_specs(specs)
@@ -286,6 +415,7 @@ class ModelRunner:
         if min(batch.seq_lens) < 1:
             raise ValueError("empty sequence")
         pooled = self._pooled_positions(input_ids, batch)
+        needs = self._needs(specs, batch.seq_lens, pooled)
         plan = self._plan(input_ids.tolist(), batch.bounds, specs, pooled)
         depth, final_rows = self._prune(plan, batch.num_tokens)
         if self.batch_invariant:
@@ -297,11 +427,17 @@ class ModelRunner:
         capture = {layer: torch.tensor(rows, device=dev) for layer, rows in plan.hidden_rows.items()}
         final = None if final_rows is None else torch.tensor(final_rows, device=dev)
         if self.prefix_sharing:
-            h, captured, shared = shared_trunk(self.model, input_ids.to(dev), batch, capture, depth, final)
-            self.prefix_shared_tokens += shared
+            # Shared and cached prefixes computed once (model/runtime/prefix_cache.py)
+            cache = self.prefix_cache if depth > 0 else None
+            trunk = cached_trunk(self.model, cache, input_ids.to(dev), batch, needs, capture, depth, final)
         else:
-            h, captured = self.model.trunk(input_ids.to(dev), batch, capture, depth=depth, final_rows=final)
-        vocab = self._vocab_outputs(h, plan, specs) if plan.vocab_rows else None
+            trunk = TrunkResult(*self.model.trunk(input_ids.to(dev), batch, capture, depth=depth, final_rows=final),
+                                None, 0, 0)
+        h, captured = trunk.h, trunk.captured
+        self.prefix_shared_tokens += trunk.shared_tokens
+        self.prefix_cache_hit_tokens += trunk.cache_hit_tokens
+        self.last_run = RunStats(trunk.shared_tokens, trunk.cache_hit_tokens, self.prefix_cache_bytes)
+        vocab = self._vocab_outputs(h, plan, specs, trunk.row_keys) if plan.vocab_rows else None
         captured_cpu = {layer: t.cpu() for layer, t in captured.items()}
 
         outputs = []
@@ -311,21 +447,13 @@ class ModelRunner:
             seq = SequenceOutput(positions=positions)
             start, count = plan.vocab_slices[b]
             if count:
-                scores = vocab.scores
                 if spec.logits:
                     first = int(vocab.logits_row_index[start])
                     seq.logits = vocab.logits[first : first + count]
-                if spec.target_logprobs:
-                    seq.target_logprobs = scores.target_logprobs[start : start + count]
-                if spec.top_k:
-                    seq.top_k_ids = scores.top_k_ids[start : start + count, : spec.top_k]
-                    seq.top_k_logprobs = scores.top_k_logprobs[start : start + count, : spec.top_k]
-                if spec.vocab_ids is not None:
-                    seq.vocab_logprobs = scores.vocab_logprobs[start : start + count, : len(spec.vocab_ids)]
-                if spec.target_ranks:
-                    seq.target_ranks = scores.target_ranks[start : start + count]
-                if spec.entropy:
-                    seq.entropy = scores.entropy[start : start + count]
+                for kind in SCORE_KINDS:
+                    if kind.asked_by(spec):
+                        mine = getattr(vocab.scores, kind.name)[start : start + count]  # [count] or [count, widest]
+                        setattr(seq, kind.name, mine if mine.dim() == 1 else mine[:, : kind.columns(spec)])
             if plan.hidden_slices[b]:
                 stacked = torch.stack([captured_cpu[layer][s : s + c] for layer, s, c in plan.hidden_slices[b]])
                 if spec.return_hidden_states.normalized:

@@ -32,6 +32,12 @@ class ScoreAsk:
     target_ranks: bool = False  # with `targets`
     entropy: bool = False
 
+    @classmethod
+    def flags(cls) -> tuple[str, ...]:
+        """The boolean asks, each named after the OutputSpec field that asks for its score (the runner sets one
+        when any row's sequence asks)."""
+        return tuple(f.name for f in fields(cls) if isinstance(f.default, bool))
+
 
 @dataclass
 class RowScores:
@@ -90,21 +96,31 @@ class ScoreReducer:
         targets: torch.Tensor | None,
         top_k: int | ScoreAsk,
         logits: torch.Tensor | None = None,
+        row_of: torch.Tensor | None = None,
     ) -> RowScores:
         """rows_h [R, hidden]; targets int64 [R] (-1: none) or None; top_k: k (0 for none), or a ScoreAsk for the
         other scores. `logits`: the rows' local logits when the caller keeps them (full logits were asked for
-        too): read, never overwritten."""
+        too): read, never overwritten.
+
+        row_of (int64 [Q]): the scores are asked for Q rows, row q being row row_of[q] of rows_h (several rows
+        that are one row -- a shared prefix -- run the lm_head, the normalizers and the top-k once); targets and
+        the ask's per-row fields then have Q rows, and so has the result."""
         ask = top_k if isinstance(top_k, ScoreAsk) else ScoreAsk(top_k=top_k)
         owned = logits is None
         if owned:
             logits = self.compute_logits(rows_h)  # [R, V_local]
+
+        def per_row(t: torch.Tensor) -> torch.Tensor:  # [R, ...] -> [Q, ...]
+            return t if row_of is None else t.index_select(0, row_of)
+
         # What reads the raw logits, before the log-sum-exp may overwrite them.
-        target_logit = self._target_logit(logits, targets) if targets is not None else None
-        ranks = self._target_ranks(logits, target_logit, targets) if ask.target_ranks else None
-        picked = self._picked_logits(logits, ask.vocab_ids) if ask.vocab_ids is not None else None
-        top_values, top_ids = self._top_k_as_alone(logits, ask) if ask.top_k else (None, None)
+        target_logit = self._target_logit(logits, targets, row_of) if targets is not None else None
+        ranks = self._target_ranks(per_row(logits), target_logit, targets) if ask.target_ranks else None
+        picked = self._picked_logits(logits, ask.vocab_ids, row_of) if ask.vocab_ids is not None else None
+        top_values, top_ids = self._top_k_as_alone(logits, ask, row_of) if ask.top_k else (None, None)
         lse, entropy = self._normalizers(logits, rows_h, owned and self.in_place, ask.entropy)  # [R]
-        scores = RowScores(target_ranks=ranks, entropy=entropy)
+        lse = per_row(lse)
+        scores = RowScores(target_ranks=ranks, entropy=None if entropy is None else per_row(entropy))
         if target_logit is not None and ask.target_logprobs:
             logprobs = target_logit - lse
             scores.target_logprobs = torch.where(targets >= 0, logprobs, torch.full_like(logprobs, float("nan")))
@@ -116,20 +132,28 @@ class ScoreReducer:
             scores.top_k_logprobs = top_values - lse[:, None]
         return scores
 
-    def _target_logit(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """[R]: the logit of each row's target, from the rank whose columns hold it (0 for rows without one)."""
+    def _target_logit(self, logits: torch.Tensor, targets: torch.Tensor, row_of: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """[Q]: the logit of each row's target, from the rank whose columns hold it (0 for rows without one)."""
         width = logits.shape[1]
         local = targets - self.vocab_start
         mine = (local >= 0) & (local < width)
-        picked = logits.gather(1, local.clamp(0, width - 1)[:, None]).squeeze(1)
+        if row_of is None:
+            picked = logits.gather(1, local.clamp(0, width - 1)[:, None]).squeeze(1)
+        else:
+            picked = logits[row_of, local.clamp(0, width - 1)]
         return self.parallel.all_reduce(torch.where(mine, picked, torch.zeros_like(picked)))
 
-    def _picked_logits(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """[R, n]: the logits at each row's chosen ids (-1 padding gives 0), summed from the ranks that hold them."""
+    def _picked_logits(self, logits: torch.Tensor, ids: torch.Tensor, row_of: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """[Q, n]: the logits at each row's chosen ids (-1 padding gives 0), summed from the ranks that hold them."""
         width = logits.shape[1]
         local = ids - self.vocab_start
         mine = (local >= 0) & (local < width)
-        picked = logits.gather(1, local.clamp(0, width - 1))
+        if row_of is None:
+            picked = logits.gather(1, local.clamp(0, width - 1))
+        else:
+            picked = logits[row_of[:, None], local.clamp(0, width - 1)]
         return self.parallel.all_reduce(torch.where(mine, picked, torch.zeros_like(picked)))
 
     def _target_ranks(self, logits: torch.Tensor, target_logit: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -139,15 +163,23 @@ class ScoreReducer:
         higher = self.parallel.all_reduce(higher)
         return torch.where(targets >= 0, higher + 1, torch.full_like(higher, -1))
 
-    def _top_k_as_alone(self, logits: torch.Tensor, ask: ScoreAsk) -> tuple[torch.Tensor, torch.Tensor]:
-        """[R, ask.top_k] values and ids; each row's first k entries (k: its row_top_k) are the top-k its own k
-        gives, whatever k its neighbours ask for (torch orders equal values in a way that follows k)."""
+    def _top_k_as_alone(self, logits: torch.Tensor, ask: ScoreAsk, row_of: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[Q, ask.top_k] values and ids; each row's first k entries (k: its row_top_k) are the top-k its own k
+        gives, whatever k its neighbours ask for (torch orders equal values in a way that follows k). Taken once
+        per row of `logits`, then handed to each of its rows (row_of)."""
         k = ask.top_k
+        rows = logits.shape[0] if row_of is None else row_of.shape[0]
         row_k = ask.row_top_k if ask.row_top_k is not None else torch.full(
-            (logits.shape[0],), k, dtype=torch.int64, device=logits.device)
+            (rows,), k, dtype=torch.int64, device=logits.device)
         values, ids = self._top_k(logits, min(k + 1, self.vocab_size))
-        return invariance.top_k_as_alone(
-            values, ids, row_k, k, lambda rows, row_k: self._top_k(logits.index_select(0, rows), row_k))
+        if row_of is not None:
+            values, ids = values.index_select(0, row_of), ids.index_select(0, row_of)
+
+        def again(rs: torch.Tensor, own_k: int) -> tuple[torch.Tensor, torch.Tensor]:  # rows rs with their own k
+            return self._top_k(logits.index_select(0, rs if row_of is None else row_of.index_select(0, rs)), own_k)
+
+        return invariance.top_k_as_alone(values, ids, row_k, k, again)
 
     def _top_k(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Values and vocabulary ids [R, k] of the k largest logits: each rank's own k, merged across ranks."""

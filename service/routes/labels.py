@@ -21,11 +21,13 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from model.runtime.outputs import OutputSpec
+from model.runtime.outputs import LOGITS, VOCAB_LOGPROBS, OutputSpec
+from model.task import Task
 
-from ..deps import Authorized, EngineDep, ServedDep, WorkersAccepting, json_body, request_body
+from ..deps import Authorized, EngineDep, ServedDep, TokenizingDep, WorkersAccepting, json_body, request_body
 from ..errors import InvalidInput, UnsupportedOption
-from ..inputs import InputFields, RequestInputs, pack_inputs, prompt_inputs
+from ..inputs import InputFields, RequestInputs, prompt_inputs
+from ..tokenizing import text_chars
 from ..responses import json_response
 from ..schemas import (
     SCORING_ERRORS,
@@ -37,7 +39,7 @@ from ..schemas import (
     ScoreResponse,
     responses,
 )
-from ..served import CLASSIFICATION, ServedModel
+from ..served import ServedModel
 from .metered import WorkRoute
 
 router = APIRouter(route_class=WorkRoute, dependencies=[Authorized, WorkersAccepting])
@@ -83,22 +85,25 @@ def score_prompts(served: ServedModel, req: ScoreRequest) -> list[list[int]]:
 
 
 @router.post("/v1/score", openapi_extra=request_body(ScoreRequest), responses=responses(ScoreResponse, *SCORING_ERRORS))
-async def score(req: ScoreBody, request: Request, served: ServedDep, engine: EngineDep) -> Response:
+async def score(req: ScoreBody, request: Request, served: ServedDep, engine: EngineDep,
+                tokenizing: TokenizingDep) -> Response:
     vocab = served.config.vocab_size
     outside = [i for i in req.label_token_ids if not 0 <= i < vocab]
     if outside:
         raise InvalidInput(f"label_token_ids: token id {outside[0]} is outside [0, {vocab})", param="label_token_ids")
-    prompts = score_prompts(served, req)
+    items = [req.items] if isinstance(req.items, str) else req.items
+    tokenizing.check_chars(served.tokenizer, text_chars(req.query) * len(items) + text_chars(items), "items")
+    prompts = await tokenizing.run(score_prompts, served, req)
     scores: list = []
     headers = None
     n = 0
     if prompts:
-        inputs = pack_inputs(served, RequestInputs(token_ids=prompts), InputFields("items", "items"))
+        inputs = await tokenizing.pack(served, RequestInputs(token_ids=prompts), InputFields("items", "items"))
         spec = OutputSpec(logits=False, vocab_ids=tuple(req.label_token_ids))
-        scored = await engine.score(inputs, spec, request.receive)
-        logprobs = scored.outputs.arrays["vocab_logprobs"]  # [items, labels]: one last-token row per prompt
-        scores = _softmax(logprobs) if req.apply_softmax else np.exp(logprobs.astype(np.float64))
-        headers, n = scored.timing_headers, inputs.num_tokens
+        with await engine.score(inputs, spec, request.receive) as scored:
+            logprobs = scored.outputs[VOCAB_LOGPROBS]  # [items, labels]: one last-token row per prompt
+            scores = _softmax(logprobs) if req.apply_softmax else np.exp(logprobs.astype(np.float64))
+            headers, n = scored.timing_headers, inputs.num_tokens
     return json_response({"object": "scoring", "model": served.name, "scores": scores,
                           "usage": {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0}}, headers=headers)
 
@@ -106,27 +111,31 @@ async def score(req: ScoreBody, request: Request, served: ServedDep, engine: Eng
 # ------------------------------------------------------------------------------------------------ /v1/rerank
 
 
-async def _rerank(req: RerankRequest, request: Request, served: ServedModel, engine) -> Response:
+async def _rerank(req: RerankRequest, request: Request, served: ServedModel, engine, tokenizing) -> Response:
     reranker = served.reranker
     if reranker is None:
         raise UnsupportedOption(
             "this server does not rerank: serve a one-label *ForSequenceClassification checkpoint, or a causal LM "
             "with --reranker qwen3|bge-gemma", param="--reranker")
-    prompts = reranker.prompt_ids(req.query, req.documents, req.instruction)
+    chars = (text_chars(req.query) + text_chars(req.instruction)) * len(req.documents) + text_chars(req.documents)
+    tokenizing.check_chars(served.tokenizer, chars, "documents")
+    prompts = await tokenizing.run(reranker.prompt_ids, req.query, req.documents, req.instruction)
     results: list = []
     headers = None
     n = 0
     if prompts:
-        inputs = pack_inputs(served, RequestInputs(token_ids=prompts), InputFields("documents", "documents"))
+        inputs = await tokenizing.pack(served, RequestInputs(token_ids=prompts), InputFields("documents", "documents"))
         # The last row's logits: a classifier's head outputs, or a causal LM's vocabulary row whose label columns
         # are read (raw logits: bge-gemma's score is the `Yes` logit itself, not a log-probability).
-        scored = await engine.score(inputs, OutputSpec(), request.receive)
-        logits = scored.outputs.arrays["logits"]  # [documents, columns]
-        if reranker.label_token_ids:
-            logits = logits[:, list(reranker.label_token_ids)]
+        with await engine.score(inputs, OutputSpec(), request.receive) as scored:
+            logits = scored.outputs[LOGITS]  # [documents, columns]
+            if reranker.label_token_ids:
+                logits = logits[:, list(reranker.label_token_ids)]
+            logits = np.array(logits, dtype=np.float32)  # a copy: the results are released here
+            headers = scored.timing_headers
         import torch
 
-        raw = reranker.raw_scores(torch.from_numpy(np.array(logits, dtype=np.float32)))
+        raw = reranker.raw_scores(torch.from_numpy(logits))
         relevance = (torch.sigmoid(raw) if req.use_activation else raw).tolist()
         order = sorted(range(len(prompts)), key=lambda i: -relevance[i])
         if req.top_n:
@@ -136,21 +145,23 @@ async def _rerank(req: RerankRequest, request: Request, served: ServedModel, eng
             if req.return_documents:
                 result["document"] = {"text": req.documents[i]}
             results.append(result)
-        headers, n = scored.timing_headers, inputs.num_tokens
+        n = inputs.num_tokens
     return json_response({"id": f"rerank-{uuid.uuid4().hex}", "model": served.name,
                           "usage": {"prompt_tokens": n, "total_tokens": n}, "results": results}, headers=headers)
 
 
 @router.post("/v1/rerank", openapi_extra=request_body(RerankRequest),
              responses=responses(RerankResponse, *SCORING_ERRORS))
-async def rerank(req: RerankBody, request: Request, served: ServedDep, engine: EngineDep) -> Response:
-    return await _rerank(req, request, served, engine)
+async def rerank(req: RerankBody, request: Request, served: ServedDep, engine: EngineDep,
+                 tokenizing: TokenizingDep) -> Response:
+    return await _rerank(req, request, served, engine, tokenizing)
 
 
 @router.post("/v2/rerank", openapi_extra=request_body(RerankRequest),
              responses=responses(RerankResponse, *SCORING_ERRORS))
-async def rerank_v2(req: RerankBody, request: Request, served: ServedDep, engine: EngineDep) -> Response:
-    return await _rerank(req, request, served, engine)
+async def rerank_v2(req: RerankBody, request: Request, served: ServedDep, engine: EngineDep,
+                    tokenizing: TokenizingDep) -> Response:
+    return await _rerank(req, request, served, engine, tokenizing)
 
 
 # ---------------------------------------------------------------------------------------------- /v1/classify
@@ -158,17 +169,19 @@ async def rerank_v2(req: RerankBody, request: Request, served: ServedDep, engine
 
 @router.post("/v1/classify", openapi_extra=request_body(ClassifyRequest),
              responses=responses(ClassifyResponse, *SCORING_ERRORS))
-async def classify(req: ClassifyBody, request: Request, served: ServedDep, engine: EngineDep) -> Response:
-    if served.task != CLASSIFICATION:
+async def classify(req: ClassifyBody, request: Request, served: ServedDep, engine: EngineDep,
+                   tokenizing: TokenizingDep) -> Response:
+    if served.task != Task.CLASSIFICATION:
         raise UnsupportedOption("this model is a causal LM, not a *ForSequenceClassification checkpoint: "
                                 "/v1/classify needs a classifier", param="model")
     if (req.input is None) == (req.messages is None):
         raise InvalidInput("send exactly one of input and messages", param="input")
     sent = (prompt_inputs(req.input, req.add_special_tokens) if req.input is not None
             else RequestInputs(conversations=req.messages, add_generation_prompt=req.add_generation_prompt))
-    inputs = pack_inputs(served, sent, InputFields("input", "input", "messages"))
-    scored = await engine.score(inputs, OutputSpec(), request.receive)
-    logits = scored.outputs.arrays["logits"].astype(np.float64)  # [B, num_labels]: the pooled rows
+    inputs = await tokenizing.pack(served, sent, InputFields("input", "input", "messages"))
+    with await engine.score(inputs, OutputSpec(), request.receive) as scored:
+        logits = scored.outputs[LOGITS].astype(np.float64)  # [B, num_labels]: the pooled rows (a copy)
+        headers = scored.timing_headers
     if not req.use_activation:
         probs = logits
     else:
@@ -179,4 +192,4 @@ async def classify(req: ClassifyBody, request: Request, served: ServedDep, engin
     n = inputs.num_tokens
     return json_response({"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
                           "model": served.name, "data": data, "usage": {"prompt_tokens": n, "total_tokens": n}},
-                         headers=scored.timing_headers)
+                         headers=headers)

@@ -1,25 +1,18 @@
-"""The route classes every router uses: each request counted and timed by endpoint and status, errors (raised by
-a dependency or the route) answered with the contract's error body, so that no route handles them itself."""
+"""The route classes every router uses: each request counted and timed by endpoint and status, whatever it raised
+(a dependency or the route) made a response by `errors.error_for`, the same function the app's exception
+handlers call, so that no route handles errors itself and an error reads the same wherever it was raised.
+
+Not metered: FastAPI's own pages (`/openapi.json`, `/docs`, `/redoc`) and requests that match no route (404, 405),
+which have no endpoint to be counted under."""
 
 from __future__ import annotations
 
-import logging
 import time
 
-from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.responses import Response
 
-from ..errors import (
-    ClientDisconnected,
-    InternalError,
-    InvalidInput,
-    ServiceError,
-    error_response,
-    format_validation_errors,
-)
-
-logger = logging.getLogger("logitserve.app")
+from ..errors import error_for
 
 
 class MeteredRoute(APIRoute):
@@ -41,16 +34,8 @@ class MeteredRoute(APIRoute):
             try:
                 try:
                     response = await handler(request)
-                except ServiceError as exc:
-                    response = error_response(exc)
-                except ClientDisconnected:
-                    response = Response(status_code=499)
-                except RequestValidationError as exc:
-                    message, param = format_validation_errors(list(exc.errors()))
-                    response = error_response(InvalidInput(message, param=param))
-                except Exception as exc:  # a bug: say so, keep serving
-                    logger.exception("request failed")
-                    response = error_response(InternalError(f"{type(exc).__name__}: {exc}"))
+                except Exception as exc:
+                    response = error_for(request, exc)
                 status = response.status_code
                 return response
             finally:

@@ -19,16 +19,34 @@ import base64
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from model.runtime.outputs import OutputSpec, ReturnHiddenStates, ReturnLogits
+from model.runtime.outputs import (
+    HIDDEN_STATES,
+    TARGET_LOGPROBS,
+    TOP_K_IDS,
+    TOP_K_LOGPROBS,
+    OutputSpec,
+    ReturnHiddenStates,
+    ReturnLogits,
+)
 
-from ..deps import Authorized, EngineDep, ServedDep, SettingsDep, WorkersAccepting, json_body, request_body
+from ..deps import (
+    Authorized,
+    EngineDep,
+    ServedDep,
+    SettingsDep,
+    TokenizingDep,
+    WorkersAccepting,
+    json_body,
+    request_body,
+)
 from ..errors import InvalidInput, UnsupportedOption
-from ..inputs import InputFields, PackedInputs, pack_inputs, prompt_inputs
+from ..inputs import InputFields, PackedInputs, prompt_inputs
 from ..responses import budgeted_json, json_response
 from ..schemas import (
     SCORING_ERRORS,
@@ -117,92 +135,112 @@ def _top_dict(cands: list[tuple[str, int, float]], actual_text: str, actual: int
     return top
 
 
+@dataclass
+class _Prompt:
+    """One prompt of a completion request and its rows of the outputs (None: not computed or not asked for)."""
+
+    ids: list[int]
+    text: str | None  # as sent; None when token ids were sent
+    char_offsets: list | None  # each token's (start, end) in `text`
+    num_rows: int
+    top_ids: np.ndarray | None = None  # int64 [rows, k]
+    top_logprobs: np.ndarray | None = None  # float32 [rows, k]
+    target_logprobs: np.ndarray | None = None  # float32 [rows]
+
+
 def iter_choices(tokenizer, req: CompletionRequest, inputs: PackedInputs,
                  outputs: RequestOutputs | None) -> Iterator[dict]:
     """One choice per prompt, from its tokens and (when anything was computed) its outputs; made as they are asked
     for, so that a streamed body holds one prompt's choice at a time."""
-    k = req.logprobs if req.logprobs is not None else 0
-    greedy = req.max_tokens == 1
-    echo = bool(req.echo)
-    want_lp = req.logprobs is not None
     tt = TokenTexts(tokenizer)
-    lists, texts, offsets = inputs.token_lists, inputs.texts or [None] * len(inputs.lengths), inputs.char_offsets
-    t = outputs.arrays if outputs is not None else {}
-    rows = outputs.logit_rows if outputs is not None else [0] * len(lists)
+    rows = outputs.logit_rows if outputs is not None else [0] * len(inputs.lengths)
     r = 0
-    for i, ids in enumerate(lists):
-        n = len(ids)
-        nrows = rows[i]
-        # Texts of the prompt tokens (needed for the echo of id prompts and for logprobs).
-        need_prompt_texts = (echo and want_lp) or texts[i] is None
-        queries: list[tuple[int, int]] = []
-        if need_prompt_texts:
-            queries += [(p, ids[p]) for p in range(n)]
-        top_ids = top_vals = None
-        if "top_k_ids" in t:
-            top_ids = t["top_k_ids"][r : r + nrows]
-            top_vals = t["top_k_logprobs"][r : r + nrows]
-        gen_id = gen_lp = None
-        if greedy:
-            gen_id, gen_lp = int(top_ids[-1][0]), float(top_vals[-1][0])
-            queries.append((n, gen_id))
-        if want_lp and k:
-            first_row = 0 if nrows == n else n - 1  # position of the first returned row
-            for j in range(nrows):
-                pos = first_row + j + 1  # the token this row predicts
-                if pos < n and not echo:
-                    continue
-                if pos >= n and not greedy:
-                    continue
-                queries += [(pos, int(c)) for c in top_ids[j][:k]]
-        decoded = tt.in_context(ids + ([gen_id] if greedy else []), queries) if queries else []
-        qtext = dict(zip(queries, decoded))
+    for i, ids in enumerate(inputs.token_lists):
+        part = [None if outputs is None or outputs.get(kind) is None else outputs[kind][r : r + rows[i]]
+                for kind in (TOP_K_IDS, TOP_K_LOGPROBS, TARGET_LOGPROBS)]
+        prompt = _Prompt(ids, inputs.texts[i] if inputs.texts else None,
+                         inputs.char_offsets[i] if inputs.texts else None, rows[i], *part)
+        yield _choice(tt, req, i, prompt)
+        r += rows[i]
 
-        # The prompt's text and each token's character offset in it.
-        if texts[i] is not None:
-            prompt_text = texts[i]
-            prompt_offsets = [int(o[0]) for o in offsets[i]]
-        else:
-            pieces = [qtext[(p, ids[p])] for p in range(n)]
-            prompt_text = "".join(pieces)
-            prompt_offsets = np.cumsum([0] + [len(s) for s in pieces[:-1]]).tolist()
-        gen_text = qtext[(n, gen_id)] if greedy else ""
-        text = (prompt_text if echo else "") + gen_text
 
-        def cands(pos: int, row: int) -> list[tuple[str, int, float]]:
-            if not k:
-                return []
-            return [(qtext[(pos, int(c))], int(c), float(v)) for c, v in zip(top_ids[row][:k], top_vals[row][:k])]
+def _choice(tt: TokenTexts, req: CompletionRequest, index: int, p: _Prompt) -> dict:
+    greedy, n = req.max_tokens == 1, len(p.ids)
+    gen_id = gen_lp = None
+    if greedy:  # the argmax of the last row
+        gen_id, gen_lp = int(p.top_ids[-1][0]), float(p.top_logprobs[-1][0])
+    queries = _queries(req, p, gen_id)
+    decoded = tt.in_context(p.ids + ([gen_id] if greedy else []), queries) if queries else []
+    qtext = dict(zip(queries, decoded))
+    # The prompt's text and each token's character offset in it.
+    if p.text is not None:
+        prompt_text, prompt_offsets = p.text, [int(o[0]) for o in p.char_offsets]
+    else:
+        pieces = [qtext[(q, p.ids[q])] for q in range(n)]
+        prompt_text, prompt_offsets = "".join(pieces), np.cumsum([0] + [len(s) for s in pieces[:-1]]).tolist()
+    gen_text = qtext[(n, gen_id)] if greedy else ""
+    logprobs = None
+    if req.logprobs is not None:
+        logprobs = _logprobs(req, p, qtext, prompt_offsets, len(prompt_text), (gen_id, gen_text, gen_lp))
+    text = (prompt_text if req.echo else "") + gen_text
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": "length"}
 
-        logprobs = None
-        if want_lp:
-            tokens: list[str] = []
-            token_lps: list = []
-            tops: list = []
-            text_offset: list[int] = []
-            if echo:
-                tl = t["target_logprobs"][r : r + nrows]
-                tokens += [qtext[(p, ids[p])] for p in range(n)]
-                token_lps.append(None)
-                tops.append(None)
-                for p in range(1, n):
-                    value = float(tl[p - 1])
-                    token_lps.append(value)
-                    tops.append(_top_dict(cands(p, p - 1), tokens[p], ids[p], value))
-                text_offset += prompt_offsets
-            if greedy:
-                tokens.append(gen_text)
-                token_lps.append(gen_lp)
-                tops.append(_top_dict(cands(n, nrows - 1), gen_text, gen_id, gen_lp))
-                text_offset.append(len(prompt_text))
-            logprobs = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": text_offset}
-        yield {"index": i, "text": text, "logprobs": logprobs, "finish_reason": "length"}
-        r += nrows
+
+def _queries(req: CompletionRequest, p: _Prompt, gen_id: int | None) -> list[tuple[int, int]]:
+    """The (position, token) pairs whose text the choice shows: the prompt's tokens (for the echo of id prompts and
+    for logprobs), the greedy token, and the top candidates of each row shown."""
+    k, greedy, echo, n = req.logprobs or 0, req.max_tokens == 1, bool(req.echo), len(p.ids)
+    queries: list[tuple[int, int]] = []
+    if (echo and req.logprobs is not None) or p.text is None:
+        queries += [(q, p.ids[q]) for q in range(n)]
+    if greedy:
+        queries.append((n, gen_id))
+    if req.logprobs is not None and k:
+        first_row = 0 if p.num_rows == n else n - 1  # position of the first returned row
+        for j in range(p.num_rows):
+            pos = first_row + j + 1  # the token this row predicts
+            if (pos < n and echo) or (pos >= n and greedy):
+                queries += [(pos, int(c)) for c in p.top_ids[j][:k]]
+    return queries
+
+
+def _logprobs(req: CompletionRequest, p: _Prompt, qtext: dict, prompt_offsets: list[int], prompt_len: int,
+              gen: tuple) -> dict:
+    """OpenAI's `logprobs` object of one choice: the echoed prompt's tokens (the first without a log-probability),
+    then the greedy token."""
+    k, n = req.logprobs or 0, len(p.ids)
+    gen_id, gen_text, gen_lp = gen
+
+    def cands(pos: int, row: int) -> list[tuple[str, int, float]]:
+        if not k:
+            return []
+        return [(qtext[(pos, int(c))], int(c), float(v)) for c, v in zip(p.top_ids[row][:k], p.top_logprobs[row][:k])]
+
+    tokens: list[str] = []
+    token_lps: list = []
+    tops: list = []
+    text_offset: list[int] = []
+    if req.echo:
+        tokens += [qtext[(q, p.ids[q])] for q in range(n)]
+        token_lps.append(None)
+        tops.append(None)
+        for q in range(1, n):
+            value = float(p.target_logprobs[q - 1])
+            token_lps.append(value)
+            tops.append(_top_dict(cands(q, q - 1), tokens[q], p.ids[q], value))
+        text_offset += prompt_offsets
+    if req.max_tokens == 1:
+        tokens.append(gen_text)
+        token_lps.append(gen_lp)
+        tops.append(_top_dict(cands(n, p.num_rows - 1), gen_text, gen_id, gen_lp))
+        text_offset.append(prompt_len)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": text_offset}
 
 
 @router.post("/v1/completions", openapi_extra=request_body(CompletionRequest),
              responses=responses(CompletionResponse, *SCORING_ERRORS))
-async def completions(req: CompletionBody, request: Request, served: ServedDep, engine: EngineDep) -> Response:
+async def completions(req: CompletionBody, request: Request, served: ServedDep, engine: EngineDep,
+                      tokenizing: TokenizingDep) -> Response:
     if req.max_tokens is None:
         req.max_tokens = 0
     if req.max_tokens > 1:
@@ -215,23 +253,25 @@ async def completions(req: CompletionBody, request: Request, served: ServedDep, 
         raise UnsupportedOption("n and best_of must be 1: scoring is deterministic", param="n")
     if req.suffix:
         raise UnsupportedOption("suffix is not supported", param="suffix")
-    inputs = pack_inputs(served, prompt_inputs(req.prompt, req.add_special_tokens), InputFields("prompt", "prompt"))
+    inputs = await tokenizing.pack(served, prompt_inputs(req.prompt, req.add_special_tokens),
+                                   InputFields("prompt", "prompt"))
     spec = completion_spec(req, served.config.vocab_size)
-    scored = None
-    if spec is not None:
-        scored = await engine.score(inputs, spec, request.receive)
-    choices = iter_choices(served.tokenizer, req, inputs, scored.outputs if scored is not None else None)
+    if spec is None:
+        return json_response(_completion(served, req, inputs, list(iter_choices(served.tokenizer, req, inputs, None))))
+    with await engine.score(inputs, spec, request.receive) as scored:
+        body = _completion(served, req, inputs, iter_choices(served.tokenizer, req, inputs, scored.outputs))
+        # Echoed log-probabilities of long prompts are large (a dict of top tokens per token): streamed a prompt at
+        # a time above the threshold.
+        streamed = req.logprobs is not None and bool(req.echo) and inputs.num_tokens > ECHO_STREAM_TOKENS
+        return budgeted_json(body, scored, streamed=streamed)
+
+
+def _completion(served, req: CompletionRequest, inputs: PackedInputs, choices) -> dict:
     n = inputs.num_tokens
     gen = req.max_tokens * len(inputs.lengths)
-    body = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": served.name, "choices": choices,
             "usage": {"prompt_tokens": n, "completion_tokens": gen, "total_tokens": n + gen}}
-    if scored is None:
-        return json_response({**body, "choices": list(choices)})
-    # Echoed log-probabilities of long prompts are large (a dict of top tokens per token): streamed a prompt at a
-    # time above the threshold.
-    streamed = req.logprobs is not None and bool(req.echo) and n > ECHO_STREAM_TOKENS
-    return budgeted_json(body, scored, streamed=streamed)
 
 
 # ------------------------------------------------------------------------------------------------- embeddings
@@ -240,29 +280,30 @@ async def completions(req: CompletionBody, request: Request, served: ServedDep, 
 @router.post("/v1/embeddings", openapi_extra=request_body(EmbeddingRequest),
              responses=responses(EmbeddingResponse, *SCORING_ERRORS))
 async def embeddings(req: EmbeddingBody, request: Request, served: ServedDep, engine: EngineDep,
-                     settings: SettingsDep) -> Response:
+                     settings: SettingsDep, tokenizing: TokenizingDep) -> Response:
     hidden = served.config.hidden_size
     if req.dimensions is not None and req.dimensions > hidden:
         raise InvalidInput(f"dimensions {req.dimensions} is larger than this model's hidden size {hidden}",
                            param="dimensions")
-    inputs = pack_inputs(served, prompt_inputs(req.input, req.add_special_tokens), InputFields("input", "input"))
+    inputs = await tokenizing.pack(served, prompt_inputs(req.input, req.add_special_tokens),
+                                   InputFields("input", "input"))
     mean = settings.pooling == "mean"
     mode = ReturnHiddenStates.ALL_NORMALIZED if mean else ReturnHiddenStates.LAST_NORMALIZED
     spec = OutputSpec(logits=False, return_hidden_states=mode, layers=(served.config.num_layers,))
-    scored = await engine.score(inputs, spec, request.receive)
-    hs = scored.outputs.arrays["hidden_states"][0]  # [rows, hidden] of the last layer, final norm applied
-    data = []
-    h = 0
-    for i, k in enumerate(scored.outputs.hidden_rows):
-        rows = hs[h : h + k].astype(np.float64)
-        h += k
-        vec = rows.mean(axis=0) if mean else rows[-1]
-        vec = vec[: req.dimensions]  # Matryoshka: the first components, normalized below
-        norm = float(np.linalg.norm(vec))
-        vec = (vec / norm if norm > 0 else vec).astype("<f4")
-        emb = base64.b64encode(vec.tobytes()).decode("ascii") if req.encoding_format == "base64" else vec
-        data.append({"object": "embedding", "index": i, "embedding": emb})
-    scored.release()  # the vectors are copies: the results are no longer read
+    with await engine.score(inputs, spec, request.receive) as scored:
+        hs = scored.outputs[HIDDEN_STATES][0]  # [rows, hidden] of the last layer, final norm applied
+        data = []
+        h = 0
+        for i, k in enumerate(scored.outputs.hidden_rows):
+            rows = hs[h : h + k].astype(np.float64)  # a copy: the vectors outlive the results
+            h += k
+            vec = rows.mean(axis=0) if mean else rows[-1]
+            vec = vec[: req.dimensions]  # Matryoshka: the first components, normalized below
+            norm = float(np.linalg.norm(vec))
+            vec = (vec / norm if norm > 0 else vec).astype("<f4")
+            emb = base64.b64encode(vec.tobytes()).decode("ascii") if req.encoding_format == "base64" else vec
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        headers = scored.timing_headers
     n = inputs.num_tokens
     return json_response({"object": "list", "data": data, "model": served.name,
-                          "usage": {"prompt_tokens": n, "total_tokens": n}}, headers=scored.timing_headers)
+                          "usage": {"prompt_tokens": n, "total_tokens": n}}, headers=headers)

@@ -13,14 +13,16 @@ from fastapi import APIRouter
 from starlette.responses import FileResponse
 
 from ..errors import NotFound
+from .metered import MeteredRoute
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 ASSETS = {
     "playground.js": "text/javascript; charset=utf-8",
     "playground.css": "text/css; charset=utf-8",
+    "docs.js": "text/javascript; charset=utf-8",  # the API document's page (routes/docs.py)
 }
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(route_class=MeteredRoute, include_in_schema=False)
 
 
 @router.get("/")

@@ -9,9 +9,17 @@ from starlette.responses import Response
 
 from model.runtime.outputs import OutputSpec, Rows
 
-from ..deps import Authorized, EngineDep, MetricsDep, ServedDep, WorkersAccepting, json_body, request_body
+from ..deps import (
+    Authorized,
+    EngineDep,
+    MetricsDep,
+    ServedDep,
+    TokenizingDep,
+    WorkersAccepting,
+    json_body,
+    request_body,
+)
 from ..errors import InvalidInput, UnsupportedOption
-from ..inputs import pack_inputs
 from ..responses import hidden_states_json, logits_json, scored_response, scoring_safetensors
 from ..schemas import (
     SCORING_ERRORS,
@@ -40,12 +48,6 @@ def logits_spec(req: LogitsRequest, served) -> OutputSpec:
         outside = [i for i in req.vocab_ids if not 0 <= i < vocab]
         if outside:
             raise InvalidInput(f"vocab_ids: token id {outside[0]} is outside [0, {vocab})", param="vocab_ids")
-    if served.task != "causal-lm":
-        # A classifier's rows are its labels' scores, not a next-token distribution.
-        for name in ("target_logprobs", "top_k", "vocab_ids", "target_ranks", "entropy"):
-            if getattr(req, name):
-                raise UnsupportedOption(f"{name} needs a causal LM; this server serves a classifier: ask for logits "
-                                        "(its labels' scores)", param=name)
     asked = {name: getattr(req, name) for name in _SPEC_FIELDS & set(LogitsRequest.model_fields)}
     return OutputSpec(**asked, layers=(served.config.num_layers,))
 
@@ -58,27 +60,27 @@ def hidden_states_spec(req: HiddenStatesRequest, served) -> OutputSpec:
     return OutputSpec(logits=False, return_hidden_states=req.return_hidden_states, layers=layers)
 
 
-async def _scored(req, spec: OutputSpec, request: Request, served, engine, metrics, *, rows: tuple[Rows, ...],
-                  to_json, return_logits: str) -> Response:
+async def _scored(req, spec: OutputSpec, request: Request, served, engine, metrics, tokenizing, *,
+                  rows: tuple[Rows, ...], to_json, return_logits: str) -> Response:
     """Score the request's inputs under `spec`; answer with these row sets' outputs, as JSON or safetensors."""
-    scored = await engine.score(pack_inputs(served, req.sent()), spec, request.receive)
     metadata = {"model": served.name, "return_logits": return_logits, "return_hidden_states": req.return_hidden_states}
-    return scored_response(scored, request.headers.get("accept", ""), metrics,
-                           json_body=lambda: to_json(scored, served.name),
-                           binary_parts=lambda: scoring_safetensors(scored, rows, req.dtype, metadata))
+    with await engine.score(await tokenizing.pack(served, req.sent()), spec, request.receive) as scored:
+        return scored_response(scored, request.headers.get("accept", ""), metrics,
+                               json_body=lambda: to_json(scored, served.name),
+                               binary_parts=lambda: scoring_safetensors(scored, rows, req.dtype, metadata))
 
 
 @router.post("/v1/logits", openapi_extra=request_body(LogitsRequest),
              responses=responses(LogitsResponse, *SCORING_ERRORS, binary=True))
 async def logits(req: LogitsBody, request: Request, served: ServedDep, engine: EngineDep,
-                 metrics: MetricsDep) -> Response:
-    return await _scored(req, logits_spec(req, served), request, served, engine, metrics,
+                 metrics: MetricsDep, tokenizing: TokenizingDep) -> Response:
+    return await _scored(req, logits_spec(req, served), request, served, engine, metrics, tokenizing,
                          rows=(Rows.LOGIT, Rows.HIDDEN), to_json=logits_json, return_logits=req.return_logits)
 
 
 @router.post("/v1/hidden_states", openapi_extra=request_body(HiddenStatesRequest),
              responses=responses(HiddenStatesResponse, *SCORING_ERRORS, binary=True))
 async def hidden_states(req: HiddenStatesBody, request: Request, served: ServedDep, engine: EngineDep,
-                        metrics: MetricsDep) -> Response:
-    return await _scored(req, hidden_states_spec(req, served), request, served, engine, metrics,
+                        metrics: MetricsDep, tokenizing: TokenizingDep) -> Response:
+    return await _scored(req, hidden_states_spec(req, served), request, served, engine, metrics, tokenizing,
                          rows=(Rows.HIDDEN,), to_json=hidden_states_json, return_logits="none")

@@ -9,10 +9,10 @@ from pathlib import Path
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from ..deps import Authorized, ServedDep, TokenizerDep, json_body, request_body
+from ..deps import Authorized, ServedDep, TokenizerDep, TokenizingDep, json_body, request_body
 from ..errors import InvalidInput
-from ..inputs import InputFields, RequestInputs, pack_inputs
-from ..responses import json_response
+from ..inputs import InputFields, RequestInputs
+from ..responses import json_response, to_json
 from ..schemas import (
     TOKENIZER_ERRORS,
     DetokenizeRequest,
@@ -73,15 +73,28 @@ def describe_tokenizer(served: ServedModel, tok) -> dict:
 
 @router.post("/tokenize", openapi_extra=request_body(TokenizeRequest),
              responses=responses(TokenizeResponse, *TOKENIZER_ERRORS))
-async def tokenize(tok: TokenizerDep, req: TokenizeBody, served: ServedDep) -> Response:
+async def tokenize(tok: TokenizerDep, req: TokenizeBody, served: ServedDep, tokenizing: TokenizingDep) -> Response:
     if (req.prompt is None) == (req.messages is None):
         raise InvalidInput("send exactly one of prompt and messages", param="prompt")
     if req.messages is not None:
         sent = RequestInputs(conversations=[req.messages], add_generation_prompt=req.add_generation_prompt)
-        ids = pack_inputs(served, sent, TOKENIZE_FIELDS).token_lists[0]
-    else:
-        ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens).ids
-    return json_response({"tokens": ids, "count": len(ids), "max_model_len": served.max_seq_len})
+        ids = (await tokenizing.pack(served, sent, TOKENIZE_FIELDS)).token_lists[0]
+        return Response(await tokenizing.run(_tokens_json, ids, served.max_seq_len), media_type="application/json")
+    tokenizing.check_chars(tok, len(req.prompt), "prompt")
+    return Response(await tokenizing.run(_encode_json, tok, req.prompt, req.add_special_tokens, served.max_seq_len,
+                                         tokenizing), media_type="application/json")
+
+
+def _encode_json(tok, prompt: str, add_special_tokens: bool, max_model_len: int, tokenizing) -> bytes:
+    """/tokenize's body for a prompt, made on a tokenizing thread (encode_batch releases the GIL; encode does not).
+    The count is checked before the ids become a list."""
+    encoding = tok.encode_batch([prompt], add_special_tokens=add_special_tokens)[0]
+    tokenizing.check_tokens(len(encoding), "prompt")
+    return _tokens_json(encoding.ids, max_model_len)
+
+
+def _tokens_json(ids: list[int], max_model_len: int) -> bytes:
+    return to_json({"tokens": ids, "count": len(ids), "max_model_len": max_model_len})
 
 
 @router.post("/detokenize", openapi_extra=request_body(DetokenizeRequest),

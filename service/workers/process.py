@@ -8,13 +8,26 @@ import logging
 import os
 import time
 
-from .protocol import Batch, BatchDone, BatchFailed, Job, LoadedModel, RunnerOptions, WorkerReady
+from .lifeline import die_with_parent
+from .protocol import (
+    Batch,
+    BatchCancelled,
+    BatchDone,
+    BatchFailed,
+    CancelFlags,
+    Job,
+    LoadedModel,
+    RunnerOptions,
+    WorkerReady,
+)
 from .wire import OutOfMemoryAlone, segment_name, write_results
 
 logger = logging.getLogger("logitserve.workers")
 
 # Fault injection for tests (off by default): a forward over >= N tokens raises torch.OutOfMemoryError.
 FAULT_OOM_TOKENS_ENV = "LOGITSERVE_FAULT_OOM_TOKENS"
+# Fault injection for tests (off by default): every block of a forward takes this many seconds longer (a long batch).
+FAULT_SLOW_BLOCK_ENV = "LOGITSERVE_FAULT_SLOW_BLOCK_S"
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -24,7 +37,7 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
-def run_splitting(runner, batch: Batch, fault_oom_tokens: int = 0) -> tuple[list, int]:
+def run_splitting(runner, batch: Batch, fault_oom_tokens: int = 0, should_stop=None) -> tuple[list, int]:
     """Outputs of every sequence of the batch, and how many sub-batches were retried after out-of-memory.
 
     On out-of-memory the sequences are split in halves and each half is retried, down to single sequences; a
@@ -46,7 +59,7 @@ def run_splitting(runner, batch: Batch, fault_oom_tokens: int = 0) -> tuple[list
             if fault_oom_tokens and hi - lo >= fault_oom_tokens:
                 oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
                 raise oom(f"injected out-of-memory: {hi - lo} tokens >= {FAULT_OOM_TOKENS_ENV}={fault_oom_tokens}")
-            return list(runner.run(ids, offsets, batch.specs[a:b]))
+            return list(runner.run(ids, offsets, batch.specs[a:b], should_stop=should_stop))
         except Exception as exc:
             if not _is_oom(exc):
                 raise
@@ -64,12 +77,36 @@ def run_splitting(runner, batch: Batch, fault_oom_tokens: int = 0) -> tuple[list
     return outs, retries
 
 
+def stop_check(cancel: CancelFlags, batch_id: int, tp: int, device, slow_block_s: float = 0.0):
+    """`should_stop` for one batch: whether the front end cancelled it. With tp > 1 the ranks agree (a max over the
+    group) so that every rank stops before the same block and the replica's collectives stay in step."""
+
+    def cancelled() -> bool:
+        if slow_block_s:
+            time.sleep(slow_block_s)
+        if tp == 1:
+            return cancel.is_cancelled(batch_id)
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(cancel.is_cancelled(batch_id))], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    return cancelled
+
+
 def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, device: str,
-                options: RunnerOptions, threads: int, conn) -> None:
+                options: RunnerOptions, threads: int, conn, cancel: CancelFlags, parent_pid: int) -> None:
     """options.prefix_sharing: compute shared prefixes once where the model supports it. Off keeps the
-    prefix-stable attention under batch invariance, so that the switch changes no output bit (API.md): only the
-    de-duplication stops; with both switches off the attention is the one with transformers' bits."""
+    prefix-stable attention under batch invariance, so that the switch changes no output bit (docs/api.md): only the
+    de-duplication stops; with both switches off the attention is the one with transformers' bits.
+
+    `cancel`: the replica's cancellation flags, read before a batch and before each of its blocks."""
+    die_with_parent(parent_pid)
     import torch
+
+    from model.errors import Cancelled
 
     from model.runtime import invariance
     from model.distributed import destroy, init_process_group
@@ -82,7 +119,7 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
     try:
         ctx = init_process_group(rank, tp, master_port=port, device=device)
         # --prefix-sharing off keeps the prefix-stable attention under batch invariance, so that the switch changes
-        # no output bit (API.md); with both off the attention is the one with transformers' bits.
+        # no output bit (docs/api.md); with both off the attention is the one with transformers' bits.
         stable = options.prefix_sharing or invariance.resolve(options.batch_invariant, ctx.device)
         runner = ModelRunner.load(
             checkpoint, device=ctx.device, dtype=options.dtype, parallel=ctx, batch_invariant=options.batch_invariant,
@@ -93,6 +130,7 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
         conn.send(WorkerReady(rank, os.getpid(), loaded))
         counter = itertools.count()
         fault_oom_tokens = int(os.environ.get(FAULT_OOM_TOKENS_ENV) or 0)
+        slow_block_s = float(os.environ.get(FAULT_SLOW_BLOCK_ENV) or 0)
         while True:
             try:
                 job: Job | None = conn.recv()
@@ -102,8 +140,11 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
                 break
             t0 = time.perf_counter()
             shared_before = runner.prefix_shared_tokens
+            should_stop = stop_check(cancel, job.batch_id, tp, ctx.device, slow_block_s)
             try:
-                outs, retries = run_splitting(runner, job.batch, fault_oom_tokens)
+                if should_stop():  # its clients left while it waited in the pipe: never computed
+                    raise Cancelled("cancelled before it started")
+                outs, retries = run_splitting(runner, job.batch, fault_oom_tokens, should_stop)
                 forward_s = time.perf_counter() - t0
                 if rank == 0:
                     name = segment_name(os.getpid(), next(counter))
@@ -111,6 +152,10 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
                     shared = runner.prefix_shared_tokens - shared_before
                     conn.send(BatchDone(job.batch_id, results, forward_s, retries, shared))
                 del outs
+            except Cancelled as exc:
+                logger.info("batch %s stopped on rank %d: %s", job.batch_id, rank, exc)
+                if rank == 0:
+                    conn.send(BatchCancelled(job.batch_id))
             except Exception as exc:  # a bug or a device error: report it for this batch
                 logger.exception("batch %s failed on rank %d", job.batch_id, rank)
                 if rank == 0:

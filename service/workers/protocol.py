@@ -77,6 +77,13 @@ class BatchDone:
 
 
 @dataclass
+class BatchCancelled:
+    """The batch stopped before a block, or before its first, because the front end cancelled it (`CancelFlags`)."""
+
+    batch_id: int
+
+
+@dataclass
 class BatchFailed:
     batch_id: int
     message: str
@@ -117,4 +124,22 @@ class WorkerReady:
     loaded: LoadedModel
 
 
-WorkerMessage = WorkerReady | BatchDone | BatchFailed
+class CancelFlags:
+    """A replica's cancellation flags, in shared memory that the front end writes and every rank reads between blocks.
+
+    Slot `batch_id % SLOTS` holds the id of a batch that was cancelled; a replica never holds more batches than
+    slots, so the batches in flight never share one."""
+
+    SLOTS = 8
+
+    def __init__(self, ctx):
+        self._ids = ctx.RawArray("q", [-1] * self.SLOTS)  # int64 writes and reads: whole, without a lock
+
+    def cancel(self, batch_id: int) -> None:
+        self._ids[batch_id % self.SLOTS] = batch_id
+
+    def is_cancelled(self, batch_id: int) -> bool:
+        return self._ids[batch_id % self.SLOTS] == batch_id
+
+
+WorkerMessage = WorkerReady | BatchDone | BatchCancelled | BatchFailed

@@ -22,14 +22,29 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
 from typing import Any, Callable
 
-from ..errors import InternalError, WorkerFailed
+from ..errors import InternalError, NotReady, WorkerFailed
 from .process import worker_main
-from .protocol import Batch, BatchDone, BatchFailed, Job, LoadedModel, RunnerOptions, WorkerReady
+from .protocol import (
+    Batch,
+    BatchCancelled,
+    BatchDone,
+    BatchFailed,
+    CancelFlags,
+    Job,
+    LoadedModel,
+    RunnerOptions,
+    WorkerReady,
+)
 from .wire import MappedBatch, remove_segments
 
 logger = logging.getLogger("logitserve.workers")
 
 PREFETCH = 2  # batches a replica holds: one running, one waiting in its pipe so a rank never idles between batches
+
+
+def _stopped() -> NotReady:
+    """What a cancelled batch's requests get: nothing when their clients are gone, this when the server stops."""
+    return NotReady("the server is shutting down: this request's batch was stopped", retry_after=5)
 
 
 class Requeue(Exception):
@@ -62,6 +77,8 @@ class Replica:
         self._ids = itertools.count()
         self._generation = 0
         self._send_q: queue.Queue = queue.Queue()
+        # Read by every rank between blocks; one set for the replica's life (batch ids are never reused).
+        self._cancel = CancelFlags(mp.get_context("spawn"))
         self._stopping = threading.Event()
         self._procs: list = []
         self._conns: list = []
@@ -88,6 +105,14 @@ class Replica:
         self.pool.metrics.replica_inflight_batches.labels(str(self.index)).set(len(self.inflight))
         return fut
 
+    def cancel(self, batch: Batch) -> None:
+        """Stop `batch` at its next block boundary (or before it starts): nobody waits for it any more. Its future
+        then fails with NotReady; a batch already answered is left alone."""
+        with self._lock:
+            batch_id = next((i for i, item in self.inflight.items() if item.batch is batch), None)
+            if batch_id is not None:
+                self._cancel.cancel(batch_id)
+
     # -- threads
     def start(self) -> None:
         self._monitor.start()
@@ -99,6 +124,10 @@ class Replica:
             if item is None:
                 return
             generation, job = item
+            if self._cancel.is_cancelled(job.batch_id):  # cancelled before it was sent: never reaches a rank
+                self.pool.metrics.cancelled_batches.inc()
+                self._resolve(job.batch_id, exc=_stopped())
+                continue
             blob = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)  # once for every rank
             with self._lock:
                 if generation != self._generation:
@@ -122,7 +151,7 @@ class Replica:
             p = ctx.Process(
                 target=worker_main,
                 args=(self.index, rank, s.tp, port, self.pool.checkpoint, s.device, RunnerOptions.from_settings(s),
-                      self.pool.threads, child),
+                      self.pool.threads, child, self._cancel, os.getpid()),
                 name=f"logitserve-r{self.index}-rank{rank}",
                 daemon=True,
             )
@@ -184,6 +213,9 @@ class Replica:
                 self._resolve(message.batch_id, exc=WorkerFailed(f"could not read results: {exc}"))
             else:
                 self._resolve(message.batch_id, result=result)
+        elif isinstance(message, BatchCancelled):
+            self.pool.metrics.cancelled_batches.inc()
+            self._resolve(message.batch_id, exc=_stopped())
         elif isinstance(message, BatchFailed):
             self._resolve(message.batch_id, exc=InternalError(f"the model failed on this batch: {message.message}"))
 

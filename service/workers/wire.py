@@ -10,6 +10,7 @@ its own results), and its bytes in the results budget (`service.budget`) with it
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import sys
@@ -18,10 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.runtime.outputs import OUTPUT_KINDS, Rows
+from model.runtime.outputs import OUTPUT_KINDS, OutputKind, Rows
 
 from ..packing import row_offsets
 from .protocol import BatchDone, RequestResult, RequestSpan, TensorSlot
+
+logger = logging.getLogger("logitserve.workers")
 
 SHM_PREFIX = "logitserve_"
 _ALIGN = 64
@@ -103,12 +106,29 @@ def _fill(buf, plan: list) -> None:
 
 @dataclass
 class RequestOutputs:
-    """One request's result as the encoders read it: numpy arrays by output kind name, and how rows split."""
+    """One request's result as the encoders and routes read it: an array per output kind asked for (read by kind:
+    `outputs[LOGITS]`, `outputs.get(kind)`), and how rows split into sequences."""
 
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, np.ndarray]  # by OutputKind.name, as the result segment lays them out
     logit_rows: list[int]  # per sequence
     hidden_rows: list[int]
     layers: tuple[int, ...]
+
+    def __getitem__(self, kind: OutputKind) -> np.ndarray:
+        """The kind's tensor, every sequence's rows concatenated along `kind.row_dim`."""
+        array = self.get(kind)
+        if array is None:
+            raise KeyError(f"{kind.name} was not asked for by this request")
+        return array
+
+    def get(self, kind: OutputKind) -> np.ndarray | None:
+        """The kind's tensor, or None when the request did not ask for it."""
+        return self.arrays.get(kind.name)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor (what the results budget holds for them)."""
+        return sum(a.nbytes for a in self.arrays.values())
 
     def rows(self, rows: Rows) -> list[int]:
         return self.logit_rows if rows == Rows.LOGIT else self.hidden_rows
@@ -128,18 +148,31 @@ class MappedBatch:
 
     def outputs(self, index: int, reservation=None) -> RequestOutputs:
         """Views of request `index`'s tensors; `reservation` (its bytes in the results budget) is released when the
-        last view is gone, should its response not release it first."""
+        last view is gone, should its handle not have released it first (`release_when_collected`)."""
         result = self.done.results[index]
         buf, self._bufs[index] = self._bufs[index], None  # handed over: only the views keep it now
         if reservation is not None and buf is not None:
-            try:
-                weakref.finalize(buf, reservation.release)
-            except TypeError:  # pragma: no cover - the non-Linux fallback's bytes
-                pass
+            release_when_collected(buf, reservation)
         arrays = {name: np.frombuffer(buf, dtype=slot.dtype, count=int(np.prod(slot.shape)),
                                       offset=slot.offset).reshape(slot.shape)
                   for name, slot in result.tensors.items()}
         return RequestOutputs(arrays, result.logit_rows, result.hidden_rows, result.layers)
+
+
+def release_when_collected(buf, reservation) -> None:
+    """The safety net behind the results' handle (`service.engine.Scored`): when the mapping `buf` goes (its last
+    view is collected), the reservation is released if it still holds bytes, and that is logged as the bug it is
+    (every handle is closed by its route or its response, which releases first)."""
+    try:
+        weakref.finalize(buf, _release_leaked, reservation, len(buf))
+    except TypeError:  # pragma: no cover - the non-Linux fallback's bytes cannot be watched
+        pass
+
+
+def _release_leaked(reservation, size: int) -> None:
+    if reservation.release():
+        logger.warning("results of %d bytes were released by the garbage collector, not by their handle: a route or "
+                       "response did not close engine.Scored (a bug)", size)
 
 
 def _attach(name: str, nbytes: int):

@@ -13,7 +13,7 @@ def root() -> Path:
 
 
 def serve_setting_env_names() -> set[str]:
-    """LOGITSERVE_<FIELD> for every field of the serve settings (flags of API.md plus operational knobs)."""
+    """LOGITSERVE_<FIELD> for every field of the serve settings (flags of docs/api.md plus operational knobs)."""
     from service.settings import Settings
 
     return {f"LOGITSERVE_{name.upper()}" for name in Settings.model_fields}

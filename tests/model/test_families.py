@@ -15,13 +15,15 @@ import torch
 from model import ModelRunner, OutputSpec, ReturnHiddenStates, ReturnLogits, UnsupportedModelError, launch_local
 from model.families.architectures import ARCHITECTURES
 from model.families.config import SUPPORTED_ROPE_TYPES, ModelConfig
+from model.runtime.outputs import VOCABULARY_FIELDS
+from model.task import Task
 from tests.checkpoints import CLASSIFIER_PAD, RECIPES, load_reference
 from tests.model.helpers import ragged
 from tests.model.test_tensor_parallel import SPEC, assert_same, run_cases
 
 ATOL = 1e-4
 FAMILIES = ["gemma", "gemma2", "gemma3", "phi3", "olmo2", "smollm3"]
-CLASSIFIERS = sorted(name for name, r in RECIPES.items() if ARCHITECTURES[r.architecture].task == "classification")
+CLASSIFIERS = sorted(name for name, r in RECIPES.items() if ARCHITECTURES[r.architecture].task == Task.CLASSIFICATION)
 
 
 def classifier_batch(vocab: int, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -42,7 +44,7 @@ def check_classifier(path) -> float:
     runner = ModelRunner.load(path, dtype="float32")
     hf = load_reference(path)
     config = runner.config
-    assert config.task == "classification" and config.num_labels == hf.config.num_labels
+    assert config.task == Task.CLASSIFICATION and config.num_labels == hf.config.num_labels
     assert config.id2label == hf.config.id2label
     seqs, ids, offsets = classifier_batch(config.vocab_size)
     layers = tuple(range(config.num_layers))
@@ -73,7 +75,8 @@ def test_reward_model_last_token_equals_transformers_logits(checkpoint_factory):
     `model(input_ids).logits`, within 1e-5."""
     path = checkpoint_factory("llama-classifier", with_tokenizer=False)
     runner = ModelRunner.load(path, dtype="float32")
-    assert (runner.config.task, runner.config.num_labels, runner.config.id2label) == ("classification", 1, {0: "LABEL_0"})
+    config = runner.config
+    assert (config.task, config.num_labels, config.id2label) == (Task.CLASSIFICATION, 1, {0: "LABEL_0"})
     hf = load_reference(path, attention=None)
     seqs, ids, offsets = classifier_batch(runner.config.vocab_size, seed=4)
     for seq, out in zip(seqs, runner.run(ids, offsets, [OutputSpec()] * len(seqs))):
@@ -84,11 +87,16 @@ def test_reward_model_last_token_equals_transformers_logits(checkpoint_factory):
 
 
 def test_classifier_refuses_vocabulary_scores(checkpoint_factory):
+    """Every output the table marks as reading a next-token vocabulary (before: target_logprobs and top_k only;
+    vocab_ids, target_ranks and entropy were computed over the labels)."""
     runner = ModelRunner.load(checkpoint_factory("qwen3-classifier", with_tokenizer=False))
     _, ids, offsets = ragged([5], runner.config.vocab_size)
-    for spec in (OutputSpec(target_logprobs=True), OutputSpec(top_k=2)):
-        with pytest.raises(ValueError, match="classifier .*3 labels.*ask for logits"):
-            runner.run(ids, offsets, [spec])
+    asks = {"target_logprobs": True, "top_k": 2, "vocab_ids": (0, 1), "target_ranks": True, "entropy": True}
+    assert set(asks) == set(VOCABULARY_FIELDS)
+    for name, value in asks.items():
+        with pytest.raises(ValueError, match=f"{name} need.*classifier .*3 labels.*ask for logits"):
+            runner.run(ids, offsets, [OutputSpec(logits=False, **{name: value})])
+    assert runner.run(ids, offsets, [OutputSpec()])[0].logits.shape == (1, 3)
 
 
 def test_classifier_labels_read_as_transformers_reads_them(checkpoint_factory):

@@ -224,7 +224,7 @@ def test_invalid_hidden_states_requests_are_422(client):
     _error(client.post("/v1/hidden_states", json={"input_ids": [[1]], "return_hidden_states": "none"}), 422,
            "return_hidden_states")
     _error(client.post("/v1/hidden_states", json={"input_ids": [[1]], "top_k": 2}), 422, "top_k")
-    _error(client.post("/v1/hidden_states", content=b"{not json"), 422)
+    _error(client.post("/v1/hidden_states", content=b"{not json", headers={"content-type": "application/json"}), 422)
     _error(client.post("/v1/hidden_states", json=[1, 2]), 422)
 
 

@@ -1,6 +1,6 @@
 """Bad input battery and security checks.
 
-Each bad request gets its documented 4xx (API.md, Errors) with a message that names the problem, and a correct
+Each bad request gets its documented 4xx (docs/api.md, Errors) with a message that names the problem, and a correct
 request right after it succeeds. Then the security properties: API keys compared in constant time and never
 logged, no pickle on data from outside the service's processes, localhost by default, non-checkpoint model paths
 refused, the container's non-root user.
@@ -64,7 +64,8 @@ def _cases(vocab: int) -> list[tuple[str, str, dict, int, tuple, str | None]]:
         ("invalid JSON", "/v1/logits", {"content": b'{"input_ids": [[1, 2}', "headers": {"content-type": j}},
          422, ("not valid JSON",), None),
         ("not an object", "/v1/logits", {"json": [[1, 2, 3]]}, 422, ("JSON object",), None),
-        ("empty body", "/v1/logits", {"content": b""}, 422, ("not valid JSON",), None),
+        ("empty body", "/v1/logits", {"content": b"", "headers": {"content-type": j}}, 422, ("not valid JSON",),
+         None),
         ("wrong type: ids as strings", "/v1/logits", {"json": {"input_ids": [["1", "2"]]}}, 422,
          ("input_ids[0][0]", "sequence 0"), "input_ids"),
         ("wrong type: bool for int", "/v1/logits", {"json": {"input_ids": [[True, 2]]}}, 422, ("input_ids",),
@@ -91,12 +92,15 @@ def _cases(vocab: int) -> list[tuple[str, str, dict, int, tuple, str | None]]:
          ("100000 tokens", "max-seq-len", "sequence 0"), "input_ids"),
         ("100k-token string", "/v1/logits", {"json": {"inputs": ["ok", "a b " * 50_000]}}, 422,
          ("sequence 1", "max-seq-len"), "inputs"),
-        ("NaN in numeric field", "/v1/logits", {"content": b'{"input_ids": [[1]], "top_k": NaN}'}, 422,
+        ("NaN in numeric field", "/v1/logits", {"content": b'{"input_ids": [[1]], "top_k": NaN}',
+                                                "headers": {"content-type": j}}, 422,
          ("not valid JSON",), None),
         ("huge number in numeric field", "/v1/logits", {"json": {**GOOD, "top_k": 10**30}}, 422, ("top_k",), "top_k"),
-        ("huge float in numeric field", "/v1/logits", {"content": b'{"input_ids": [[1]], "return_n_logits": 1e400}'},
+        ("huge float in numeric field", "/v1/logits", {"content": b'{"input_ids": [[1]], "return_n_logits": 1e400}',
+                                                       "headers": {"content-type": j}},
          422, ("not valid JSON", "infinity"), None),
-        ("huge float temperature", "/v1/completions", {"content": b'{"prompt": [1, 2], "temperature": 1e999}'},
+        ("huge float temperature", "/v1/completions", {"content": b'{"prompt": [1, 2], "temperature": 1e999}',
+                                                         "headers": {"content-type": j}},
          422, ("not valid JSON", "infinity"), None),
         ("negative return_n_logits", "/v1/logits", {"json": {**GOOD, "return_n_logits": -3}}, 422,
          ("return_n_logits",), "return_n_logits"),
@@ -110,9 +114,11 @@ def _cases(vocab: int) -> list[tuple[str, str, dict, int, tuple, str | None]]:
          "return_logits"),
         ("form content type", "/v1/logits", {"content": b"input_ids=1&top_k=2",
                                              "headers": {"content-type": "application/x-www-form-urlencoded"}},
-         422, ("not valid JSON",), None),
-        ("multipart content type", "/v1/logits", {"files": {"f": ("a.json", b'{"input_ids": [[1]]}')}}, 422,
-         ("not valid JSON",), None),
+         415, ("application/json",), "content-type"),
+        ("multipart content type", "/v1/logits", {"files": {"f": ("a.json", b'{"input_ids": [[1]]}')}}, 415,
+         ("application/json",), "content-type"),
+        ("no content type", "/v1/logits", {"content": b'{"input_ids": [[1]]}'}, 415, ("application/json",),
+         "content-type"),
         ("unsupported option", "/v1/completions", {"json": {"prompt": [1, 2], "max_tokens": 5}}, 400, ("max_tokens",),
          "max_tokens"),
         ("top_k over vocab not reachable", "/v1/logits", {"json": {**GOOD, "top_k": 101}}, 422, ("top_k",), "top_k"),
@@ -133,10 +139,11 @@ def test_bad_input_gets_its_4xx_then_a_good_request_succeeds(server, vocab, name
     _still_serves(server)
 
 
-def test_wrong_content_type_with_a_json_body_is_read_as_json(server):
-    """The body is JSON whatever the declared type (curl -d sends x-www-form-urlencoded): lenient by design."""
+def test_a_json_body_declared_as_text_is_415(server):
+    """Only application/json is read as JSON: a web page may post text/plain anywhere without a CORS preflight
+    (curl -d sends x-www-form-urlencoded: add -H 'content-type: application/json')."""
     r = _post(server, "/v1/logits", content=b'{"input_ids": [[1, 2, 3, 4]]}', headers={"content-type": "text/plain"})
-    assert r.status_code == 200, r.text
+    _refused(r, 415, "application/json", param="content-type")
 
 
 def test_ten_thousand_tiny_sequences_in_one_request(server):
@@ -151,15 +158,16 @@ def test_ten_thousand_tiny_sequences_in_one_request(server):
 def test_oversized_bodies_413(server):
     limit = server.info()["limits"]["max_request_bytes"]
     big = b'{"input_ids": [[' + b"1, " * (limit // 3 + 10) + b'1]]}'
-    err = _refused(_post(server, "/v1/logits", content=big), 413, str(limit))
+    json_type = {"content-type": "application/json"}
+    err = _refused(_post(server, "/v1/logits", content=big, headers=json_type), 413, str(limit))
     assert err["type"] == "payload_too_large"
 
     def chunks():  # no content-length: the limit is enforced while reading
         for i in range(0, len(big), 1 << 20):
             yield big[i : i + (1 << 20)]
 
-    _refused(_post(server, "/v1/logits", content=chunks()), 413, str(limit))
-    _refused(_post(server, "/tokenize", content=big), 413, str(limit))
+    _refused(_post(server, "/v1/logits", content=chunks(), headers=json_type), 413, str(limit))
+    _refused(_post(server, "/tokenize", content=big, headers=json_type), 413, str(limit))
     _still_serves(server)
 
 
@@ -197,7 +205,8 @@ def test_api_key_never_logged(start_server, tiny_checkpoint):
     with server.client() as c:
         assert c.post("/v1/logits", json=GOOD).status_code == 200
     httpx.post(server.url + "/v1/logits", json=GOOD, headers={"authorization": f"Bearer {key}-wrong"})
-    httpx.post(server.url + "/v1/logits", content=b"{bad json", headers={"authorization": f"Bearer {key}"})
+    httpx.post(server.url + "/v1/logits", content=b"{bad json", headers={"authorization": f"Bearer {key}",
+                                                                       "content-type": "application/json"})
     info = server.info()
     assert key not in str(info)
     server.stop()
@@ -284,7 +293,7 @@ def test_help_shows_every_flag_with_its_default_and_variable():
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())
     for name, field in Settings.flags().items():
-        default = "" if field.default is None else f" (default: {field.default})"
+        default = "" if field.default in (None, []) else f" (default: {field.default})"
         assert f"--{name.replace('_', '-')} " in text, name
         assert f"{field.description}{default} [env LOGITSERVE_{name.upper()}]" in text, name
 

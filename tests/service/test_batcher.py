@@ -145,7 +145,7 @@ def test_least_loaded_replica():
 def context_work(context: int, n: int, loop, sequences: int = 1):
     """A request of `sequences` sequences of n (>= SHARING_KEY_TOKENS) tokens, each starting with that many tokens
     `context`."""
-    from service.batcher import SHARING_KEY_TOKENS
+    from service.packing import SHARING_KEY_TOKENS
 
     seq = np.concatenate([np.full(SHARING_KEY_TOKENS, context), np.arange(n - SHARING_KEY_TOKENS)]).astype(np.int64)
     return Work(np.tile(seq, sequences), [n] * sequences, None, loop.create_future())
@@ -212,3 +212,16 @@ def test_the_oldest_request_is_always_in_the_next_batch():
         await b.stop()
 
     asyncio.run(main())
+
+
+def test_in_process_batches_follow_the_batchers_rule():
+    """The benchmarks' batches (packing.plan_batches) are the batcher's: the oldest first, then the sequences that
+    share its prefix, then arrival order, within the token budget."""
+    from service.packing import SHARING_KEY_TOKENS, plan_batches
+
+    def seq(context: int, n: int = 20) -> list[int]:
+        return [context] * SHARING_KEY_TOKENS + list(range(100, 100 + n - SHARING_KEY_TOKENS))
+
+    sequences = [seq(1), seq(2), list(range(20)), seq(1), seq(2), seq(1), seq(2)]  # as in the batcher's test above
+    assert plan_batches(sequences, 60) == [[0, 3, 5], [1, 4, 6], [2]]
+    assert plan_batches([[1] * 70, [2] * 10, [3] * 50], 60) == [[0], [1, 2]]  # oversize alone; whole sequences

@@ -165,6 +165,7 @@ def served_default_model(tmp_path_factory, start_server):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # the first one also starts the server: conversion and load (up to 420 s)
 def test_serve_without_model_gives_transformers_perplexity(served_default_model):
     """The embedded default model served out of the box: perplexity of ordinary English within 0.1% of
     transformers' on the same checkpoint, and far lower than on random tokens."""
@@ -198,6 +199,7 @@ def test_serve_without_model_gives_transformers_perplexity(served_default_model)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # the first one also starts the server: conversion and load (up to 420 s)
 def test_ensure_default_model_real(served_default_model):
     """What the served start left in the fresh cache: a complete checkpoint, reused by later starts."""
     server, cache, first = served_default_model
@@ -229,6 +231,7 @@ def test_ensure_default_model_real(served_default_model):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # the first one also starts the server: conversion and load (up to 420 s)
 def test_default_model_logits_match_transformers(served_default_model):
     """The real 30-layer model, packed ragged batches: every row's logits within 1e-4 of transformers'. The tiny
     random checkpoints do not amplify rounding; this one does (every decoder matmul on oneDNN instead of MKL gives
@@ -253,6 +256,7 @@ def test_default_model_logits_match_transformers(served_default_model):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # the first one also starts the server: conversion and load (up to 420 s)
 def test_default_model_messages_match_apply_chat_template(served_default_model):
     """`messages` on the served default model: the ids of transformers' apply_chat_template (with and without the
     generation prompt) and logits within 1e-4 of transformers' on them."""

@@ -5,7 +5,7 @@ was in the failing batch or refused), none hangs, no request is lost silently, a
 afterwards. (test_lifecycle.py covers the single-request versions: a killed idle worker, 504, drain of paused
 work.)
 
-The fault server runs tp=2 so that a fault hits one rank of a group, with `LOGITSERVE_WORKER_TIMEOUT=3` (a hung
+The fault server runs tp=2 so that a fault hits one rank of a replica, with `LOGITSERVE_WORKER_TIMEOUT=3` (a hung
 rank is detected in 3 s) and `LOGITSERVE_FAULT_OOM_TOKENS=64` (a forward over >= 64 tokens raises
 torch.OutOfMemoryError: the test-only hook of service/workers.py).
 """
@@ -25,7 +25,6 @@ import pytest
 from tests.service.reference import check_hidden_response, check_logits_response
 
 OOM_TOKENS = 64
-FAULTS: dict[str, int] = {}  # injected fault -> count, printed for docs/reliability.md
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +78,16 @@ def test_sigkill_rank_under_load(server, runner):
     with cf.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(_load, server, stop, seed) for seed in range(4)]
         time.sleep(1.5)
-        os.kill(pids[1], signal.SIGKILL)  # rank 1 of the group, while batches stream through it
-        FAULTS["SIGKILL of a rank under load"] = FAULTS.get("SIGKILL of a rank under load", 0) + 1
+        os.kill(pids[1], signal.SIGKILL)  # rank 1 of the replica, while batches stream through it
         server.wait_ready(timeout=90)
-        time.sleep(1.5)  # and keep the load on the restarted group
+        time.sleep(1.5)  # and keep the load on the restarted replica
         stop.set()
         outcomes = [o for f in futures for o in f.result(timeout=120)]
     failed = [r for _, _, r in outcomes if not isinstance(r, httpx.Response)]
     assert not failed, failed[:3]  # nothing hung or was dropped
     statuses = [r.status_code for _, _, r in outcomes]
     assert set(statuses) <= {200, 503}, statuses
-    assert 1 <= statuses.count(503) <= 4, statuses  # only the batch that was running on the dead group
+    assert 1 <= statuses.count(503) <= 4, statuses  # only the batch that was running on the dead replica
     for path, body, r in outcomes:
         if r.status_code == 503:
             assert r.json()["error"]["type"] == "worker_failed" and int(r.headers["Retry-After"]) >= 1
@@ -106,7 +104,6 @@ def test_hung_rank_is_detected_by_the_worker_timeout(server, runner):
     pids = server.worker_pids()
     body = {"input_ids": [[5, 6, 7, 8]], "return_logits": "all"}
     os.kill(pids[1], signal.SIGSTOP)  # rank 1 hangs; rank 0 blocks in a collective with it
-    FAULTS["hung rank (SIGSTOP)"] = FAULTS.get("hung rank (SIGSTOP)", 0) + 1
     try:
         t0 = time.monotonic()
         with server.client(timeout=60) as c:
@@ -154,7 +151,6 @@ def test_out_of_memory_batch_is_split_and_the_culprit_fails_alone(server, runner
         finally:
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)
-        FAULTS["out-of-memory batch"] = FAULTS.get("out-of-memory batch", 0) + 1
         assert all(f.result(timeout=60).status_code == 200 for f in fillers)
         results = [f.result(timeout=60) for f in futures]
     for body, r in zip(bodies, results):
@@ -179,7 +175,6 @@ def test_sigterm_under_load_loses_nothing(start_server, checkpoint, runner):
         futures = [pool.submit(_load, server, stop, seed, True) for seed in range(4)]
         time.sleep(1.5)
         server.proc.send_signal(signal.SIGTERM)
-        FAULTS["SIGTERM under load"] = FAULTS.get("SIGTERM under load", 0) + 1
         code = server.proc.wait(timeout=60)
         time.sleep(0.3)
         stop.set()
@@ -197,7 +192,3 @@ def test_sigterm_under_load_loses_nothing(start_server, checkpoint, runner):
     assert sum(r.status_code == 200 for _, _, r in answered) >= 4 and refused
     print(f"\nSIGTERM under load: {len(answered)} answered "
           f"({sum(r.status_code == 200 for _, _, r in answered)} x 200), {len(refused)} refused at connect, 0 lost")
-
-
-def test_fault_summary():
-    print(f"\nfaults injected: {FAULTS}")

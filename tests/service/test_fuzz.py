@@ -42,13 +42,13 @@ def server(start_server, tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def api_schema(server):
-    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json", headers=server.headers)
     return schema
 
 
 def test_openapi_documents_every_endpoint(server):
     """Bodies and responses are documented, so the fuzzing below is not vacuous."""
-    doc = httpx.get(server.url + "/openapi.json").json()
+    doc = httpx.get(server.url + "/openapi.json", headers=server.headers).json()
     expected = {"/v1/logits", "/v1/hidden_states", "/v1/completions", "/v1/embeddings", "/tokenize", "/detokenize",
                 "/tokenizer_info", "/health", "/ready", "/metrics", "/info", "/v1/models", "/v1/score", "/v1/rerank",
                 "/v2/rerank", "/v1/classify"}

@@ -315,6 +315,32 @@ def test_reward_model_classify_rerank_and_logits_match_transformers(start_server
         server.stop()
 
 
+def test_a_classifier_refuses_every_vocabulary_output_on_every_route(start_server, reward_folder):
+    """A classifier's rows are its labels' scores, not a next-token distribution: every output the table marks as
+    needing a vocabulary is 400 unsupported_option wherever it is asked for, before any worker runs it. Before the
+    one refusal list, /v1/score (vocab_ids) answered 200 with the label column clamped in for every id, and
+    /v1/completions with logprobs (target_logprobs, top_k) failed its whole batch in the worker (500)."""
+    from model.runtime.outputs import VOCABULARY_FIELDS
+
+    server = start_server(reward_folder)
+    try:
+        with server.client() as c:
+            for name in VOCABULARY_FIELDS:
+                value = [3, 4] if name == "vocab_ids" else 2 if name == "top_k" else True
+                r = c.post("/v1/logits", json={"input_ids": [[1, 5, 6]], "logits": False, name: value})
+                assert r.status_code == 400, (name, r.text)
+                assert r.json()["error"]["type"] == "unsupported_option" and r.json()["error"]["param"] == name
+            r = c.post("/v1/score", json={"query": [1, 5], "items": [[6], [7]], "label_token_ids": [3, 4]})
+            assert r.status_code == 400 and r.json()["error"]["type"] == "unsupported_option", r.text
+            r = c.post("/v1/completions", json={"prompt": [[1, 5, 6]], "echo": True, "logprobs": 1})
+            assert r.status_code == 400 and r.json()["error"]["type"] == "unsupported_option", r.text
+            # what a classifier does serve still answers, from the same worker
+            assert c.post("/v1/logits", json={"input_ids": [[1, 5, 6]]}).status_code == 200
+            assert c.post("/v1/classify", json={"input": [[1, 5, 6]]}).status_code == 200
+    finally:
+        server.stop()
+
+
 # ---------------------------------------------------------------------------------------------- the client
 
 

@@ -81,7 +81,7 @@ def test_queue_full_429_while_admitted_requests_succeed(server, runner):
     body = {"input_ids": SEQ8, "target_logprobs": True}
     with cf.ThreadPoolExecutor(16) as pool:
         with paused(server):
-            # running + prefetched in the paused group: one after the other, so that they are two batches
+            # running + prefetched in the paused replica: one after the other, so that they are two batches
             held = [pool.submit(_post, server, body)]
             time.sleep(0.5)
             held.append(pool.submit(_post, server, body))
@@ -115,7 +115,11 @@ def test_disconnected_client_work_is_dropped_before_a_worker(server):
     before = server.metric("logitserve_batch_sequences_count")
     with cf.ThreadPoolExecutor(4) as pool:
         with paused(server):
-            held = [pool.submit(_post, server, {"input_ids": SEQ8}) for _ in range(2)]
+            # running + prefetched in the paused replica: one after the other, so that they are two batches (sent
+            # together the batcher may pack them into one, leaving a slot that would take the request below)
+            held = [pool.submit(_post, server, {"input_ids": SEQ8})]
+            time.sleep(0.5)
+            held.append(pool.submit(_post, server, {"input_ids": SEQ8}))
             time.sleep(0.5)
             with pytest.raises(httpx.ReadTimeout):
                 _post(server, {"input_ids": [[9] * 20]}, timeout=0.5)

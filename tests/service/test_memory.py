@@ -21,6 +21,7 @@ from model.runtime.outputs import OutputSpec
 from service import responses
 from service.batcher import Batcher, Work
 from service.budget import ResultBudget, ResultDims, result_bytes
+from service.engine import Scored
 from service.metrics import Metrics
 from service.workers.wire import MappedBatch, write_results
 from service.workers.protocol import BatchDone, RequestSpan
@@ -145,10 +146,11 @@ async def _settle():
 def test_batcher_holds_batches_back_while_the_budget_is_spent():
     async def main():
         loop = asyncio.get_running_loop()
-        metrics = Metrics()
-        budget = ResultBudget(100, metrics.result_bytes)  # batches hold at most 25 bytes of results
+        metrics, wake = Metrics(), asyncio.Event()
+        budget = ResultBudget(100, metrics.result_bytes, on_release=wake.set)  # batches hold at most 25 bytes
         replica = _Replica()
-        b = Batcher(_Pool(replica), max_batch_tokens=1000, max_queue_tokens=10_000, metrics=metrics, budget=budget)
+        b = Batcher(_Pool(replica), max_batch_tokens=1000, max_queue_tokens=10_000, metrics=metrics, budget=budget,
+                    wake=wake)
         b.start()
         ws = [Work(np.arange(4), [4], None, loop.create_future(), result_bytes=n) for n in (10, 10, 60, 35, 10)]
         for w in ws:
@@ -386,7 +388,9 @@ def _guarded_response(waits, timeout_s: float):
         for i in range(10):
             yield bytes([i]) * 100
 
-    response = responses.BudgetedResponse(chunks(), lambda: released.append(True))
+    budget = ResultBudget(1000, metrics.result_bytes, on_release=lambda: released.append(True))
+    results = Scored(None, None, 0.0, 0.0, budget.reserve(1000))
+    response = responses.BudgetedResponse(chunks(), results)
 
     async def receive():  # the client never disconnects by itself
         await asyncio.Event().wait()

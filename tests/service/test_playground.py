@@ -40,7 +40,7 @@ def test_page_and_assets_are_served_without_a_key(server):
     assert not re.search(r"https?://", page.text)
     missing = httpx.get(server.url + "/static/other.js", timeout=10)
     assert missing.status_code == 404 and missing.json()["error"]["type"]
-    assert "/" not in httpx.get(server.url + "/openapi.json", timeout=10).json()["paths"]
+    assert "/" not in httpx.get(server.url + "/openapi.json", headers=server.headers, timeout=10).json()["paths"]
 
 
 # --------------------------------------------------------------------------------------------- in a browser

@@ -45,7 +45,7 @@ def scored(extra: dict[str, np.ndarray] | None = None) -> Scored:
 
 def per_sequence(s: Scored, kind: OutputKind, i: int) -> np.ndarray:
     a, b = s.outputs.offsets(kind.rows)[i : i + 2]
-    return s.outputs.arrays[kind.name][(slice(None),) * kind.row_dim + (slice(a, b),)]
+    return s.outputs[kind][(slice(None),) * kind.row_dim + (slice(a, b),)]
 
 
 def round_trip(s: Scored) -> tuple[client.Result, client.Result]:
@@ -102,7 +102,7 @@ def test_request_dtype_applies_to_the_kinds_that_follow_it(dtype):
     body = b"".join(bytes(p) for p in responses.scoring_safetensors(s, (Rows.LOGIT, Rows.HIDDEN), dtype, meta))
     t = load(body)
     for kind in OUTPUT_KINDS:
-        want = torch.from_numpy(s.outputs.arrays[kind.name])
+        want = torch.from_numpy(s.outputs[kind])
         if kind.follows_dtype:
             want = want.to(getattr(torch, dtype))
         torch.testing.assert_close(t[kind.name], want, rtol=0, atol=0, equal_nan=True, msg=kind.name)

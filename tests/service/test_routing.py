@@ -201,26 +201,3 @@ def test_batcher_routes_and_counts_hits_and_cache_bytes():
     assert registry.get_sample_value("logitserve_prefix_cache_bytes", {"replica": "0"}) == 1000
     assert registry.get_sample_value("logitserve_prefix_cache_bytes", {"replica": "1"}) == 2000
 
-
-def test_batcher_places_queued_requests_by_prefix():
-    """Requests of two prefixes queued together, and one of neither: each batch holds one prefix's requests, each
-    prefix stays on one replica, and nothing waits forever."""
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        replicas = [FakeReplica(0, 0, 0), FakeReplica(1, 0, 0)]
-        b = Batcher(FakePool(replicas), max_batch_tokens=1000, max_queue_tokens=10000, metrics=Metrics(),
-                    router=PrefixRouter(CONFIG))
-        works = []
-        for seq in (P + [1], Q + [1], P + [2], Q + [2], P + [3], [7] * 20):
-            works.append(Work(np.array(seq, dtype=np.int64), [len(seq)], None, loop.create_future()))
-            b.submit(works[-1])
-        b.start()
-        await asyncio.wait_for(asyncio.gather(*(w.future for w in works)), 5)
-        await b.stop()
-        return replicas
-
-    replicas = asyncio.run(main())
-    heads = [[{int(b.input_ids[int(o)]) for o in b.offsets[:-1]} for b in r.batches] for r in replicas]
-    assert all(h <= {P[0], 7} for h in heads[0]) and all(h <= {Q[0], 7} for h in heads[1]), heads
-    assert sum(len(b.offsets) - 1 for r in replicas for b in r.batches) == 6
