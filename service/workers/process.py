@@ -123,10 +123,11 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
         stable = options.prefix_sharing or invariance.resolve(options.batch_invariant, ctx.device)
         runner = ModelRunner.load(
             checkpoint, device=ctx.device, dtype=options.dtype, parallel=ctx, batch_invariant=options.batch_invariant,
-            prefix_sharing=None if stable else False,
+            prefix_sharing=None if stable else False, prefix_cache_bytes=options.prefix_cache_bytes,
         )
         runner.prefix_sharing = runner.prefix_sharing and options.prefix_sharing
-        loaded = LoadedModel(str(runner.dtype).removeprefix("torch."), runner.batch_invariant, runner.prefix_sharing)
+        loaded = LoadedModel(str(runner.dtype).removeprefix("torch."), runner.batch_invariant, runner.prefix_sharing,
+                             options.prefix_cache_bytes if runner.prefix_cache is not None else 0)
         conn.send(WorkerReady(rank, os.getpid(), loaded))
         counter = itertools.count()
         fault_oom_tokens = int(os.environ.get(FAULT_OOM_TOKENS_ENV) or 0)
@@ -139,7 +140,7 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
             if job is None:
                 break
             t0 = time.perf_counter()
-            shared_before = runner.prefix_shared_tokens
+            shared_before, hits_before = runner.prefix_shared_tokens, runner.prefix_cache_hit_tokens
             should_stop = stop_check(cancel, job.batch_id, tp, ctx.device, slow_block_s)
             try:
                 if should_stop():  # its clients left while it waited in the pipe: never computed
@@ -150,7 +151,8 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
                     name = segment_name(os.getpid(), next(counter))
                     results = write_results(outs, job.batch.spans, name)
                     shared = runner.prefix_shared_tokens - shared_before
-                    conn.send(BatchDone(job.batch_id, results, forward_s, retries, shared))
+                    conn.send(BatchDone(job.batch_id, results, forward_s, retries, shared,
+                                        runner.prefix_cache_hit_tokens - hits_before, runner.prefix_cache_bytes))
                 del outs
             except Cancelled as exc:
                 logger.info("batch %s stopped on rank %d: %s", job.batch_id, rank, exc)
