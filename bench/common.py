@@ -143,14 +143,16 @@ def f32_gguf(hf_dir: Path) -> Path:
     return out
 
 
-def start_server(model: str | Path, *flags: str, timeout: float = 300.0) -> tuple[subprocess.Popen, str]:
-    """`logitserve serve --model MODEL FLAGS` on a free loopback port, waited until /ready; (process, base URL)."""
+def start_server(model: str | Path, *flags: str, timeout: float = 300.0,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`logitserve serve --model MODEL FLAGS` on a free loopback port, waited until /ready; (process, base URL).
+    `env`: LOGITSERVE_* settings that are no flag."""
     import httpx
 
     from model.distributed import find_free_port
 
     port = find_free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOGITSERVE_")}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LOGITSERVE_")}, **(env or {})}
     server = subprocess.Popen([sys.executable, "-m", "service", "serve", "--model", str(model), "--port", str(port),
                                *flags], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -64,7 +64,8 @@ def write_task(folder: Path, docs: int, seed: int) -> None:
     )
 
 
-def evaluate(url: str, model_name: str, folder: Path) -> tuple[dict, list, float]:
+def evaluate(url: str, model_name: str, folder: Path, batch_size: int = 8,
+             num_concurrent: int = 4) -> tuple[dict, list, float]:
     """(acc / acc_norm, every request's (log-likelihood, is_greedy) in document order, wall seconds)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -74,10 +75,10 @@ def evaluate(url: str, model_name: str, folder: Path) -> tuple[dict, list, float
     results = simple_evaluate(
         model="local-completions",
         model_args={"base_url": url + "/v1/completions", "model": model_name, "tokenizer_backend": "remote",
-                    "num_concurrent": 4, "max_retries": 1, "max_length": 2048},
+                    "num_concurrent": num_concurrent, "max_retries": 1, "max_length": 2048},
         tasks=[TASK],
         task_manager=TaskManager(include_path=str(folder)),
-        batch_size=8,
+        batch_size=batch_size,
         log_samples=True,
     )
     wall = time.perf_counter() - t0

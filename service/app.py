@@ -30,7 +30,8 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     settings = settings or Settings()
     served = ServedModel.load(settings)
     metrics = metrics or Metrics()
-    engine = Engine(settings, served.checkpoint, metrics, ResultDims.of(served.config), task=served.task)
+    engine = Engine(settings, served.checkpoint, metrics, ResultDims.of(served.config), task=served.task,
+                    config=served.config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

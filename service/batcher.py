@@ -27,6 +27,7 @@ from model.runtime.outputs import OutputSpec
 from .budget import Reservation, ResultBudget
 from .errors import InternalError, NotReady, OutOfMemory, QueueFull, ServiceError
 from .packing import BatchLimits, prefix_keys, row_offsets, take_batch
+from .routing import PrefixRouter, Route
 from .workers import Batch, MappedBatch, Replica, RequestOutputs, RequestSpan, Requeue, WorkerPool
 
 logger = logging.getLogger("logitserve.batcher")
@@ -63,6 +64,7 @@ class Dispatch:
     replica: Replica
     batch: Batch
     works: list[Work]
+    route: Route | None = None  # the router's account of it (routing.py)
 
     def cancel_if_abandoned(self) -> None:
         """Every request of the batch is answered or abandoned (client gone, timed out): stop computing it."""
@@ -89,8 +91,10 @@ class Batcher:
     either); without a budget, results are not bounded."""
 
     def __init__(self, pool: WorkerPool, max_batch_tokens: int, max_queue_tokens: int, metrics,
-                 budget: ResultBudget | None = None, wake: asyncio.Event | None = None):
+                 budget: ResultBudget | None = None, wake: asyncio.Event | None = None,
+                 router: PrefixRouter | None = None):
         self.pool = pool
+        self.router = router  # None: every batch goes to the least busy free replica
         self._wake = wake if wake is not None else asyncio.Event()
         self.budget = budget if budget is not None else ResultBudget(1 << 62, metrics.result_bytes, self.wake)
         self.max_batch_tokens = max_batch_tokens
@@ -152,9 +156,14 @@ class Batcher:
                 works = self._take()
                 if not works:
                     break
+                if self.router is not None and self.router.active(self.pool):
+                    # The replica caching the oldest request's prefixes, unless it is clearly busier or full.
+                    placed = self.router.place(self.pool, [(0, works[0])])
+                    replica = placed[1] if placed is not None else replica
                 # Submitted here, synchronously, so that the replica's slots are taken before the next pick.
                 batch, fut = self._send(replica, works)
                 dispatch = Dispatch(replica, batch, works)
+                dispatch.route = self.router.dispatched(replica, batch) if self.router is not None else None
                 for w in works:
                     w.dispatch = dispatch
                 self._running.add(dispatch)
@@ -221,6 +230,11 @@ class Batcher:
                 self.metrics.oom_retries.inc(done.oom_retries)
             if done.prefix_shared_tokens:
                 self.metrics.prefix_shared_tokens.inc(done.prefix_shared_tokens)
+            if done.prefix_cache_hit_tokens:
+                self.metrics.prefix_cache_hit_tokens.inc(done.prefix_cache_hit_tokens)
+            route = dispatch.route
+            if route is None or route.restarts == replica.restarts:  # not a batch of the replica before it restarted
+                self.metrics.prefix_cache_bytes.labels(label).set(done.prefix_cache_bytes)
             self.metrics.replica_batches.labels(label).inc()
             self.metrics.replica_batch_tokens.labels(label).inc(batch.num_tokens)
             self.metrics.replica_busy_seconds.labels(label).inc(done.forward_s)
@@ -237,6 +251,8 @@ class Batcher:
                     outputs = result.outputs(i, w.reservation)
                     w.future.set_result(WorkResult(outputs, queue_s, done.forward_s, w.reservation))
         finally:
+            if dispatch.route is not None:
+                self.router.answered(dispatch.route)
             self._running.discard(dispatch)
             for w in works:
                 w.dispatch = None

@@ -25,6 +25,7 @@ from .budget import Reservation, ResultBudget, ResultDims, format_bytes, result_
 from .errors import ClientDisconnected, NotReady, RequestTimeout, ResponseTooLarge, UnsupportedOption
 from .inputs import PackedInputs
 from .metrics import Metrics
+from .routing import PrefixRouter
 from .settings import Settings
 from .workers import RequestOutputs
 from model.runtime.numerics import Numerics
@@ -78,8 +79,10 @@ class Scored:
 
 class Engine:
     def __init__(self, settings: Settings, checkpoint: str, metrics: Metrics, dims: ResultDims,
-                 task: Task = Task.CAUSAL_LM):
+                 task: Task = Task.CAUSAL_LM, config=None):
+        """config: the served model's ModelConfig, which sizes the router's copy of each replica's prefix cache."""
         self.settings = settings
+        self.config = config
         self.checkpoint = checkpoint
         self.metrics = metrics
         self.dims = dims
@@ -103,8 +106,9 @@ class Engine:
         if pool is None:
             pool = WorkerPool(s, self.checkpoint, self.metrics, asyncio.get_running_loop(), on_change=self._wake.set)
         self.pool = pool
+        router = PrefixRouter(self.config, enabled=s.prefix_routing) if self.config is not None else None
         self.batcher = Batcher(self.pool, s.max_batch_tokens, s.effective_max_queue_tokens, self.metrics,
-                               self.budget, self._wake)
+                               self.budget, self._wake, router)
         self.batcher.start()
         self.pool.start()
 

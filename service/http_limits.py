@@ -31,12 +31,14 @@ def _refusal(status: int, reason: str, kind: str, message: str) -> bytes:
             "connection: close\r\n\r\n").encode("ascii") + body
 
 
-def guarded_protocol(max_header_bytes: int, header_timeout: float):
-    """uvicorn's `http` protocol class with the head limits; None where httptools is not installed."""
-    if HttpToolsProtocol is None:  # pragma: no cover
-        return None
+if HttpToolsProtocol is not None:
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        """uvicorn's httptools protocol with the head limits (set on a subclass by `guarded_protocol`)."""
+
+        max_header_bytes: int
+        header_timeout: float
+
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._chunk = 0
@@ -48,7 +50,7 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float):
             self._head_bytes = received
             if self._head_timer is not None:
                 self._head_timer.cancel()
-            self._head_timer = self.loop.call_later(header_timeout, self._head_too_slow)
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_too_slow)
 
         def _end_head(self) -> None:
             self._reading_head = False
@@ -65,9 +67,9 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float):
             super().data_received(data)
             # Checked after the parser has seen the chunk (a chunk may end the head and start the body): what the
             # parser holds of an unfinished head is at most the limit plus one read.
-            if self._reading_head and self._head_bytes > max_header_bytes and not self.transport.is_closing():
+            if self._reading_head and self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
                 self._refuse(431, "Request Header Fields Too Large", "headers_too_large",
-                             f"the request line and headers are larger than the limit of {max_header_bytes} bytes")
+                             f"the request line and headers are larger than the limit of {self.max_header_bytes} bytes")
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -82,7 +84,7 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float):
             self._head_timer = None
             if self._reading_head and not self.transport.is_closing():
                 self._refuse(408, "Request Timeout", "request_timeout",
-                             f"the request's headers did not arrive within {header_timeout:g}s")
+                             f"the request's headers did not arrive within {self.header_timeout:g}s")
 
         def _refuse(self, status: int, reason: str, kind: str, message: str) -> None:
             self._end_head()
@@ -96,7 +98,14 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float):
             self._end_head()
             super().connection_lost(exc)
 
-    return GuardedHttpToolsProtocol
+
+
+def guarded_protocol(max_header_bytes: int, header_timeout: float):
+    """uvicorn's `http` protocol class with the head limits; None where httptools is not installed."""
+    if HttpToolsProtocol is None:  # pragma: no cover
+        return None
+    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,),
+                {"max_header_bytes": max_header_bytes, "header_timeout": header_timeout})
 
 
 def uvicorn_http_options(settings) -> dict:

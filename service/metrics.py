@@ -46,6 +46,9 @@ class Metrics:
             "than the send timeout (LOGITSERVE_SEND_TIMEOUT) for the client to read.", registry=r)
         self.prefix_shared_tokens = Counter(
             p + "prefix_shared_tokens", "Token rows not recomputed because a batch shared their prefix.", registry=r)
+        self.prefix_cache_hit_tokens = Counter(
+            p + "prefix_cache_hit_tokens", "Token rows not recomputed because a replica's prefix cache held them.",
+            registry=r)
         # Per-replica batch statistics.
         self.replica_batches = Counter(p + "replica_batches", "Batches run per replica.", ["replica"], registry=r)
         self.replica_batch_tokens = Counter(p + "replica_batch_tokens", "Tokens run per replica.", ["replica"], registry=r)
@@ -53,5 +56,7 @@ class Metrics:
             p + "replica_busy_seconds", "Forward seconds per replica.", ["replica"], registry=r)
         self.replica_inflight_batches = Gauge(
             p + "replica_inflight_batches", "Batches held by a replica (running + prefetched).", ["replica"], registry=r)
+        self.prefix_cache_bytes = Gauge(
+            p + "prefix_cache_bytes", "Bytes the replica's prefix cache holds now.", ["replica"], registry=r)
         self.replica_ready = Gauge(p + "replica_ready", "1 when the replica's ranks are loaded and answering.",
                                    ["replica"], registry=r)

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     send_timeout: float = Field(60.0, gt=0, description="seconds one send of a response body may wait for the client "
                                                         "to read before the connection is dropped and its results "
                                                         "released")
+    prefix_routing: bool = Field(True, description="with several replicas, send a batch to the replica whose prefix "
+                                                   "cache holds its prefixes unless it is clearly busier (off: the "
+                                                   "least busy replica, as a baseline)")
     drain_timeout: float = Field(5.0, ge=0, description="seconds SIGTERM lets admitted requests finish before the "
                                                         "batches still running are cancelled (their clients get 503)")
     header_timeout: float = Field(10.0, gt=0, description="seconds a client has to send a request's headers (408 and "

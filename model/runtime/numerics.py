@@ -95,7 +95,7 @@ def resolve_numerics(
     batch_invariant: None is on for the CPU, off for CUDA, where True is refused (invariance.resolve).
     prefix_sharing: None is on wherever the model can share; True where it cannot is refused; False is off.
     prefix_cache_bytes: None is DEFAULT_PREFIX_CACHE_BYTES where sharing is in force, else 0; a size asked for where
-    the model cannot share is 0, with the reason.
+    sharing or batch invariance is not in force is 0, with the reason.
     switches_keep_bits: the server's promise that under batch invariance turning sharing or the cache off changes no
     bit (the attention stays prefix-stable wherever the model can share); without it, sharing and the cache off
     keep the attention with transformers' bits."""
@@ -110,11 +110,14 @@ def resolve_numerics(
         raise ValueError(f"prefix_cache_bytes must be >= 0, not {prefix_cache_bytes}")
     sharing = prefix_sharing is not False and why_not is None
     cache = prefix_cache_bytes if prefix_cache_bytes is not None else DEFAULT_PREFIX_CACHE_BYTES if sharing else 0
-    cache = 0 if why_not else cache
+    # The cache extends the batch's shared trunk across batches, and its promise (no bit changed) is batch
+    # invariance's: without both it stays off.
+    cache = cache if sharing and invariant else 0
     asked_off = prefix_sharing is False and not prefix_cache_bytes
+    cache_refused = bool(prefix_cache_bytes) and not cache and why_not is None
     if config.attention == "eager":
         attention = AttentionKind.EAGER
-    elif why_not is None and (sharing or cache or (switches_keep_bits and invariant)):
+    elif why_not is None and (sharing or (switches_keep_bits and invariant)):
         attention = AttentionKind.PREFIX_STABLE
     else:
         attention = AttentionKind.SDPA
@@ -124,7 +127,8 @@ def resolve_numerics(
         attention=attention,
         prefix_sharing=sharing,
         prefix_cache_bytes=cache,
-        reason=None if asked_off or why_not is None else f"prefix sharing and the prefix cache are off: {why_not}",
+        reason=("the prefix cache needs prefix sharing and batch invariance in force" if cache_refused
+                else None if asked_off or why_not is None else f"prefix sharing and the prefix cache are off: {why_not}"),
     )
 
 

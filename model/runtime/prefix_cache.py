@@ -16,6 +16,16 @@ not kept (they would cost more than the keys and values): a sequence that asks f
 cache only before that position's block, and so does one that needs a final state the cache lacks (the batch
 that computes it then stores it in the node). At least one row of every sequence is computed.
 
+Vocabulary products: a node also keeps, per row, what the score reducer made of the whole vocabulary for it and
+a later request reuses as it is: the log-sum-exp, the entropy, and the logit of the row's next token (``Products``;
+row p's next token is the block's token p + 1, except the last row's, which is the next block's first token and so
+differs between sequences: the node keeps it for one token, the first it saw). A cached row whose sequence asks
+only for target log-probabilities and entropy takes them from there and runs no lm_head (the runner's
+``_cached_vocab_outputs``); the same bits, as the reducer's result depends on the row alone under batch invariance
+and the log-probability is the same float32 subtraction of the same two numbers. Rows lacking a product, or asking
+for more (logits, top-k, chosen ids, ranks), run the lm_head from the kept final state as before, and fill in what
+they computed.
+
 Bytes: each node's tensors are counted exactly (``node_bytes``), the total never exceeds ``capacity``; least
 recently used leaves are evicted first (a node's prefix must stay while the node does), and nodes a running batch
 matched are pinned until it ends. A cache smaller than one node holds nothing. Every rank makes the same
@@ -48,6 +58,47 @@ class Needs:
     inner: int = NEVER
 
 
+LSE, ENTROPY, TARGET_LOGIT = range(3)  # rows of Products.values
+
+
+@dataclass(eq=False)
+class Products:
+    """A node's vocabulary products per row (see the module's docstring), valid where `has` says."""
+
+    # float32 [3, BLOCK] on the CPU (where outputs go): log-sum-exp, entropy, logit of the row's next token; read
+    # and written one row at a time through its numpy view (float32 -> Python float -> float32 keeps the bits)
+    values: torch.Tensor
+    has: list[list[bool]]  # [3][BLOCK]
+    last_target: int = -1  # the next token whose logit TARGET_LOGIT holds for the last row (-1: none yet)
+
+    ID_BYTES = 8  # last_target, counted as an int64
+
+    @classmethod
+    def empty(cls) -> Products:
+        return cls(torch.zeros(3, BLOCK, dtype=torch.float32), [[False] * BLOCK for _ in range(3)])
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size() + self.ID_BYTES
+
+    def target_logit(self, p: int, target: int) -> bool:
+        """Whether row p holds the logit of `target` (its next token in the sequence asking)."""
+        return self.has[TARGET_LOGIT][p] and (p < BLOCK - 1 or target == self.last_target)
+
+    def keep(self, p: int, target: int, lse: float | None, entropy: float | None, target_logit: float | None) -> None:
+        """Row p's products as the reducer computed them (float32 values as Python floats; None: not computed)."""
+        view = self.values.numpy()
+        for slot, value in ((LSE, lse), (ENTROPY, entropy)):
+            if value is not None and not self.has[slot][p]:
+                view[slot, p] = value
+                self.has[slot][p] = True
+        if target_logit is not None and target >= 0 and not self.has[TARGET_LOGIT][p]:
+            view[TARGET_LOGIT, p] = target_logit
+            self.has[TARGET_LOGIT][p] = True
+            if p == BLOCK - 1:
+                self.last_target = target
+
+
 @dataclass(eq=False)
 class _Node:
     """One cached block: tokens [BLOCK * depth, BLOCK * (depth + 1)) of the prefix that its ancestors spell."""
@@ -58,12 +109,23 @@ class _Node:
     kv: list[torch.Tensor]  # per layer [2, BLOCK, H, D]: keys and values as the attention reads them
     final: torch.Tensor  # [BLOCK, hidden]: final hidden states, valid where has_final
     has_final: list[bool]
+    products: Products | None = None  # None only at the root
     children: dict[tuple[int, ...], _Node] = field(default_factory=dict)
     pins: int = 0
 
+    def keep_products(self, p: int, target: int, lse: float | None, entropy: float | None,
+                      target_logit: float | None) -> None:
+        """Row p's products from a sequence whose next token there is `target`: its target logit is the row's
+        only where that is the block's own next token (a row shared with a sequence that leaves the block's
+        tokens after it predicts another), or for the last row, the first next token kept."""
+        if p < BLOCK - 1 and target != self.tokens[p + 1]:
+            target_logit = None
+        self.products.keep(p, target, lse, entropy, target_logit)
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.kv) + self.final.numel() * self.final.element_size()
+        return (sum(t.numel() * t.element_size() for t in self.kv) + self.final.numel() * self.final.element_size()
+                + (self.products.nbytes if self.products is not None else 0))
 
 
 @dataclass
@@ -120,7 +182,8 @@ class PrefixCache:
         self.lru: OrderedDict[_Node, None] = OrderedDict()  # every node, least recently used first
         self.bytes = 0
         element = torch.empty((), dtype=dtype).element_size()
-        self.node_bytes = element * BLOCK * (2 * sum(h * d for h, d in self.kv_shapes) + hidden)
+        self.node_bytes = (element * BLOCK * (2 * sum(h * d for h, d in self.kv_shapes) + hidden)
+                           + Products.empty().nbytes)
 
     @classmethod
     def for_model(cls, model, capacity: int) -> PrefixCache:
@@ -221,7 +284,7 @@ class PrefixCache:
     def _allocate(self, tokens: tuple[int, ...], parent: _Node, depth: int) -> _Node:
         kv = [torch.empty(2, BLOCK, h, d, dtype=self.dtype, device=self.device) for h, d in self.kv_shapes]
         final = torch.empty(BLOCK, self.hidden, dtype=self.dtype, device=self.device)
-        return _Node(tokens, parent, depth, kv, final, [False] * BLOCK)
+        return _Node(tokens, parent, depth, kv, final, [False] * BLOCK, Products.empty())
 
     def commit(self, plan: CachePlan) -> None:
         """The batch ran: its new nodes join the trie (a node whose parent could not be filled is dropped), and
@@ -273,6 +336,10 @@ class TrunkResult:
     row_keys: torch.Tensor | None
     shared_tokens: int  # token rows not recomputed because the batch shares their prefix
     cache_hit_tokens: int  # token rows not recomputed because the cache holds them
+    # row key -> the cache node holding that row and its position in the block: the rows read from the cache
+    # and those this batch computed for nodes it filled or matched (the runner keeps their vocabulary products)
+    slots: dict[int, tuple[_Node, int]] = field(default_factory=dict)
+    cached_from: int = NEVER  # keys from here on are rows read from the cache (no lm_head run for them yet)
 
 
 def cached_trunk(
@@ -335,29 +402,35 @@ def cached_trunk(
         h = torch.cat(parts).index_select(0, where.index_select(0, wanted))
         if capture and depth in capture:
             captured[depth] = h.index_select(0, capture[depth])
+        slots: dict[int, tuple[_Node, int]] = {}
         if depth == len(model.layers) and cache is not None:
-            _keep_final_states(plan, shared, where, h_fresh, len(final_unique))
+            slots = _keep_final_states(plan, shared, where, h_fresh, len(final_unique))
+            slots.update((computed + BLOCK * i + p, (node, p)) for i, node in enumerate(plan.used) for p in range(BLOCK))
             cache.commit(plan)
         committed = True
     finally:
         if cache is not None:
             cache.release(plan, committed)
-    return TrunkResult(h, captured, wanted, shared.shared_tokens, plan.hit_rows)
+    return TrunkResult(h, captured, wanted, shared.shared_tokens, plan.hit_rows, slots, computed)
 
 
 def _keep_final_states(plan: CachePlan, shared: SharedPrefixBatch, where: torch.Tensor, h_fresh: torch.Tensor,
-                       computed_finals: int) -> None:
-    """Store in the nodes the batch filled or matched the final states it computed for their rows."""
+                       computed_finals: int) -> dict[int, tuple[_Node, int]]:
+    """Store in the nodes the batch filled or matched the final states it computed for their rows; returns the
+    key of each of those rows -> (node, position in its block)."""
     where = where.tolist()
     jobs = [(node, b, j) for node, b, j in plan.new]
     for b, (path, m) in enumerate(zip(plan.matched, plan.hits)):
         jobs.extend((node, b, node.depth) for node in path[m:])  # matched, computed here
+    slots: dict[int, tuple[_Node, int]] = {}
     for node, b, j in jobs:
+        rows = shared.seq_rows[b][BLOCK * j : BLOCK * (j + 1)]
+        slots.update((r, (node, p)) for p, r in enumerate(rows))
         if all(node.has_final):
             continue
-        rows = shared.seq_rows[b][BLOCK * j : BLOCK * (j + 1)]
         for p, r in enumerate(rows):
             at = where[r]
             if not node.has_final[p] and 0 <= at < computed_finals:
                 node.final[p].copy_(h_fresh[at])
                 node.has_final[p] = True
+    return slots

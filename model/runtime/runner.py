@@ -23,7 +23,8 @@ from model.runtime import invariance
 from model.runtime.memory import retain_freed_memory
 from model.runtime.numerics import Numerics, resolve_numerics
 from model.runtime.outputs import SCORE_KINDS, OutputSpec, ReturnLogits, SequenceOutput
-from model.runtime.prefix_cache import NEVER, Needs, PrefixCache, TrunkResult, cached_trunk
+from model.runtime.prefix_cache import (ENTROPY, LSE, NEVER, TARGET_LOGIT, Needs, PrefixCache, Products, TrunkResult,
+                                        cached_trunk)
 from model.runtime.scores import RowScores, ScoreAsk, ScoreReducer
 from model.task import Task
 
@@ -54,6 +55,42 @@ class _VocabOutputs:
     scores: RowScores  # one row per vocab row
     logits: torch.Tensor | None = None  # float32 [F, V]: the rows that asked for full logits
     logits_row_index: torch.Tensor | None = None  # int64 [R]: vocab row -> its row of `logits`
+
+
+def _merge_kept(computed: _VocabOutputs | None, kept: dict[int, tuple[Products, int]], rest_of: list[int],
+                plan: _RowPlan, specs: Sequence[OutputSpec]) -> _VocabOutputs:
+    """The outputs of every vocab row: those computed (rows rest_of) and those made of kept products (`kept`).
+    A kept row's log-probability is its target logit minus its log-sum-exp, the reducer's float32 subtraction;
+    columns its sequence does not ask for are never read (NaN, 0)."""
+    rows = len(plan.vocab_rows)
+    got = computed.scores if computed is not None else RowScores()
+    at = torch.tensor(rest_of, dtype=torch.int64)
+    merged = RowScores()
+    for name in RowScores.kinds():
+        part = getattr(got, name)
+        if part is None and name not in ("target_logprobs", "entropy"):
+            continue
+        if part is None and not any(spec.amount(name) for spec in specs):
+            continue
+        shape = (rows, *(part.shape[1:] if part is not None else ()))
+        dtype = part.dtype if part is not None else torch.float32
+        full = torch.full(shape, float("nan"), dtype=dtype) if dtype.is_floating_point else torch.zeros(
+            shape, dtype=dtype)
+        if part is not None:
+            full[at] = part[: len(rest_of)]  # the scores-only path also returns its padding rows
+        setattr(merged, name, full)
+    served = torch.tensor(list(kept), dtype=torch.int64)
+    values = torch.stack([stored.values[:, p] for stored, p in kept.values()])  # [K, 3]
+    if merged.target_logprobs is not None:
+        merged.target_logprobs[served] = values[:, TARGET_LOGIT] - values[:, LSE]
+    if merged.entropy is not None:
+        merged.entropy[served] = values[:, ENTROPY]
+    out = _VocabOutputs(merged)
+    if computed is not None and computed.logits is not None:
+        out.logits = computed.logits
+        out.logits_row_index = torch.full((rows,), -1, dtype=torch.int64)
+        out.logits_row_index[at] = computed.logits_row_index
+    return out
 
 
 def _rows_of(ask: ScoreAsk, s: int, e: int) -> ScoreAsk:
@@ -362,6 +399,59 @@ class ModelRunner:
             logits_row_index=torch.cumsum(want_full.long(), 0).cpu() - 1,
         )
 
+    # What a cached row's kept products give (model/runtime/prefix_cache.py): a sequence asking for nothing else
+    # from the vocabulary has its cached rows' scores made without the lm_head.
+    REUSABLE_FIELDS = frozenset({"target_logprobs", "entropy"})
+
+    def _cached_vocab_outputs(
+        self, h: torch.Tensor, plan: _RowPlan, specs: Sequence[OutputSpec], trunk: TrunkResult
+    ) -> _VocabOutputs:
+        """_vocab_outputs, where the rows read from the prefix cache whose kept products give all their sequence
+        asks take them from there, the others run as before, and the rows of cache nodes that ran the lm_head here
+        leave their products in the node for later requests."""
+        if not trunk.slots:
+            return self._vocab_outputs(h, plan, specs, trunk.row_keys)
+        keys = trunk.row_keys.index_select(0, torch.tensor(plan.vocab_rows, device=h.device)).tolist()
+        kept: dict[int, tuple[Products, int]] = {}  # vocab row -> the products it reads, position in its block
+        rest = _RowPlan([], [], [], {}, [])  # the vocab rows that run the lm_head
+        rest_of: list[int] = []  # rest's rows -> vocab row
+        for spec, (start, count) in zip(specs, plan.vocab_slices):
+            reusable = not spec.logits and set(spec.vocabulary_fields) <= self.REUSABLE_FIELDS
+            first = len(rest.vocab_rows)
+            for i in range(start, start + count):
+                node, p = trunk.slots.get(keys[i], (None, 0))
+                if reusable and node is not None and keys[i] >= trunk.cached_from:
+                    stored = node.products
+                    if (stored.has[LSE][p] and (not spec.entropy or stored.has[ENTROPY][p])
+                            and (not spec.target_logprobs or stored.target_logit(p, plan.targets[i]))):
+                        kept[i] = (stored, p)
+                        continue
+                rest.vocab_rows.append(plan.vocab_rows[i])
+                rest.targets.append(plan.targets[i])
+                rest_of.append(i)
+            rest.vocab_slices.append((first, len(rest.vocab_rows) - first))
+        computed = self._vocab_outputs(h, rest, specs, trunk.row_keys) if rest.vocab_rows else None
+        if computed is not None:
+            self._keep_products(computed.scores, rest, rest_of, keys, trunk)
+        if not kept:
+            return computed
+        return _merge_kept(computed, kept, rest_of, plan, specs)
+
+    @staticmethod
+    def _keep_products(scores: RowScores, rest: _RowPlan, rest_of: list[int], keys: list[int],
+                       trunk: TrunkResult) -> None:
+        """Each computed vocab row of a cache node leaves its log-sum-exp, entropy and target logit there."""
+        if scores.lse is None:
+            return  # full logits alone: no normalizer was computed
+        lse = scores.lse.tolist()
+        entropy = scores.entropy.tolist() if scores.entropy is not None else None
+        logit = scores.target_logit.tolist() if scores.target_logit is not None else None
+        for j, i in enumerate(rest_of):
+            node, p = trunk.slots.get(keys[i], (None, 0))
+            if node is not None:
+                node.keep_products(p, rest.targets[j], lse[j], None if entropy is None else entropy[j],
+                                   None if logit is None else logit[j])
+
     @staticmethod
     def _vocab_ids(plan: _RowPlan, specs: Sequence[OutputSpec], rows: int, dev: torch.device) -> torch.Tensor | None:
         """int64 [rows, n_max]: each vocab row's chosen ids (its sequence's vocab_ids), -1 past them and in the rows
@@ -426,7 +516,7 @@ class ModelRunner:
         self.prefix_shared_tokens += trunk.shared_tokens
         self.prefix_cache_hit_tokens += trunk.cache_hit_tokens
         self.last_run = RunStats(trunk.shared_tokens, trunk.cache_hit_tokens, self.prefix_cache_bytes)
-        vocab = self._vocab_outputs(h, plan, specs, trunk.row_keys) if plan.vocab_rows else None
+        vocab = self._cached_vocab_outputs(h, plan, specs, trunk) if plan.vocab_rows else None
         captured_cpu = {layer: t.cpu() for layer, t in captured.items()}
         return [self._sequence_output(b, spec, batch.seq_lens[b], pooled[b], plan, vocab, captured_cpu)
                 for b, spec in enumerate(specs)]

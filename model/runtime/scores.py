@@ -12,7 +12,7 @@ candidates as top-k does).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -49,6 +49,15 @@ class RowScores:
     vocab_logprobs: torch.Tensor | None = None  # float32 [R, n]: log-softmax at the rows' chosen ids, NaN at -1
     target_ranks: torch.Tensor | None = None  # int64 [R]: 1 + entries strictly above the target; -1 without one
     entropy: torch.Tensor | None = None  # float32 [R], nats
+    # Not outputs: what the target log-probability was made of, for the prefix cache to keep per cached row
+    # (model/runtime/prefix_cache.py) so that a later request rebuilds it with the same subtraction.
+    lse: torch.Tensor | None = field(default=None, metadata={"reused": True})  # float32 [R]: log-sum-exp
+    target_logit: torch.Tensor | None = field(default=None, metadata={"reused": True})  # float32 [R]: 0 without
+
+    @classmethod
+    def kinds(cls) -> tuple[str, ...]:
+        """The fields that are outputs (OUTPUT_KINDS' vocabulary kinds), not products kept for reuse."""
+        return tuple(f.name for f in fields(cls) if not f.metadata.get("reused"))
 
     @classmethod
     def cat(cls, chunks: Sequence[RowScores]) -> RowScores:
@@ -120,7 +129,8 @@ class ScoreReducer:
         top_values, top_ids = self._top_k_as_alone(logits, ask, row_of) if ask.top_k else (None, None)
         lse, entropy = self._normalizers(logits, rows_h, owned and self.in_place, ask.entropy)  # [R]
         lse = per_row(lse)
-        scores = RowScores(target_ranks=ranks, entropy=None if entropy is None else per_row(entropy))
+        scores = RowScores(target_ranks=ranks, entropy=None if entropy is None else per_row(entropy), lse=lse,
+                           target_logit=target_logit)
         if target_logit is not None and ask.target_logprobs:
             logprobs = target_logit - lse
             scores.target_logprobs = torch.where(targets >= 0, logprobs, torch.full_like(logprobs, float("nan")))

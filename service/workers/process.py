@@ -130,7 +130,7 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
             if job is None:
                 break
             t0 = time.perf_counter()
-            shared_before = runner.prefix_shared_tokens
+            shared_before, hits_before = runner.prefix_shared_tokens, runner.prefix_cache_hit_tokens
             should_stop = stop_check(cancel, job.batch_id, tp, ctx.device, slow_block_s)
             try:
                 if should_stop():  # its clients left while it waited in the pipe: never computed
@@ -141,7 +141,8 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
                     name = segment_name(os.getpid(), next(counter))
                     results = write_results(outs, job.batch.spans, name)
                     shared = runner.prefix_shared_tokens - shared_before
-                    conn.send(BatchDone(job.batch_id, results, forward_s, retries, shared))
+                    conn.send(BatchDone(job.batch_id, results, forward_s, retries, shared,
+                                        runner.prefix_cache_hit_tokens - hits_before, runner.prefix_cache_bytes))
                 del outs
             except Cancelled as exc:
                 logger.info("batch %s stopped on rank %d: %s", job.batch_id, rank, exc)

@@ -75,6 +75,8 @@ class BatchDone:
     forward_s: float
     oom_retries: int  # sub-batches re-run after the device ran out of memory
     prefix_shared_tokens: int = 0  # token rows not recomputed thanks to prefix sharing
+    prefix_cache_hit_tokens: int = 0  # token rows not recomputed because the replica's prefix cache held them
+    prefix_cache_bytes: int = 0  # bytes the replica's prefix cache holds after this batch
 
 
 @dataclass

@@ -257,6 +257,8 @@ class Replica:
                 items = list(self.inflight.values())
             self._set_state("restarting", f"replica {self.index} restarting: {failure}")
             self._kill()
+            # Its prefix cache died with it (the router's copy is emptied when it sees `restarts` move).
+            self.pool.metrics.prefix_cache_bytes.labels(str(self.index)).set(0)
             for i, item in enumerate(items):
                 if i == 0:
                     self._resolve(item.batch_id, exc=WorkerFailed(f"a worker failed while running this batch: {failure}"))

@@ -54,7 +54,7 @@ def test_cuda_keeps_transformers_attention_and_refuses_invariance(configs):
 
 def test_switches_off(configs):
     """Sharing off: transformers' attention, unless the server's promise keeps the bits under invariance; the cache
-    follows sharing unless asked for, and asked for alone it keeps the prefix-stable attention."""
+    extends sharing across batches, so a size asked for with sharing (or invariance) off is refused, saying why."""
     llama = configs["llama"]
     off = resolve_numerics(llama, CPU, prefix_sharing=False)
     assert (off.attention, off.prefix_sharing, off.prefix_cache_bytes, off.reason) == (AttentionKind.SDPA, False, 0, None)
@@ -63,7 +63,10 @@ def test_switches_off(configs):
     variant = resolve_numerics(llama, CPU, prefix_sharing=False, batch_invariant=False, switches_keep_bits=True)
     assert variant.attention == AttentionKind.SDPA
     cache_only = resolve_numerics(llama, CPU, prefix_sharing=False, prefix_cache_bytes=4096)
-    assert (cache_only.attention, cache_only.prefix_cache_bytes) == (AttentionKind.PREFIX_STABLE, 4096)
+    assert (cache_only.attention, cache_only.prefix_cache_bytes) == (AttentionKind.SDPA, 0)
+    assert "prefix cache needs prefix sharing and batch invariance" in cache_only.reason
+    variant_cache = resolve_numerics(llama, CPU, batch_invariant=False, prefix_cache_bytes=4096)
+    assert (variant_cache.prefix_sharing, variant_cache.prefix_cache_bytes) == (True, 0) and variant_cache.reason
     assert resolve_numerics(llama, CPU, prefix_cache_bytes=0).prefix_cache_bytes == 0
 
 

@@ -33,7 +33,7 @@ def test_every_kind_is_a_sequence_output_field_and_asked_for_by_a_spec_field():
 
 
 def test_the_score_reducer_computes_exactly_the_vocabulary_kinds():
-    assert [f.name for f in dataclasses.fields(RowScores)] == [k.name for k in SCORE_KINDS]
+    assert list(RowScores.kinds()) == [k.name for k in SCORE_KINDS]
     # a score's width per row comes from the spec alone (the runner cuts [R, widest] rows to it)
     assert all(name in SPEC_FIELDS for k in SCORE_KINDS for name in k.per_row)
     # the reducer's boolean asks are set from the request fields of the same name

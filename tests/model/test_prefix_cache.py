@@ -15,6 +15,16 @@ from service.packing import pack_ids
 from tests.checkpoints import make_checkpoint
 from tests.model.test_prefix_sharing import SPECS, assert_same_bits
 
+# Specs that ask only for what a cached row's kept vocabulary products give (its log-sum-exp, entropy and target
+# logit): their cached rows run no lm_head on a warm request.
+REUSING = {
+    "target log-probs all rows": OutputSpec(return_logits=ReturnLogits.ALL, logits=False, target_logprobs=True),
+    "entropy all rows": OutputSpec(return_logits=ReturnLogits.ALL, logits=False, entropy=True),
+    "target log-probs + entropy, last 3 rows": OutputSpec(return_logits=ReturnLogits.VARIABLE, return_n_logits=3,
+                                                          logits=False, target_logprobs=True, entropy=True),
+}
+CACHE_SPECS = {**SPECS, **REUSING}
+
 # Specs whose hidden states of an inner layer cover every row: the cache keeps no inner layer, so those
 # sequences read nothing from it (and compute every row, exactly).
 NO_HIT = {"hidden all", "hidden all normalized + logits"}
@@ -59,12 +69,12 @@ def runner(checkpoint):
     return make_runner(checkpoint)
 
 
-@pytest.mark.parametrize("kind", SPECS)
+@pytest.mark.parametrize("kind", CACHE_SPECS)
 def test_every_output_is_the_same_bits_cold_warm_off_and_alone(runner, kind):
     """A context of 2 blocks and a bit, its continuations cold (the cache empty), the same batch warm, new
     continuations of the cached context, each against the sequence alone with the cache off and the batch off."""
     rng = random.Random(len(kind))
-    spec = SPECS[kind]
+    spec = CACHE_SPECS[kind]
     runner.prefix_cache.clear()
     context = tokens(rng, 2 * BLOCK + 22)
     first = [context + tokens(rng, n) for n in (3, 20, BLOCK + 6)] + [tokens(rng, 40)]
@@ -189,14 +199,23 @@ def _tp_rank(ctx, path: str, batches: list[list[list[int]]], spec: OutputSpec):
     return outs, alone, runner.prefix_cache.bytes
 
 
-def test_tp2_each_rank_caches_its_shard_with_the_same_bits(tmp_path):
+TP_SPECS = {
+    "every output": OutputSpec(return_logits=ReturnLogits.ALL, target_logprobs=True, top_k=4, vocab_ids=(3, 1),
+                               entropy=True, target_ranks=True, return_hidden_states=ReturnHiddenStates.LAST,
+                               layers=(1, -1)),
+    # the second batch's cached rows take these from the products each rank kept (reduced across ranks)
+    "kept products": OutputSpec(return_logits=ReturnLogits.ALL, logits=False, target_logprobs=True, entropy=True),
+}
+
+
+@pytest.mark.parametrize("kind", TP_SPECS)
+def test_tp2_each_rank_caches_its_shard_with_the_same_bits(tmp_path, kind):
     path = make_checkpoint(tmp_path / "tp", "llama", with_tokenizer=False, hidden_size=128, num_heads=4,
                            num_kv_heads=2, intermediate_size=256, num_layers=2, vocab_size=300)
     rng = random.Random(11)
     context = tokens(rng, 2 * BLOCK + 9)
     batches = [[context + tokens(rng, n) for n in (4, 12)], [context + tokens(rng, n) for n in (1, 30, 7)]]
-    spec = OutputSpec(return_logits=ReturnLogits.ALL, target_logprobs=True, top_k=4, vocab_ids=(3, 1), entropy=True,
-                      target_ranks=True, return_hidden_states=ReturnHiddenStates.LAST, layers=(1, -1))
+    spec = TP_SPECS[kind]
     per_rank = launch_local(_tp_rank, 2, str(path), batches, spec)
     for outs, alone, nbytes in per_rank:
         assert outs[0][1].prefix_cache_hit_tokens == 0 and outs[1][1].prefix_cache_hit_tokens == 2 * BLOCK
@@ -257,3 +276,101 @@ def test_negative_control_cached_keys_one_ulp_off_change_the_bits(checkpoint, mo
     got = run(runner, [seq], spec)
     assert runner.last_run.prefix_cache_hit_tokens == 2 * BLOCK
     assert not torch.equal(got[0].logits, without_cache(runner, [seq], spec)[0].logits)
+
+
+class LmHeadRows:
+    """Counts the rows the score reducer's lm_head runs on."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.rows = 0
+        inner = runner.scores.compute_logits
+
+        def counted(h: torch.Tensor) -> torch.Tensor:
+            self.rows += h.shape[0]
+            return inner(h)
+
+        runner.scores.compute_logits = counted
+
+
+def test_cached_rows_asking_only_kept_products_run_no_lm_head(checkpoint):
+    """Every row's target log-prob and entropy of a conversation growing by a turn: the second request runs the
+    lm_head only on the rows the cache does not hold (padded to a row group), and its outputs are the same bits
+    as alone; the last row of a cached block whose next token differs from the one kept runs the lm_head again."""
+    from model.runtime.invariance import padded_count
+
+    runner = make_runner(checkpoint)
+    count = LmHeadRows(runner)
+    spec = REUSING["target log-probs all rows"]
+    both = OutputSpec(return_logits=ReturnLogits.ALL, logits=False, target_logprobs=True, entropy=True)
+    rng = random.Random(21)
+    turn = tokens(rng, 2 * BLOCK + 9)
+    run(runner, [turn], both)
+    grown = turn + tokens(rng, 40)
+    count.rows = 0
+    got = run(runner, [grown], spec)
+    assert runner.last_run.prefix_cache_hit_tokens == 2 * BLOCK
+    assert count.rows == padded_count(len(grown) - 2 * BLOCK)
+    assert_same_bits(got[0], without_cache(runner, [grown], spec)[0], "grown")
+    count.rows = 0
+    got = run(runner, [grown], REUSING["entropy all rows"])  # entropy was kept too
+    assert count.rows == padded_count(len(grown) - 2 * BLOCK)
+    assert_same_bits(got[0], without_cache(runner, [grown], REUSING["entropy all rows"])[0], "entropy")
+    # a branch at a block's end: row 2 * BLOCK - 1 predicts another token than the one its node kept
+    branch = turn[: 2 * BLOCK] + [turn[2 * BLOCK] % 299 + 1] + tokens(rng, 30)
+    count.rows = 0
+    got = run(runner, [branch], spec)
+    assert runner.last_run.prefix_cache_hit_tokens == 2 * BLOCK
+    assert count.rows == padded_count(len(branch) - 2 * BLOCK + 1)
+    assert_same_bits(got[0], without_cache(runner, [branch], spec)[0], "branch")
+    # the products count in the cache's bytes
+    assert runner.prefix_cache.bytes == sum(n.nbytes for n in runner.prefix_cache.lru)
+    assert all(n.products.nbytes == 3 * 4 * BLOCK + 8 for n in runner.prefix_cache.lru)
+
+
+def test_products_are_filled_by_a_later_batch_and_mixed_with_computed_rows(checkpoint):
+    """A context cached by a last-token request (no final states, no products kept), then a batch mixing
+    sequences that reuse products with one asking for top-k: it computes the context again (one row for the
+    three), keeps the final states and the products; a later request reads them. All the same bits as alone."""
+    from model.runtime.invariance import padded_count
+    from model.runtime.prefix_cache import ENTROPY, LSE, TARGET_LOGIT
+
+    runner = make_runner(checkpoint)
+    count = LmHeadRows(runner)
+    rng = random.Random(22)
+    context = tokens(rng, 3 * BLOCK + 2)
+    run(runner, [context + [3]], SPECS["last token"])
+    path = runner.prefix_cache._path(context)
+    assert len(path) == 3 and not any(any(row) for node in path for row in node.products.has)
+    seqs = [context + tokens(rng, n) for n in (4, 9, 13)]
+    specs = [REUSING["target log-probs all rows"], SPECS["scores, no logits"], REUSING["entropy all rows"]]
+    got = run(runner, seqs, specs)
+    assert runner.last_run.prefix_cache_hit_tokens == 0  # no final state kept: the context is computed again
+    for b, want in enumerate(without_cache(runner, seqs, specs)):
+        assert_same_bits(got[b], want, b)
+    assert all(all(node.products.has[slot]) for node in path for slot in (LSE, ENTROPY, TARGET_LOGIT))
+    seq = context + tokens(rng, 6)
+    both = OutputSpec(return_logits=ReturnLogits.ALL, logits=False, target_logprobs=True, entropy=True)
+    count.rows = 0
+    got = run(runner, [seq], both)
+    assert runner.last_run.prefix_cache_hit_tokens == 3 * BLOCK
+    assert count.rows == padded_count(len(seq) - 3 * BLOCK)
+    assert_same_bits(got[0], without_cache(runner, [seq], both)[0], "later")
+
+
+def test_negative_control_kept_products_one_ulp_off_change_the_bits(checkpoint):
+    """The comparisons above see products that are off by one ulp: the bits they check do come from them."""
+    runner = make_runner(checkpoint)
+    rng = random.Random(23)
+    context = tokens(rng, 2 * BLOCK + 4)
+    spec = OutputSpec(return_logits=ReturnLogits.ALL, logits=False, target_logprobs=True, entropy=True)
+    run(runner, [context + [7]], spec)
+    for node in runner.prefix_cache.lru:
+        with torch.inference_mode():  # made by the runner's inference
+            node.products.values.copy_(torch.nextafter(node.products.values, torch.tensor(float("inf"))))
+    seq = context + [9, 9]
+    got = run(runner, [seq], spec)[0]
+    want = without_cache(runner, [seq], spec)[0]
+    cached = slice(0, 2 * BLOCK)
+    assert not torch.equal(got.target_logprobs[cached], want.target_logprobs[cached])
+    assert not torch.equal(got.entropy[cached], want.entropy[cached])
+    assert torch.equal(got.entropy[2 * BLOCK:], want.entropy[2 * BLOCK:])
