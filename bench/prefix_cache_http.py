@@ -285,7 +285,9 @@ def cmd_routing_sim(args) -> None:
     from service.batcher import Batcher, Work
     from service.metrics import Metrics
     from service.routing import PrefixRouter, ShadowTree, cached_token_bytes
-    from service.workers.protocol import BatchDone, LoadedModel, RequestResult
+    from model.layers.attention_kernels import AttentionKind
+    from model.runtime.numerics import Numerics
+    from service.workers.protocol import BatchDone, RequestResult
 
     import numpy as np
 
@@ -299,7 +301,7 @@ def cmd_routing_sim(args) -> None:
 
         def __init__(self, index: int):
             self.index, self.restarts, self.inflight, self.state = index, 0, [], "ready"
-            self.loaded = LoadedModel("float32", True, True, limit)
+            self.loaded = Numerics("float32", True, AttentionKind.PREFIX_STABLE, True, limit)
             self.cache = ShadowTree(limit // token_bytes)
             self.busy_until = 0.0
 

@@ -378,11 +378,7 @@ def cached_trunk(
         computed = shared.num_tokens  # rows >= computed are cached rows computed - N
         index = shared.row_index  # packed row -> unique row
         wanted = index if final_rows is None else index.index_select(0, final_rows)  # [T or R]
-        fresh = wanted[wanted < computed]
-        final_unique = torch.unique(fresh) if len(fresh) else index[-1:]  # some computed row, read by nobody
-        # The last block's o_proj and MLP run on a multiple of ROW_MULTIPLE rows, as without the cache.
-        final_unique = torch.cat([final_unique, final_unique[-1:].expand(
-            padded_count(len(final_unique)) - len(final_unique))])
+        final_unique = _computed_final_rows(index, wanted, computed)
         # Inner layers' rows are computed ones (the hit ends before them); the last layer's come from h below.
         unique_capture, inverses = {}, {}
         for layer, rows in (capture or {}).items():
@@ -390,16 +386,7 @@ def cached_trunk(
                 unique_capture[layer], inverses[layer] = _unique_rows(index.index_select(0, rows))
         h_fresh, captured = model.trunk(shared.tokens, shared, unique_capture, depth, final_unique)
         captured = {layer: t.index_select(0, inverses[layer]) for layer, t in captured.items()}
-        # Each wanted row's final state: computed (its place in final_unique) or from its cached node.
-        where = torch.full((computed + plan.hit_rows,), -1, dtype=torch.int64, device=dev)
-        where[final_unique] = torch.arange(len(final_unique), device=dev)
-        cached_wanted = torch.unique(wanted[wanted >= computed])
-        parts = [h_fresh]
-        if len(cached_wanted):
-            c = (cached_wanted - computed).tolist()
-            parts.append(torch.stack([plan.used[r // BLOCK].final[r % BLOCK] for r in c]))
-            where[cached_wanted] = len(final_unique) + torch.arange(len(c), device=dev)
-        h = torch.cat(parts).index_select(0, where.index_select(0, wanted))
+        h, where = _final_states(plan, h_fresh, final_unique, wanted, computed)
         if capture and depth in capture:
             captured[depth] = h.index_select(0, capture[depth])
         slots: dict[int, tuple[_Node, int]] = {}
@@ -412,6 +399,30 @@ def cached_trunk(
         if cache is not None:
             cache.release(plan, committed)
     return TrunkResult(h, captured, wanted, shared.shared_tokens, plan.hit_rows, slots, computed)
+
+
+def _computed_final_rows(index: torch.Tensor, wanted: torch.Tensor, computed: int) -> torch.Tensor:
+    """The computed unique rows whose final state someone reads, padded so that the last block's o_proj and MLP
+    run on a multiple of ROW_MULTIPLE rows, as without the cache (rows >= computed come from the cache)."""
+    fresh = wanted[wanted < computed]
+    final_unique = torch.unique(fresh) if len(fresh) else index[-1:]  # some computed row, read by nobody
+    return torch.cat([final_unique, final_unique[-1:].expand(padded_count(len(final_unique)) - len(final_unique))])
+
+
+def _final_states(plan: CachePlan, h_fresh: torch.Tensor, final_unique: torch.Tensor, wanted: torch.Tensor,
+                  computed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each wanted row's final state [len(wanted), dim]: computed (its place in final_unique, h_fresh's rows) or
+    read from its cached node; and `where`, unique row -> its row in [h_fresh; cached states]."""
+    dev = h_fresh.device
+    where = torch.full((computed + plan.hit_rows,), -1, dtype=torch.int64, device=dev)
+    where[final_unique] = torch.arange(len(final_unique), device=dev)
+    cached_wanted = torch.unique(wanted[wanted >= computed])
+    parts = [h_fresh]
+    if len(cached_wanted):
+        c = (cached_wanted - computed).tolist()
+        parts.append(torch.stack([plan.used[r // BLOCK].final[r % BLOCK] for r in c]))
+        where[cached_wanted] = len(final_unique) + torch.arange(len(c), device=dev)
+    return torch.cat(parts).index_select(0, where.index_select(0, wanted)), where
 
 
 def _keep_final_states(plan: CachePlan, shared: SharedPrefixBatch, where: torch.Tensor, h_fresh: torch.Tensor,

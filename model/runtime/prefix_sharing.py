@@ -37,6 +37,38 @@ from model.runtime.invariance import ROW_MULTIPLE, padded_count
 from model.runtime.numerics import why_not_prefix_stable
 
 
+def _trie_rows(seqs: list[list[int]], cached: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int], int]:
+    """Each sequence's rows in the batch's token trie (before renumbering; cached position c is row -1 - c), the
+    first query block with a row of its own per sequence, and the number of computed rows."""
+    arrays = [np.asarray(seq, dtype=np.int64) for seq in seqs]
+    # In lexicographic order, a sequence's longest common prefix with any earlier sequence is the one with
+    # its predecessor: the rows of that prefix exist already, the rest are new trie nodes. A cached position
+    # is row -1 - c here; a sequence takes its predecessor's row only where that one is computed (a sequence
+    # reads the cache no further than its own hit, which may be shorter than its predecessor's).
+    order = sorted(range(len(seqs)), key=seqs.__getitem__)
+    trie_rows: list[list[int]] = [[] for _ in seqs]
+    first_blocks = [0] * len(seqs)
+    count = 0
+    for prev, b in zip([None, *order], order):
+        n, m = len(seqs[b]), len(cached[b])
+        shared = 0 if prev is None else _common_prefix(arrays[prev], arrays[b])
+        mp = 0 if prev is None else len(cached[prev])
+        reuse_lo = min(n, max(m, mp))  # [m, reuse_lo): new (the predecessor reads these from the cache)
+        reuse_hi = max(reuse_lo, min(shared, n))  # [reuse_lo, reuse_hi): the predecessor's computed rows
+        rows = [-1 - c for c in cached[b]]
+        rows += range(count, count + reuse_lo - m)
+        count += reuse_lo - m
+        rows += trie_rows[prev][reuse_lo:reuse_hi] if reuse_hi > reuse_lo else []
+        rows += range(count, count + n - reuse_hi)
+        count += n - reuse_hi
+        trie_rows[b] = rows
+        # Query blocks without a row of its own are skipped: their rows are an earlier sequence's or cached
+        # (all of them, for a sequence that another one contains).
+        first_new = m if reuse_lo > m else reuse_hi
+        first_blocks[b] = first_new // BLOCK if first_new < n else -(-n // BLOCK)
+    return trie_rows, first_blocks, count
+
+
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
     differ = np.flatnonzero(a[:n] != b[:n])
@@ -89,33 +121,8 @@ class SharedPrefixBatch:
         equal prefixes must name equal rows."""
         ids = input_ids.tolist()
         seqs = [ids[s:e] for s, e in zip(batch.bounds[:-1], batch.bounds[1:])]
-        arrays = [np.asarray(seq, dtype=np.int64) for seq in seqs]
         cached = list(cached) or [()] * len(seqs)
-        # In lexicographic order, a sequence's longest common prefix with any earlier sequence is the one with
-        # its predecessor: the rows of that prefix exist already, the rest are new trie nodes. A cached position
-        # is row -1 - c here; a sequence takes its predecessor's row only where that one is computed (a sequence
-        # reads the cache no further than its own hit, which may be shorter than its predecessor's).
-        order = sorted(range(len(seqs)), key=seqs.__getitem__)
-        trie_rows: list[list[int]] = [[] for _ in seqs]
-        first_blocks = [0] * len(seqs)
-        count = 0
-        for prev, b in zip([None, *order], order):
-            n, m = len(seqs[b]), len(cached[b])
-            shared = 0 if prev is None else _common_prefix(arrays[prev], arrays[b])
-            mp = 0 if prev is None else len(cached[prev])
-            reuse_lo = min(n, max(m, mp))  # [m, reuse_lo): new (the predecessor reads these from the cache)
-            reuse_hi = max(reuse_lo, min(shared, n))  # [reuse_lo, reuse_hi): the predecessor's computed rows
-            rows = [-1 - c for c in cached[b]]
-            rows += range(count, count + reuse_lo - m)
-            count += reuse_lo - m
-            rows += trie_rows[prev][reuse_lo:reuse_hi] if reuse_hi > reuse_lo else []
-            rows += range(count, count + n - reuse_hi)
-            count += n - reuse_hi
-            trie_rows[b] = rows
-            # Query blocks without a row of its own are skipped: their rows are an earlier sequence's or cached
-            # (all of them, for a sequence that another one contains).
-            first_new = m if reuse_lo > m else reuse_hi
-            first_blocks[b] = first_new // BLOCK if first_new < n else -(-n // BLOCK)
+        trie_rows, first_blocks, count = _trie_rows(seqs, cached)
         # Number the unique rows in order of first appearance in the packed batch: no sharing is then the identity.
         renumber: dict[int, int] = {}
         for rows in trie_rows:

@@ -104,8 +104,6 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
     die_with_parent(parent_pid)
     import torch
 
-    from model.errors import Cancelled
-
     from model.distributed import destroy, init_process_group
     from model.families.config import ModelConfig
     from model.runtime.runner import ModelRunner
@@ -119,42 +117,48 @@ def worker_main(replica: int, rank: int, tp: int, port: int, checkpoint: str, de
         numerics = options.numerics(ModelConfig.from_pretrained(checkpoint), ctx.device)
         runner = ModelRunner.load(checkpoint, parallel=ctx, numerics=numerics)
         conn.send(WorkerReady(rank, os.getpid(), runner.numerics))
-        counter = itertools.count()
-        fault_oom_tokens = int(os.environ.get(FAULT_OOM_TOKENS_ENV) or 0)
-        slow_block_s = float(os.environ.get(FAULT_SLOW_BLOCK_ENV) or 0)
-        while True:
-            try:
-                job: Job | None = conn.recv()
-            except EOFError:
-                break
-            if job is None:
-                break
-            t0 = time.perf_counter()
-            shared_before, hits_before = runner.prefix_shared_tokens, runner.prefix_cache_hit_tokens
-            should_stop = stop_check(cancel, job.batch_id, tp, ctx.device, slow_block_s)
-            try:
-                if should_stop():  # its clients left while it waited in the pipe: never computed
-                    raise Cancelled("cancelled before it started")
-                outs, retries = run_splitting(runner, job.batch, fault_oom_tokens, should_stop)
-                forward_s = time.perf_counter() - t0
-                if rank == 0:
-                    name = segment_name(os.getpid(), next(counter))
-                    results = write_results(outs, job.batch.spans, name)
-                    shared = runner.prefix_shared_tokens - shared_before
-                    conn.send(BatchDone(job.batch_id, results, forward_s, retries, shared,
-                                        runner.prefix_cache_hit_tokens - hits_before, runner.prefix_cache_bytes))
-                del outs
-            except Cancelled as exc:
-                logger.info("batch %s stopped on rank %d: %s", job.batch_id, rank, exc)
-                if rank == 0:
-                    conn.send(BatchCancelled(job.batch_id))
-            except Exception as exc:  # a bug or a device error: report it for this batch
-                logger.exception("batch %s failed on rank %d", job.batch_id, rank)
-                if rank == 0:
-                    conn.send(BatchFailed(job.batch_id, f"{type(exc).__name__}: {exc}"))
-                if tp > 1:
-                    raise  # collectives of the replica may be out of step: let the front end restart it
+        serve_jobs(runner, rank, tp, conn, cancel)
     finally:
         destroy()
     conn.close()
     os._exit(0)  # skip interpreter teardown of torch: the front end waits for this exit on shutdown
+
+
+def serve_jobs(runner, rank: int, tp: int, conn, cancel: CancelFlags) -> None:
+    """Run the front end's jobs on `runner` until the pipe closes; rank 0 answers each (done, cancelled, failed)."""
+    from model.errors import Cancelled
+
+    counter = itertools.count()
+    fault_oom_tokens = int(os.environ.get(FAULT_OOM_TOKENS_ENV) or 0)
+    slow_block_s = float(os.environ.get(FAULT_SLOW_BLOCK_ENV) or 0)
+    while True:
+        try:
+            job: Job | None = conn.recv()
+        except EOFError:
+            break
+        if job is None:
+            break
+        t0 = time.perf_counter()
+        shared_before, hits_before = runner.prefix_shared_tokens, runner.prefix_cache_hit_tokens
+        should_stop = stop_check(cancel, job.batch_id, tp, runner.parallel.device, slow_block_s)
+        try:
+            if should_stop():  # its clients left while it waited in the pipe: never computed
+                raise Cancelled("cancelled before it started")
+            outs, retries = run_splitting(runner, job.batch, fault_oom_tokens, should_stop)
+            forward_s = time.perf_counter() - t0
+            if rank == 0:
+                results = write_results(outs, job.batch.spans, segment_name(os.getpid(), next(counter)))
+                conn.send(BatchDone(job.batch_id, results, forward_s, retries,
+                                    runner.prefix_shared_tokens - shared_before,
+                                    runner.prefix_cache_hit_tokens - hits_before, runner.prefix_cache_bytes))
+            del outs
+        except Cancelled as exc:
+            logger.info("batch %s stopped on rank %d: %s", job.batch_id, rank, exc)
+            if rank == 0:
+                conn.send(BatchCancelled(job.batch_id))
+        except Exception as exc:  # a bug or a device error: report it for this batch
+            logger.exception("batch %s failed on rank %d", job.batch_id, rank)
+            if rank == 0:
+                conn.send(BatchFailed(job.batch_id, f"{type(exc).__name__}: {exc}"))
+            if tp > 1:
+                raise  # collectives of the replica may be out of step: let the front end restart it

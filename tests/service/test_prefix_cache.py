@@ -19,6 +19,8 @@ import httpx
 import orjson
 import pytest
 
+from model.layers.attention_stable import BLOCK
+
 from tests.checkpoints import make_checkpoint, make_tokenizer
 from tests.service.test_labels import extend_tokenizer
 
@@ -181,7 +183,8 @@ def test_a_repeat_goes_to_the_replica_holding_its_prefix(start_server, chat_fold
     for text in TEXTS[1:]:
         for pre, holder in ((first, holder_a), (second, holder_b)):
             replica, hits = send(pre, text)
-            assert replica == holder and hits >= num_tokens(two, pre) - 2, (text, pre[:8])
+            # the cache keeps whole 64-token blocks: every full block of the preamble is a hit
+            assert replica == holder and hits >= num_tokens(two, pre) // BLOCK * BLOCK > 0, (text, pre[:8])
 
 
 def test_a_restarted_worker_starts_with_an_empty_cache(chat):

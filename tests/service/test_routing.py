@@ -13,7 +13,9 @@ from service.batcher import Batcher, Work
 from service.metrics import Metrics
 from service.packing import row_offsets
 from service.routing import PrefixRouter, ShadowTree, cached_token_bytes
-from service.workers.protocol import Batch, BatchDone, LoadedModel, RequestResult, RequestSpan
+from model.layers.attention_kernels import AttentionKind
+from model.runtime.numerics import Numerics
+from service.workers.protocol import Batch, BatchDone, RequestResult, RequestSpan
 
 CONFIG = SimpleNamespace(num_layers=2, num_kv_heads=1, head_dim=4)  # 2 x 2 x 1 x 4 x 4 = 64 bytes a float32 token
 TOKEN_BYTES = 64
@@ -50,7 +52,7 @@ class Replica:
         self.state = "ready"
         self.restarts = 0
         self.inflight: list = []
-        self.loaded = LoadedModel("float32", True, True, cache_bytes)
+        self.loaded = Numerics("float32", True, AttentionKind.PREFIX_STABLE, True, cache_bytes)
 
     @property
     def free_slots(self) -> int:
