@@ -24,6 +24,10 @@ _segments = itertools.count()
 
 class InProcessReplica:
     index = 0
+    # what the prefix router reads of a replica: ready, never restarted, keeping no prefix cache (loaded None)
+    state = "ready"
+    restarts = 0
+    loaded = None
 
     def __init__(self, runner):
         self.runner = runner
@@ -44,6 +48,7 @@ class InProcessPool:
 
     def __init__(self, runner):
         self.replica = InProcessReplica(runner)
+        self.replicas = [self.replica]
 
     def pick(self) -> InProcessReplica:
         return self.replica
