@@ -89,7 +89,7 @@ def _merge_kept(computed: _VocabOutputs | None, kept: dict[int, tuple[Products, 
     if computed is not None and computed.logits is not None:
         out.logits = computed.logits
         out.logits_row_index = torch.full((rows,), -1, dtype=torch.int64)
-        out.logits_row_index[at] = computed.logits_row_index
+        out.logits_row_index[at] = computed.logits_row_index[: len(rest_of)]  # (and its padding rows)
     return out
 
 
