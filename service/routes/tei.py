@@ -48,9 +48,11 @@ class TeiRoute(WorkRoute):
     render_error = staticmethod(tei_error_response)
 
 
-router = APIRouter(route_class=TeiRoute, dependencies=[Authorized, WorkersAccepting])
+# Not in /openapi.json: these routes answer TEI's bodies and TEI's error body, which TEI's own OpenAPI document
+# describes; this server's document keeps its one error schema for every route it lists.
+router = APIRouter(route_class=TeiRoute, dependencies=[Authorized, WorkersAccepting], include_in_schema=False)
 # tokenizing and decoding need no worker
-tokenizer_router = APIRouter(route_class=TeiRoute, dependencies=[Authorized])
+tokenizer_router = APIRouter(route_class=TeiRoute, dependencies=[Authorized], include_in_schema=False)
 
 INPUTS = InputFields("inputs", "inputs")
 
