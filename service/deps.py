@@ -124,8 +124,9 @@ Body = Annotated[bytes, Depends(read_body)]
 Model = TypeVar("Model", bound=BaseModel)
 
 
-def parse_body(cls: type[Model], body: bytes) -> Model:
-    """A JSON object body as `cls`, with the contract's 422 messages (sequence indices named)."""
+def parse_body(cls: type[Model], body: bytes, prepare=None) -> Model:
+    """A JSON object body as `cls`, with the contract's 422 messages (sequence indices named); `prepare` (optional)
+    rewrites the object before validation (TEI's `parameters`)."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -133,7 +134,7 @@ def parse_body(cls: type[Model], body: bytes) -> Model:
     if not isinstance(obj, dict):
         raise InvalidInput("the body must be a JSON object")
     try:
-        return cls.model_validate(obj)
+        return cls.model_validate(prepare(obj) if prepare is not None else obj)
     except ValidationError as exc:
         message, param = format_validation_errors(exc.errors(include_url=False))
         raise InvalidInput(message, param=param) from None

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.responses import Response
 
 from .errors import (
@@ -22,9 +22,9 @@ from .errors import (
     Unauthorized,
     UnsupportedOption,
     WorkerFailed,
-    format_validation_errors,
     status_of,
 )
+from .deps import parse_body
 from .schemas import TruncationFields
 
 
@@ -154,17 +154,7 @@ def merged_parameters(obj: dict) -> dict:
 
 
 def parse_tei(cls: type[BaseModel], body: bytes) -> BaseModel:
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise InvalidInput("the body must be a JSON object")
-    try:
-        return cls.model_validate(merged_parameters(obj))
-    except ValidationError as exc:
-        message, param = format_validation_errors(exc.errors(include_url=False))
-        raise InvalidInput(message, param=param) from None
+    return parse_body(cls, body, merged_parameters)
 
 
 def tei_tokens(served: ServedModel, texts: list[str], add_special_tokens: bool) -> list[list[dict]]:
